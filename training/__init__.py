@@ -1,0 +1,1 @@
+"""sae_kit.training"""
