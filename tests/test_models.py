@@ -1,0 +1,63 @@
+"""Model loading, the default-model cache, hook validation and early stop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sae_kit.models as models
+from sae_kit.models import HookError, ModelError, hook_names, resolve_model, stop_layer, validate_hooks
+from sae_kit.paths import cache_root
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAE_KIT_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    assert cache_root() == tmp_path / "a"
+    monkeypatch.delenv("SAE_KIT_CACHE")
+    assert cache_root() == tmp_path / "b" / "sae-kit"
+
+
+def test_interrupted_conversion_leaves_no_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAE_KIT_CACHE", str(tmp_path))
+    import transformers
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        models.default_model_dir()
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_bad_model_names(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_default_model_and_hooks(model):
+    assert model.sae_kit_name == "SmolLM2-135M-Instruct"
+    assert model.cfg.d_model == 576 and model.cfg.n_layers == 30
+    assert not any(p.requires_grad for p in model.parameters())
+    names = hook_names(model)
+    assert "blocks.6.hook_resid_post" in names
+    assert validate_hooks(model, "blocks.6.hook_resid_post") == ["blocks.6.hook_resid_post"]
+    with pytest.raises(HookError) as err:
+        validate_hooks(model, ["blocks.6.hook_resid_pots"])
+    msg = str(err.value)
+    assert "\n" not in msg and "blocks.6.hook_resid_post" in msg
+    assert stop_layer(model, ["blocks.6.hook_resid_post", "blocks.2.attn.hook_z"]) == 7
+    assert stop_layer(model, ["ln_final.hook_normalized"]) is None
+
+
+@pytest.mark.slow
+def test_bridge_prepends_bos_like_our_packing(model):
+    from sae_kit.data import PackConfig, pack
+
+    text = "The quick brown fox jumps over the lazy dog."
+    row = next(pack([(0, text)], model.tokenizer, PackConfig(context_size=11), rows_per_batch=1)).tokens[0]
+    assert torch.equal(model.to_tokens(text)[0, :11], row)
