@@ -17,12 +17,14 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 import torch
 
+from sae_kit.errors import SaeKitError
+
 BUILTIN_CORPORA = ("default", "fortunes", "pydoc")
 """Named offline corpora: `fortunes` (FreeBSD fortune cookies), `pydoc` (Python's own documentation topics), `default` (both)."""
 _FILE_TYPES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class CorpusError(ValueError):
+class CorpusError(SaeKitError):
     """A corpus could not be found or is empty; the message names the fix."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sae_kit.errors import SaeKitError
 from sae_kit.paths import cache_root
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -31,11 +32,11 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(SaeKitError):
     """A model could not be found or loaded; the message names the fix."""
 
 
-class HookError(ValueError):
+class HookError(SaeKitError):
     """A hook name does not exist on the model; the message lists the closest valid names."""
 
 
@@ -113,8 +114,10 @@ def load_model(name: str | None = None, device: str | torch.device | None = None
     The model is put in eval mode with its parameters frozen (requires_grad False): sae-kit never trains the LM,
     and gradient harvesting only needs gradients with respect to activations.
     """
+    import transformers
     from transformer_lens.model_bridge import TransformerBridge
 
+    transformers.utils.logging.disable_progress_bar()
     recorded, source = resolve_model(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

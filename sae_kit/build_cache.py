@@ -1,0 +1,82 @@
+"""`build_cache`: harvest a corpus through the LM into an on-disk ActivationCache, resumably."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from sae_kit.activations import HarvestConfig, harvester_for, stream
+from sae_kit.cache import CacheWriter
+from sae_kit.errors import SaeKitError
+from sae_kit.models import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheConfig:
+    """Harvest activations into an on-disk ActivationCache (re-running the same command resumes it)."""
+
+    out: Path
+    """Cache directory to create, or to resume when it holds a cache with the same settings."""
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    """Model, hooks, corpus and tokenisation."""
+    tokens: int = 1_000_000
+    """Training tokens (kept positions) to cache; stops early, with a warning, if the corpus runs out."""
+    heldout_tokens: int | None = None
+    """Held-out tokens for evaluation, from held-out documents (None: 5% of --tokens, at least 2048)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the activations (and gradients)."""
+    grads: bool = False
+    """Also store ∂CE/∂x at each hook, row-aligned with the activations (for g-SAE training)."""
+    shard_rows: int = 65536
+    """Rows per shard file; a killed run loses at most one shard of work."""
+
+    def targets(self) -> dict[str, int]:
+        held = self.heldout_tokens if self.heldout_tokens is not None else max(2048, self.tokens // 20)
+        return {"heldout": held, "train": self.tokens}
+
+
+def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> Path:
+    """Harvest `cfg.harvest` into `cfg.out`; every argument is checked before anything is written."""
+    if cfg.tokens <= 0 or (cfg.heldout_tokens is not None and cfg.heldout_tokens < 0):
+        raise SaeKitError(f"--tokens must be positive (got {cfg.tokens}) and --heldout-tokens non-negative")
+    if cfg.shard_rows <= 0:
+        raise SaeKitError(f"--shard-rows must be positive, got {cfg.shard_rows}")
+    from sae_kit.data import load_corpus
+
+    load_corpus(cfg.harvest.corpus, text_field=cfg.harvest.text_field)  # fail on a bad corpus before creating anything
+    model = model or load_model(cfg.harvest.model, device=cfg.harvest.device)
+    harvester = harvester_for(model, cfg.harvest, with_grads=cfg.grads)
+    probe, _ = harvester.run(torch.full((1, 2), model.tokenizer.bos_token_id or 0))
+    widths = {h: a.shape[-1] for h, a in probe.items()}
+    if len(set(widths.values())) != 1:
+        raise SaeKitError(f"hooks of different widths {widths} cannot share a cache: run `sae-kit cache` once per width")
+    settings = cfg.harvest.settings(model.sae_kit_name)
+    writer = CacheWriter(cfg.out, settings=settings, hooks=list(cfg.harvest.hook), d_in=next(iter(widths.values())), dtype=cfg.dtype, with_grads=cfg.grads, shard_rows=cfg.shard_rows)
+    targets = cfg.targets()
+    done = {s: writer.rows_written(s) for s in targets}
+    if writer.complete or all(done[s] >= targets[s] for s in targets):
+        writer.close(complete=True)
+        log.warning("%s is already complete (%s)", cfg.out, ", ".join(f"{s}: {n} rows" for s, n in done.items()))
+        return Path(cfg.out)
+    bar = tqdm(total=sum(targets.values()), initial=sum(min(done[s], targets[s]) for s in targets), unit="tok", unit_scale=True, desc="harvest", disable=not progress, dynamic_ncols=True)
+    for split, target in targets.items():
+        written = done[split]
+        for rows, position in stream(model, cfg.harvest, split, with_grads=cfg.grads, start_row=writer.position(split)):
+            if written >= target:
+                break
+            rows = rows.select(slice(0, target - written))
+            writer.add(split, rows, position)
+            written += len(rows)
+            bar.update(len(rows))
+        if written < target:
+            log.warning("the %s split of corpus %r ran out at %d of %d tokens", split, cfg.harvest.corpus, written, target)
+    bar.close()
+    writer.close(complete=True)
+    return Path(cfg.out)

@@ -1,0 +1,73 @@
+"""The `sae-kit` command: thin subcommands over the library, with flags generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from sae_kit.errors import SaeKitError
+
+
+@dataclass
+class HooksArgs:
+    """List the hook names of a model."""
+
+    model: str | None = None
+    """Model: None for the embedded SmolLM2-135M-Instruct, a local HF directory, or a hub id."""
+    filter: str = ""
+    """Only names containing this substring, e.g. resid_post."""
+
+
+def _hooks(args: HooksArgs) -> None:
+    from sae_kit.models import hook_names, load_model
+
+    for name in hook_names(load_model(args.model, device="cpu")):
+        if args.filter in name:
+            print(name)
+
+
+def _cache(args) -> None:
+    from sae_kit.build_cache import build_cache
+    from sae_kit.cache import ActivationCache
+
+    out = build_cache(args)
+    print(f"cache ready: {out}\n{ActivationCache(out)!r}")
+
+
+def _commands() -> dict[str, tuple[type, Callable, str]]:
+    from sae_kit.build_cache import CacheConfig
+
+    return {
+        "cache": (CacheConfig, _cache, "harvest activations into an on-disk ActivationCache (resumable)"),
+        "hooks": (HooksArgs, _hooks, "list a model's hook names"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sae-kit` console script."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: sae-kit COMMAND [--help] [options]\n\ncommands:")
+        for name, (_, _, text) in commands.items():
+            print(f"  {name:<8} {text}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"sae-kit: unknown command {name!r}; choose one of {', '.join(commands)}", file=sys.stderr)
+        return 2
+    config_cls, run, _ = commands[name]
+    args = tyro.cli(config_cls, args=rest, prog=f"sae-kit {name}", config=(tyro.conf.OmitArgPrefixes,))
+    try:
+        run(args)
+    except SaeKitError as err:
+        print(f"sae-kit {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""ShuffleBuffer on synthetic chunks whose rows are recognisable by their token id."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_kit.buffer import ShuffleBuffer
+from sae_kit.rows import ActivationRows
+
+HOOKS = ["h0", "h1"]
+
+
+def chunks(sizes: list[int], *, with_grads: bool = True) -> list[ActivationRows]:
+    """Chunk i has `sizes[i]` rows with row=i; every field of a row is a function of its token id."""
+    out, token = [], 0
+    for i, n in enumerate(sizes):
+        ids = torch.arange(token, token + n)
+        token += n
+        value = ids.float()[:, None].expand(n, 3)
+        out.append(
+            ActivationRows(
+                acts={h: value * (k + 1) for k, h in enumerate(HOOKS)},
+                grads={h: -value * (k + 1) for k, h in enumerate(HOOKS)} if with_grads else None,
+                token=ids,
+                doc=ids // 5,
+                row=torch.full((n,), i),
+                pos=ids % 7,
+            )
+        )
+    return out
+
+
+SIZES = [16] * 20 + [5, 23, 1, 40]
+
+
+def tokens(buffer: ShuffleBuffer) -> list[torch.Tensor]:
+    return [b.token for b in buffer]
+
+
+def test_every_row_once_in_full_batches_with_fields_aligned():
+    source = chunks(SIZES)
+    total = sum(SIZES)
+    batches = list(ShuffleBuffer(source, capacity=64, batch_size=12, seed=0))
+    assert [len(b) for b in batches] == [12] * (total // 12) + [total % 12]
+    seen = torch.cat([b.token for b in batches])
+    assert torch.equal(seen.sort().values, torch.arange(total))
+    for b in batches:
+        value = b.token.float()[:, None].expand(len(b), 3)
+        for k, h in enumerate(HOOKS):
+            assert torch.equal(b.acts[h], value * (k + 1))
+            assert torch.equal(b.grads[h], -value * (k + 1))  # type: ignore[index]
+        assert torch.equal(b.doc, b.token // 5) and torch.equal(b.pos, b.token % 7)
+
+
+def test_mixes_rows_from_different_chunks():
+    batches = list(ShuffleBuffer(chunks(SIZES), capacity=64, batch_size=12, seed=0))
+    sources_per_batch = [len(b.row.unique()) for b in batches]
+    assert min(sources_per_batch[:-1]) >= 3
+    seen = torch.cat([b.token for b in batches])
+    assert not torch.equal(seen, torch.arange(len(seen)))
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+    run = lambda seed: torch.cat(tokens(ShuffleBuffer(chunks(SIZES), capacity=50, batch_size=8, seed=seed)))  # noqa: E731
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_drop_last_source_smaller_than_capacity_and_no_grads():
+    source = chunks([3, 4, 2], with_grads=False)
+    batches = list(ShuffleBuffer(source, capacity=100, batch_size=4, seed=1))
+    assert [len(b) for b in batches] == [4, 4, 1] and all(b.grads is None for b in batches)
+    assert torch.equal(torch.cat([b.token for b in batches]).sort().values, torch.arange(9))
+    assert [len(b) for b in ShuffleBuffer(source, capacity=100, batch_size=4, drop_last=True)] == [4, 4]
+    assert list(ShuffleBuffer([], capacity=8, batch_size=4)) == []
+
+
+def test_capacity_equal_to_batch_size():
+    batches = list(ShuffleBuffer(chunks([7, 7, 7]), capacity=4, batch_size=4, seed=0))
+    assert torch.equal(torch.cat([b.token for b in batches]).sort().values, torch.arange(21))
+
+
+def test_argument_and_source_errors():
+    with pytest.raises(ValueError, match="capacity"):
+        ShuffleBuffer([], capacity=4, batch_size=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShuffleBuffer([], capacity=4, batch_size=0)
+    mixed = chunks([4]) + chunks([4], with_grads=False)
+    with pytest.raises(ValueError, match="changed shape"):
+        list(ShuffleBuffer(mixed, capacity=16, batch_size=4))
