@@ -1,0 +1,401 @@
+"""The `SAE` module (one class for every architecture), its `SAEConfig`, and the SAE directory format.
+
+An SAE directory holds `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
+b_dec [d_in], plus `threshold` [d_sae] for thresholded rules; MP-SAE has no W_enc/b_enc), `cfg.json` (SAELens-style
+keys and a `metadata` dict) and, when densities are known, `sparsity.safetensors` (`sparsity`: log10 feature density).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from sae_kit.atomic import atomic_dir, save_tensors, write_json
+from sae_kit.errors import SaeKitError
+from sae_kit.kernels import sparse_decode
+from sae_kit.sparsifiers import ARCHITECTURES, Codes, Sparsifier, get_sparsifier
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+SPARSITY_FILE = "sparsity.safetensors"
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
+                                  "bfloat16": torch.bfloat16, "float16": torch.float16}
+NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
+METADATA_KEYS = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens")
+_COMMON_KEYS = ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations")
+
+
+class SAEFormatError(SaeKitError):
+    """An SAE directory exists but a file in it is unreadable or does not match cfg.json."""
+
+
+def _version() -> str:
+    try:
+        return importlib_metadata.version("sae-kit")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(kw_only=True)
+class SAEConfig:
+    """Everything needed to rebuild an SAE; saved as cfg.json (common keys, the rule's fields, `metadata`)."""
+
+    architecture: str = "topk"
+    """Sparsity rule: topk, abstopk, gsae, mpsae, mutual_choice (alias batchtopk), feature_choice, relu, jumprelu."""
+    d_in: int
+    """Width of the activations the SAE reads (the hook's d_model)."""
+    d_sae: int
+    """Number of latents (dictionary atoms)."""
+    k: int = 32
+    """Active latents per token: exact for topk/abstopk/gsae, the batch average for mutual_choice/feature_choice,
+    the number of pursuit steps for mpsae. Unused by relu/jumprelu."""
+    dtype: str = "float32"
+    """Parameter dtype (float32, float64, bfloat16, float16); train in float32."""
+    device: str = "cpu"
+    """torch device the SAE is built on."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (required for mpsae)."""
+    normalize_activations: str = "none"
+    """Input normalisation the SAE expects: "none" (raw activations), or "expected_average_only_in" (inputs scaled
+    so that E||x|| = sqrt(d_in)). `SAE.fold_activation_scale` folds the scale in and sets "none"."""
+    gsae_beta: float = 1.0
+    """g-SAE: weight β of the gradient term in the selection score z + β·z·|W_dec·g| (0 = plain TopK)."""
+    gsae_grad_norm: str = "rms"
+    """g-SAE: how g is normalised per token before scoring: "rms" (unit RMS) or "none"."""
+    mp_max_steps: int | None = None
+    """MP-SAE: pursuit steps at inference (None = k); training always runs k steps."""
+    mp_stop_residual: float = 0.0
+    """MP-SAE inference: stop a token once ||r||/||x − b_dec|| falls below this (0 = off)."""
+    mp_stop_on_same_support: bool = True
+    """MP-SAE inference: stop a token when a step adds no new atom."""
+    mp_signed: bool = False
+    """MP-SAE: select by |r·W_decᵀ| with signed coefficients instead of the authors' ReLU rule."""
+    threshold_ema: float = 0.01
+    """mutual_choice/feature_choice: EMA rate of the learned inference threshold (a running mean for the first
+    1/threshold_ema training batches)."""
+    fc_zipf_exponent: float = 0.0
+    """feature_choice: 0 gives every latent the capacity k·B/F; s > 0 gives the latent of affinity rank ρ a capacity ∝ ρ^(−s)."""
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu: initial threshold θ of every latent."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: STE rectangle-kernel bandwidth ε (also pass it to the L0 loss)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free provenance filled by the trainer: model_name, hook_name, context_size, prepend_bos, dataset_path,
+    exclude_special_tokens, and any other JSON-serialisable facts. Saving adds sae_kit_version (the version that
+    wrote the SAE first; a loaded SAE keeps it)."""
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise SaeKitError(f"SAEConfig: {msg}")
+
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
+            fail(f"unknown architecture {self.architecture!r}; use one of: {', '.join(ARCHITECTURES)}")
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(f"{name}={value!r}; use a positive integer")
+        if "k" in self.rule.config_fields:
+            if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+                fail(f"k={self.k!r}; use an integer k >= 1")
+            if self.k > self.d_sae:
+                fail(f"k={self.k} exceeds d_sae={self.d_sae}; use k <= d_sae or a wider SAE")
+        self.dtype = self.dtype.removeprefix("torch.") if isinstance(self.dtype, str) else self.dtype
+        if self.dtype not in DTYPES:
+            fail(f"dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            fail(f"device={self.device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:0'")
+        if self.normalize_activations not in NORMALIZE_ACTIVATIONS:
+            fail(f"normalize_activations={self.normalize_activations!r}; use one of: {', '.join(NORMALIZE_ACTIVATIONS)}")
+        if not self.apply_b_dec_to_input and not self.rule.uses_encoder:
+            fail(f"{self.architecture} pursues the residual x − b_dec; set apply_b_dec_to_input=True")
+        if not (isinstance(self.gsae_beta, (int, float)) and math.isfinite(self.gsae_beta) and self.gsae_beta >= 0):
+            fail(f"gsae_beta={self.gsae_beta!r}; use a finite value >= 0")
+        if self.gsae_grad_norm not in ("rms", "none"):
+            fail(f"gsae_grad_norm={self.gsae_grad_norm!r}; use 'rms' or 'none'")
+        if self.mp_max_steps is not None and (not isinstance(self.mp_max_steps, int) or self.mp_max_steps < 1):
+            fail(f"mp_max_steps={self.mp_max_steps!r}; use None (= k) or an integer >= 1")
+        if not 0 <= self.mp_stop_residual < 1:
+            fail(f"mp_stop_residual={self.mp_stop_residual!r}; use a relative residual norm in [0, 1)")
+        if not 0 < self.threshold_ema <= 1:
+            fail(f"threshold_ema={self.threshold_ema!r}; use a rate in (0, 1]")
+        if not self.fc_zipf_exponent >= 0:
+            fail(f"fc_zipf_exponent={self.fc_zipf_exponent!r}; use 0 (uniform capacities) or a positive exponent")
+        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth"):
+            if not getattr(self, name) > 0:
+                fail(f"{name}={getattr(self, name)!r}; use a value > 0")
+        if not isinstance(self.metadata, dict):
+            fail(f"metadata={self.metadata!r}; use a dict")
+        try:
+            json.dumps(self.metadata)
+        except (TypeError, ValueError) as err:
+            fail(f"metadata must be JSON-serialisable ({err}); convert paths and tensors to str/float")
+
+    @property
+    def rule(self) -> type[Sparsifier]:
+        """The sparsifier class for `architecture`."""
+        return get_sparsifier(self.architecture)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype` as a torch.dtype."""
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """cfg.json content: the common keys, the fields the rule reads, and `metadata` with every standard key."""
+        values = asdict(self)
+        out = {key: values[key] for key in (*_COMMON_KEYS, *self.rule.config_fields)}
+        out["metadata"] = {**dict.fromkeys(METADATA_KEYS), "sae_kit_version": _version(), **self.metadata}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        """Rebuild from cfg.json content; keys sae-kit does not know are ignored."""
+        missing = [key for key in ("architecture", "d_in", "d_sae") if key not in data]
+        if missing:
+            raise ValueError(f"SAEConfig: cfg lacks {', '.join(missing)}; an SAE config needs architecture, d_in and d_sae")
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass(eq=False)
+class SAEOutput:
+    """What `SAE.forward` returns."""
+
+    x_hat: Tensor
+    """Reconstruction, shaped like the input."""
+    codes: Codes
+    """The code of the flattened batch [N, ...] (values/indices or dense, pre-activations, aux hooks)."""
+
+    @property
+    def z(self) -> Tensor | None:
+        """Detached encoder pre-activations [N, d_sae] (None for MP-SAE)."""
+        return self.codes.z
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder: x̂ = f·W_dec + b_dec, where the code f comes from the rule named by cfg.architecture.
+
+    `train()` selects the training-time rule (batch allocation for mutual/feature choice, k fixed MP steps) and
+    `eval()` the inference rule (learned thresholds, adaptive MP stopping). Inputs may have leading dimensions
+    [..., d_in]; they are cast to the parameter dtype.
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        rule = cfg.rule
+        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, **kw)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        if rule.uses_encoder:
+            self.W_enc = nn.Parameter(W_dec.t().clone())
+            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.sparsifier = rule(cfg)
+        self.sparsity: Tensor | None = None
+        """log10 feature density [d_sae], written to sparsity.safetensors when set (or passed to `save`)."""
+
+    @property
+    def threshold(self) -> Tensor | None:
+        """Inference thresholds [d_sae] (mutual/feature choice, jumprelu), else None."""
+        return getattr(self.sparsifier, "threshold", None)
+
+    # ----------------------------------------------------------------------------------------------- encode/decode
+    def _flat(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"input has last dimension {x.shape[-1]}, but this SAE reads d_in={self.cfg.d_in}")
+        return x.reshape(-1, self.cfg.d_in).to(self.W_dec.dtype)
+
+    def forward_codes(self, x: Tensor, grad: Tensor | None = None, **options: Any) -> Codes:
+        """The code of x [..., d_in] as the rule returns it (flattened to N tokens), with pre-activations and aux hooks.
+
+        `grad` (dLoss/dx, shaped like x) is read by gsae and ignored by other rules; `options` are rule keywords
+        (mpsae: max_steps, stop_residual, stop_on_same_support).
+        """
+        x = self._flat(x)
+        if grad is not None:
+            if grad.shape[-1] != self.cfg.d_in or grad.numel() != x.numel():
+                raise ValueError(f"grad has shape {tuple(grad.shape)}; pass dLoss/dx with the shape of x")
+            grad = self._flat(grad)
+        xc = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return self.sparsifier(self, xc, grad, **options)
+
+    def decode_codes(self, codes: Codes) -> Tensor:
+        """x̂ [N, d_in] from `forward_codes` output: a sparse gather for (values, indices), a matmul for dense codes."""
+        if codes.dense is not None:
+            return codes.dense @ self.W_dec + self.b_dec
+        return sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_dec
+
+    def forward(self, x: Tensor, grad: Tensor | None = None, **options: Any) -> SAEOutput:
+        """Encode and decode: x̂ shaped like x, plus the codes the losses need."""
+        codes = self.forward_codes(x, grad, **options)
+        return SAEOutput(x_hat=self.decode_codes(codes).reshape(x.shape), codes=codes)
+
+    def encode(self, x: Tensor, grad: Tensor | None = None, **options: Any) -> Tensor:
+        """Dense codes [..., d_sae]; g-SAE takes grad=dLoss/dx (without it: plain TopK, with a one-time warning)."""
+        return self.forward_codes(x, grad, **options).to_dense().reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction [..., d_in] from dense codes [..., d_sae]."""
+        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def mp_curve(self, x: Tensor, max_steps: int | None = None) -> tuple[Tensor, Tensor]:
+        """MP-SAE only: (mean L0, FVU) after each of max_steps (default k) pursuit steps, from one pass over x."""
+        curve = getattr(self.sparsifier, "curve", None)
+        if curve is None:
+            raise ValueError(f"mp_curve needs architecture 'mpsae', not {self.cfg.architecture!r}")
+        x = self._flat(x)
+        return curve(self, x - self.b_dec, max_steps or self.cfg.k)
+
+    # ------------------------------------------------------------------------------------------ trainer helpers
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor, method: str = "geometric_median", max_iter: int = 100, tol: float = 1e-6) -> None:
+        """Set b_dec to the mean or the geometric median (Weiszfeld iterations) of a sample x [..., d_in]."""
+        x = self._flat(x).double()
+        center = x.mean(0)
+        if method == "geometric_median":
+            for _ in range(max_iter):
+                weights = 1 / (x - center).norm(dim=-1).clamp_min(1e-12)
+                new = (weights[:, None] * x).sum(0) / weights.sum()
+                moved = (new - center).norm()
+                center = new
+                if moved <= tol * center.norm().clamp_min(1e-12):
+                    break
+        elif method != "mean":
+            raise ValueError(f"init_b_dec: method={method!r}; use 'mean' or 'geometric_median'")
+        self.b_dec.copy_(center)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Rescale every atom (row of W_dec) to unit L2 norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project each atom's gradient onto the tangent space of its unit sphere: g_i ← g_i − (g_i·d_i)d_i/||d_i||²."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        W = self.W_dec
+        coef = (grad * W).sum(-1, keepdim=True) / W.square().sum(-1, keepdim=True).clamp_min(1e-12)
+        grad.sub_(coef * W)
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """The SAE was trained on x·scale; make it take raw x and return raw x̂ (codes shrink by `scale`).
+
+        Divides b_dec, b_enc and any threshold by `scale` (atoms stay unit-norm and W_enc is unchanged), sets
+        normalize_activations to "none" and records the folded scale in metadata["activation_scale_folded"].
+        """
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"fold_activation_scale: scale={scale!r}; use a finite value > 0")
+        self.b_dec.div_(scale)
+        if self.cfg.rule.uses_encoder:
+            self.b_enc.div_(scale)
+        self.sparsifier.fold_scale(scale)
+        self.cfg.normalize_activations = "none"
+        self.cfg.metadata["activation_scale_folded"] = self.cfg.metadata.get("activation_scale_folded", 1.0) * scale
+
+    # ---------------------------------------------------------------------------------------------------- I/O
+    def weights(self) -> dict[str, Tensor]:
+        """The tensors of sae_weights.safetensors, under SAELens names (detached)."""
+        out = {"W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.cfg.rule.uses_encoder:
+            out |= {"W_enc": self.W_enc, "b_enc": self.b_enc}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return {name: t.detach() for name, t in out.items()}
+
+    def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
+        """Write the SAE directory atomically (the whole directory is replaced, or left as it was on failure).
+
+        `sparsity` (log10 feature density [d_sae]) is kept as `self.sparsity`; sparsity.safetensors is written
+        whenever `self.sparsity` is set.
+        """
+        if sparsity is not None:
+            if tuple(sparsity.shape) != (self.cfg.d_sae,):
+                raise ValueError(f"sparsity has shape {tuple(sparsity.shape)}; pass log10 densities of shape ({self.cfg.d_sae},)")
+            self.sparsity = sparsity.detach().float().cpu()
+        dtype = next(name for name, dt in DTYPES.items() if dt == self.W_dec.dtype)
+        cfg = replace(self.cfg, dtype=dtype, device=str(self.W_dec.device), metadata=dict(self.cfg.metadata))
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            save_tensors(tmp / WEIGHTS_FILE, self.weights(), metadata={"format": "pt"})
+            write_json(tmp / CFG_FILE, cfg.to_dict())
+            if self.sparsity is not None:
+                save_tensors(tmp / SPARSITY_FILE, {"sparsity": self.sparsity}, metadata={"format": "pt"})
+        return path
+
+    @torch.no_grad()
+    def load_weights(self, tensors: dict[str, Tensor], source: str = "weights") -> None:
+        """Copy SAELens-named tensors into the SAE, checking names and shapes (SAEFormatError on mismatch)."""
+        expected = {name: tuple(t.shape) for name, t in self.weights().items()}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise SAEFormatError(f"{source}: architecture {self.cfg.architecture!r} needs tensors {sorted(expected)}, "
+                                 f"but {'lacks ' + str(missing) if missing else 'has extra ' + str(unexpected)}")
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise SAEFormatError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, but cfg.json implies {shape}")
+        for name in expected:
+            value = tensors[name].to(device=self.W_dec.device, dtype=self.W_dec.dtype)
+            if name == "threshold":
+                self.sparsifier.set_threshold(value)
+            else:
+                getattr(self, name).copy_(value)
+
+
+def _read_tensors(file: Path) -> dict[str, Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; an SAE directory needs {WEIGHTS_FILE} and {CFG_FILE}")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError on damaged files
+        raise SAEFormatError(f"{file} is not a readable safetensors file ({err}); re-save the SAE") from None
+
+
+def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> SAE:
+    """Load an SAE directory written by `SAE.save` (safetensors + JSON only, never pickles), in eval mode.
+
+    `device`/`dtype` override cfg.json. A missing file raises FileNotFoundError; a damaged or inconsistent one
+    raises SAEFormatError naming the file.
+    """
+    path = Path(path)
+    cfg_file = path / CFG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing; {path} is not an SAE directory ({WEIGHTS_FILE} + {CFG_FILE})")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAEFormatError(f"{cfg_file} is not valid JSON ({err}); re-save the SAE") from None
+    if not isinstance(raw, dict):
+        raise SAEFormatError(f"{cfg_file} holds a {type(raw).__name__}, not a JSON object; re-save the SAE")
+    raw |= {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
+    try:
+        cfg = SAEConfig.from_dict(raw)
+    except (ValueError, TypeError) as err:
+        raise SAEFormatError(f"{cfg_file}: {err}") from None
+    tensors = _read_tensors(path / WEIGHTS_FILE)
+    sae = SAE(cfg)
+    sae.load_weights(tensors, source=str(path / WEIGHTS_FILE))
+    sparsity_file = path / SPARSITY_FILE
+    if sparsity_file.exists():
+        sparsity = _read_tensors(sparsity_file).get("sparsity")
+        if sparsity is None or tuple(sparsity.shape) != (cfg.d_sae,):
+            raise SAEFormatError(f"{sparsity_file} needs a 'sparsity' tensor of shape ({cfg.d_sae},); re-save the SAE")
+        sae.sparsity = sparsity
+    return sae.eval()

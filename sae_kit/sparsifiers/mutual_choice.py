@@ -1,0 +1,39 @@
+"""Mutual Choice (Ayonrinde 2024) = BatchTopK (Bussmann et al. 2024): the top k·B entries of ReLU(z) over the batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae_kit.sparsifiers.batch_choice import BatchChoice
+
+_SAMPLE = 1 << 16
+
+
+def flat_topk_indices(flat: Tensor, budget: int) -> Tensor:
+    """Indices of the `budget` largest entries of a 1-D tensor (as a set; the same set as `flat.topk(budget)`).
+
+    A plain topk over B·F entries is slow (0.57 s for 4096 x 9216 on 2 CPU threads). A fixed-seed random sample
+    gives a value that about 2·budget entries exceed; topk then runs on those alone (0.08 s). If fewer than
+    `budget` entries pass (an unlucky sample), it falls back to the full topk, so the result is always exact.
+    """
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return flat.topk(budget, sorted=False).indices
+    generator = torch.Generator(device=flat.device).manual_seed(0)
+    sample = flat[torch.randint(n, (_SAMPLE,), generator=generator, device=flat.device)]
+    lower = sample.topk(min(_SAMPLE, 2 * budget * _SAMPLE // n + 1), sorted=False).values.min()
+    candidates = (flat >= lower).nonzero().squeeze(1)
+    if candidates.numel() < budget:
+        return flat.topk(budget, sorted=False).indices
+    return candidates[flat[candidates].topk(budget, sorted=False).indices]
+
+
+class MutualChoice(BatchChoice):
+    """Unrestricted allocation of k·B matches; one global inference threshold (stored in every `threshold` entry)."""
+
+    def allocate(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        flat = r.flatten()
+        kept = flat_topk_indices(flat.detach(), self.cfg.k * r.shape[0])
+        values = flat[kept]
+        return flat.new_zeros(flat.shape).scatter(0, kept, values).view_as(r), values.detach().min()
