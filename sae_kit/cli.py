@@ -35,10 +35,22 @@ def _cache(args) -> None:
     print(f"cache ready: {out}\n{ActivationCache(out)!r}")
 
 
+def _train(args) -> None:
+    from sae_kit.training.run import train
+
+    s = train(args)
+    h = s["heldout"]
+    print(f"SAE saved to {s['sae_dir']} ({s['steps']} steps, {s['tokens']:,} tokens)")
+    print(f"held-out ({h['tokens']:,} tokens): FVU {h['fvu']:.4f}  L0 {h['l0']:.1f}  dead {100 * h['dead_frac']:.1f}%"
+          + (f"  (training L0 {s['training']['l0']:.1f})" if abs(s["training"]["l0"] - h["l0"]) > 0.05 else ""))
+
+
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     from sae_kit.build_cache import CacheConfig
+    from sae_kit.training.run import TrainRunConfig
 
     return {
+        "train": (TrainRunConfig, _train, "train an SAE from the model or an activation cache (no flags: TopK on the default)"),
         "cache": (CacheConfig, _cache, "harvest activations into an on-disk ActivationCache (resumable)"),
         "hooks": (HooksArgs, _hooks, "list a model's hook names"),
     }

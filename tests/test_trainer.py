@@ -1,0 +1,107 @@
+"""The Trainer on tiny synthetic data: schedule, decoder constraint, dead latents and AuxK, normalisation folding, NaN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae_kit.errors import SaeKitError
+from sae_kit.sae import SAE, SAEConfig
+from sae_kit.training import NonFiniteError, TrainConfig, Trainer
+
+D = 16
+
+
+def data(n: int = 4096, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=g) @ torch.randn(D, D, generator=g) * 3 + 7
+
+
+def make(arch: str = "topk", **train) -> Trainer:
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(architecture=arch, d_in=D, d_sae=64, k=4))
+    return Trainer(sae, TrainConfig(**{"batch_size": 256, "tokens": 256 * 40, "lr": 3e-3, "warmup_steps": 5, **train}))
+
+
+def test_schedule_warms_up_and_decays_to_zero():
+    t = make(decay="linear", decay_fraction=0.25)
+    f = [t.lr_factor(s) for s in range(t.total_steps)]
+    assert f[0] == pytest.approx(1 / 5) and f[4] == 1.0 and f[20] == 1.0
+    assert f[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(f[30:], f[31:]))  # reaches 0 after the last step
+    cos = make(decay="cosine", decay_fraction=0.5)
+    assert cos.lr_factor(cos.total_steps - 1) < 0.01 and cos.lr_factor(25) < 1
+
+
+def test_training_reduces_fvu_and_keeps_unit_norm_atoms():
+    t, x = make(), data()
+    first = t.step(x[:256])["fvu"]
+    for i in range(39):
+        last = t.step(x[(i % 16) * 256 : (i % 16 + 1) * 256])
+    assert last["fvu"] < 0.5 * first
+    torch.testing.assert_close(t.sae.W_dec.norm(dim=-1), torch.ones(64))
+    assert t.step_count == 40 and t.tokens_seen == 40 * 256
+
+
+def test_dead_latents_are_counted():
+    t = make(dead_tokens=512)
+    with torch.no_grad():
+        t.sae.b_enc[:8] = -1e4  # latents 0..7 can never win the top-k
+    x = data()
+    t.step(x[:256])
+    m = t.step(x[256:512])
+    assert m["dead_frac"] >= 8 / 64 and t.dead_mask[:8].all()
+
+
+def test_auxk_trains_dead_latents_only_when_there_are_some():
+    x = data()
+    moved = {}
+    for aux in ("auxk", "none"):
+        t = make(aux=aux, dead_tokens=10**9)
+        t.step(x[:256])
+        assert t.step(x[256:512])["aux"] == 0  # nothing is dead yet
+        t.tokens_since_fired[:32] = 10**9  # declare half the latents dead
+        before = t.sae.W_dec.clone()
+        m = t.step(x[512:768])
+        moved[aux] = (t.sae.W_dec - before)[:32].norm(dim=-1)
+        assert (m["aux"] > 0) == (aux == "auxk")
+    assert not torch.allclose(moved["auxk"], moved["none"])
+
+
+def test_input_normalisation_is_folded_into_the_export():
+    t, x = make(), data()
+    for i in range(5):
+        t.step(x[i * 256 : (i + 1) * 256])
+    assert t.scale != 1.0
+    exported = t.export()
+    t.sae.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x[:64]).x_hat, t.sae(x[:64] * t.scale).x_hat / t.scale, rtol=1e-4, atol=1e-4)
+    assert exported.cfg.normalize_activations == "none"
+    assert exported.cfg.metadata["activation_scale_folded"] == pytest.approx(t.scale)
+    assert exported.sparsity.shape == (64,)
+
+
+def test_mutual_choice_reports_inference_l0_next_to_training_l0():
+    t, x = make("mutual_choice"), data()
+    for i in range(30):
+        m = t.step(x[(i % 16) * 256 : (i % 16 + 1) * 256])
+    assert m["l0"] == pytest.approx(4, rel=1e-6) and "inference_l0" in m and m["inference_l0"] > 0
+
+
+def test_nan_batch_stops_cleanly():
+    t, x = make(), data()
+    t.step(x[:256])
+    bad = x[256:512].clone()
+    bad[3, 2] = math.nan
+    w = t.sae.W_dec.clone()
+    with pytest.raises(NonFiniteError, match="NaN"):
+        t.step(bad)
+    assert t.step_count == 1 and torch.equal(t.sae.W_dec, w)
+
+
+@pytest.mark.parametrize("kw, match", [({"lr": 0.0}, "--lr"), ({"lr": -1.0}, "--lr"), ({"tokens": 10}, "--tokens")])
+def test_bad_train_config(kw, match):
+    with pytest.raises(SaeKitError, match=match):
+        make(**kw)

@@ -1,0 +1,225 @@
+"""`Trainer`: one SAE's optimiser, schedule, losses, decoder constraint and dead-latent statistics, step by step.
+
+A step: scale the batch (optional input normalisation), encode and decode, add the reconstruction loss (MSE over the
+data variance), the aux loss on dead or underused latents and the rule's sparsity penalty, backpropagate, remove the
+gradient component parallel to each atom, clip, take an Adam step on fp32 master weights, then renormalise the atoms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sae_kit.errors import SaeKitError
+from sae_kit.sae import SAE
+from sae_kit.training import losses
+
+
+class NonFiniteError(SaeKitError):
+    """NaN or inf in a batch or a loss: training stops, and the last good SAE stays saved."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every architecture."""
+
+    lr: float | None = None
+    """Adam learning rate (None: 2e-4 / sqrt(d_sae / 2^14), the BatchTopK paper's width rule)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2)."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon (Gao et al.'s value: the normalised loss has small gradients)."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    tokens: int = 400_000
+    """Training tokens; sets the number of steps and the LR schedule."""
+    warmup_steps: int = 50
+    """Linear LR warm-up steps."""
+    decay: Literal["linear", "cosine", "none"] = "linear"
+    """LR decay to zero over the last `decay_fraction` of the steps."""
+    decay_fraction: float = 0.2
+    """Fraction of the run, at its end, over which the LR decays."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """How b_dec starts, from the first batch."""
+    normalize_activations: bool = True
+    """Train on x·s with s = sqrt(d_in)/E||x|| (from the first batch); s is folded into the saved weights."""
+    aux: Literal["auto", "auxk", "zipf", "none"] = "auto"
+    """Aux loss for dead/underused latents: auto = auxk for topk/abstopk/gsae/mutual_choice/feature_choice, none otherwise."""
+    aux_coef: float = 1 / 32
+    """Coefficient α of the aux loss."""
+    k_aux: int | None = None
+    """Latents the aux loss may use per token (None: d_in / 2)."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing (None: min(10M, tokens / 10))."""
+    l1_coef: float = 3e-3
+    """relu: L1 coefficient (on the normalised loss), reached after `l1_warmup_fraction` of the run (3e-3 gives an
+    L0 near 30 on SmolLM2's residual stream)."""
+    l1_warmup_fraction: float = 0.05
+    """relu: fraction of the run over which the L1 coefficient ramps up from zero."""
+    l0_coef: float = 1.0
+    """jumprelu: coefficient of the L0 penalty."""
+    target_l0: float | None = 32.0
+    """jumprelu: penalise (L0/target − 1)² instead of L0 (None: plain L0); the thresholds also start at the
+    pre-activation quantile that gives this L0 on the first batch."""
+    seed: int = 0
+    """Seed of the SAE's initialisation and of the data order."""
+
+    def check(self) -> None:
+        """One-line errors for settings that cannot work, before any work starts."""
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise SaeKitError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.tokens < self.batch_size:
+            raise SaeKitError(f"need --tokens ({self.tokens}) >= --batch-size ({self.batch_size}) >= 1")
+        if not 0 <= self.decay_fraction <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise SaeKitError("decay_fraction must be in [0, 1], warmup_steps and grad_clip non-negative")
+
+
+AUX_RULES = ("topk", "abstopk", "gsae", "mutual_choice", "feature_choice")
+
+
+class Trainer:
+    """Trains one SAE with `step(x)`; holds everything a resumed run needs besides the data position."""
+
+    def __init__(self, sae: SAE, cfg: TrainConfig) -> None:
+        cfg.check()
+        self.sae, self.cfg = sae, cfg
+        arch = sae.sparsifier.__class__.__name__
+        self.arch = next(name for name, cls in _registry().items() if cls.__name__ == arch)
+        self.total_steps = cfg.tokens // cfg.batch_size
+        self.lr = cfg.lr or 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
+        self.aux = cfg.aux if cfg.aux != "auto" else ("auxk" if self.arch in AUX_RULES else "none")
+        self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.tokens // 10, cfg.batch_size))
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        device = sae.W_dec.device
+        self.step_count = 0
+        self.tokens_seen = 0
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
+        self.fired_count = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
+        self.scale = 1.0
+        self.data_var = 1.0
+        self.initialised = False
+
+    def lr_factor(self, step: int) -> float:
+        """LR multiplier at `step`: linear warm-up, flat, then decay to zero over the last decay_fraction."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        decay_start = self.total_steps * (1 - cfg.decay_fraction)
+        if cfg.decay == "none" or step < decay_start or cfg.decay_fraction == 0:
+            return warm
+        progress = min(1.0, (step - decay_start) / max(1.0, self.total_steps - decay_start))
+        return warm * ((1 - progress) if cfg.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> None:
+        """Set the input scale, the data variance (loss normaliser) and b_dec from a sample [N, d_in]."""
+        x = x.to(self.sae.W_dec.device, torch.float32)
+        _check_finite(x, "the initialisation sample")
+        if self.cfg.normalize_activations:
+            self.scale = float(math.sqrt(x.shape[-1]) / x.norm(dim=-1).mean().clamp_min(1e-12))
+        x = x * self.scale
+        self.data_var = float((x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12))
+        if self.cfg.b_dec_init != "zeros":
+            self.sae.init_b_dec(x, self.cfg.b_dec_init)
+        if self.arch == "jumprelu" and self.cfg.target_l0:
+            # θ is log-parametrised, so Adam moves it slowly: start it where the L0 is already about the target.
+            z = self.sae.forward_codes(x[:4096]).z
+            q = 1 - min(1.0, self.cfg.target_l0 / self.sae.cfg.d_sae)
+            theta = torch.quantile(z.flatten()[: 2**24], q).clamp_min(1e-6)
+            self.sae.sparsifier.set_threshold(theta.expand(self.sae.cfg.d_sae).clone())
+        self.initialised = True
+
+    @property
+    def dead_mask(self) -> Tensor:
+        """Latents that have not fired for `dead_tokens` tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def step(self, x: Tensor, grad: Tensor | None = None) -> dict[str, float]:
+        """One optimiser step on x [B, d_in] (and dCE/dx for g-SAE); returns the step's metrics."""
+        if not self.initialised:
+            self.init_from_sample(x)
+        sae, cfg = self.sae, self.cfg
+        sae.train()
+        x = x.to(sae.W_dec.device, torch.float32)
+        _check_finite(x, f"the batch of step {self.step_count}")
+        x = x * self.scale
+        if grad is not None:
+            grad = grad.to(x.device, torch.float32)
+        out = sae(x, grad=grad)
+        codes = out.codes
+        rec = losses.mse(out.x_hat, x) / self.data_var
+        loss = rec
+        aux = torch.zeros((), device=x.device)
+        if self.aux != "none":
+            residual = x - out.x_hat
+            if self.aux == "zipf":
+                density = self.fired_count.float() / max(1, self.tokens_seen)
+                aux = losses.aux_zipf_loss(codes, residual, sae.W_dec, density, cfg.k_aux, cfg.aux_coef)
+            elif bool(self.dead_mask.any()):
+                aux = losses.auxk_loss(codes, residual, sae.W_dec, self.dead_mask, cfg.k_aux, cfg.aux_coef)
+            loss = loss + aux
+        if self.arch == "relu":
+            warm = min(1.0, (self.step_count + 1) / max(1, cfg.l1_warmup_fraction * self.total_steps))
+            loss = loss + losses.l1_loss(codes.to_dense(), cfg.l1_coef * warm)
+        elif self.arch == "jumprelu":
+            loss = loss + losses.jumprelu_l0_loss(codes.z, sae.threshold, sae.cfg.jumprelu_bandwidth, cfg.l0_coef, cfg.target_l0)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the loss became {loss.item()} at step {self.step_count}; lower --lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            counts = codes.feature_counts()
+            self.fired_count += counts
+            self.tokens_since_fired = torch.where(counts > 0, 0, self.tokens_since_fired + x.shape[0])
+            self.tokens_seen += x.shape[0]
+            self.step_count += 1
+            err = (out.x_hat - x).square().sum()
+            fvu = float(err / (x - x.mean(0)).square().sum().clamp_min(1e-12))
+            metrics = {
+                "step": self.step_count, "tokens": self.tokens_seen, "loss": float(loss), "mse_norm": float(rec),
+                "aux": float(aux), "fvu": fvu, "l0": float(codes.l0().float().mean()),
+                "dead_frac": float(self.dead_mask.float().mean()), "lr": self.sched.get_last_lr()[0],
+            }
+            if codes.inference_l0 is not None:
+                metrics["inference_l0"] = float(codes.inference_l0)
+        return metrics
+
+    def density(self) -> Tensor:
+        """Training-time firing frequency of every latent [d_sae]."""
+        return self.fired_count.float() / max(1, self.tokens_seen)
+
+    def export(self) -> SAE:
+        """A copy of the SAE that takes raw activations: the input scale folded in, eval mode, densities attached."""
+        import copy
+
+        sae = copy.deepcopy(self.sae)
+        if self.scale != 1.0:
+            sae.fold_activation_scale(self.scale)
+        sae.sparsity = self.density().clamp_min(1e-10).log10().cpu()
+        sae.cfg.metadata["training_dead_latents"] = int(self.dead_mask.sum())
+        sae.cfg.metadata["training_tokens"] = self.tokens_seen
+        return sae.eval()
+
+
+def _registry() -> dict:
+    from sae_kit.sparsifiers import REGISTRY
+
+    return REGISTRY
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(-1).sum())
+        raise NonFiniteError(f"{what} holds NaN/inf in {bad} rows; check the activation source (a corrupt cache shard, a broken model dtype)")
