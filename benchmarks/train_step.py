@@ -1,0 +1,444 @@
+"""TopK SAE training step: sae-kit against SAELens and EleutherAI sparsify, and the dense floors, in one run.
+
+    python benchmarks/train_step.py                 # full run: ~15 min on 2 free cores (+ one-off setup, below)
+    python benchmarks/train_step.py --quick         # smoke test: 3 timed steps, 20 quality steps (~3 min)
+    python benchmarks/train_step.py --skip-peers    # ours and the floors only
+    more: --threads 2  --steps 20  --quality-steps 200  --tokens N  --seed 0  --json out.json  --profile
+
+The setting is fixed: TopK, d_in 576 (SmolLM2-135M-Instruct, blocks.6.hook_resid_post), d_sae 9216, k 32,
+batch 4096 tokens, fp32, 2 threads.
+
+1. Setup, once (reused by later runs). Each peer gets its own venv under `$SAE_KIT_CACHE/bench-venvs/` (default
+   ~/.cache/sae-kit): torch==2.13.0 first, then the pinned peer release under a constraints file that pins torch,
+   so pip never pulls another torch (SAELens also needs transformer-lens < 4, which our environment cannot share).
+   A venv is rebuilt when its pinned version changes. A peer that fails to install is reported and skipped.
+2. Data, once: `sae-kit cache` harvests real activations (the embedded model and corpus, offline) under
+   `bench-data/`, exported to a plain safetensors file (`train` rows in a seeded random order, `heldout` rows from
+   held-out documents) that every library reads in the same order.
+3. Timing. The contenders take turns of a few steps each (rotating, each turn led by an untimed step), `--steps`
+   timed steps in all after a warm-up, and each figure is the median of its timed steps, so that load from other
+   processes hits every library alike: the floors (the dense
+   encoder GEMM and torch.topk over the [4096, 9216] pre-activations), our `Trainer.step` in this process, and
+   each peer's step in a server process of its own venv (`benchmarks/peers/*_step.py`: the peer's own TopK SAE and
+   optimiser step as its trainer runs them; their docstrings say exactly what a step includes).
+4. Quality at equal budget: each library trains `--quality-steps` steps of 4096 rows, the same rows in the same
+   order, with its own defaults (learning rate, losses, initialisation), then reports the FVU on the held-out rows.
+
+Absolute times on a shared machine move by 20% or more from run to run; compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import sae_kit
+from sae_kit import SAE, SAEConfig
+from sae_kit.paths import cache_root
+from sae_kit.training import TrainConfig, Trainer
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "peers"))
+from common import batch_at, heldout_eval  # noqa: E402  (shared with the peer scripts, torch + safetensors only)
+
+D_SAE, K, BATCH = 9216, 32, 4096
+HOOK = "blocks.6.hook_resid_post"
+TORCH_PIN = "torch==2.13.0"
+PER_TURN = 4
+"""Timed steps per turn. Each turn starts with an untimed step: this VM hands memory that a process left idle
+for a few seconds back to the host, and the first touch after that costs ~4x, which a library that allocates
+~1 GB per step (SAELens) would pay on every step if the turns were single steps."""
+TARGET_VS_SAELENS = 3.0
+"""Our steps/s must be at least this multiple of SAELens's."""
+TARGET_VS_SPARSIFY = 1.3
+"""... and of sparsify's (its fastest variant)."""
+TARGET_VS_GEMM = 2.5
+"""Our step may take at most this multiple of the dense encoder GEMM alone."""
+
+
+# ----------------------------------------------------------------------------------------------------- peer venvs
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    """Short name: the venv's directory under bench-venvs/."""
+    package: str
+    """The PyPI distribution installed into the venv."""
+    version: str
+    """Pinned: the newest release that installed next to torch 2.13.0 when this benchmark was last updated."""
+    script: str
+    """Step script under benchmarks/peers/, run with the venv's python."""
+    variants: tuple[str, ...] = ("default",)
+    """--variant values timed (the first one also trains in the quality run)."""
+
+
+PEERS = (
+    Peer("saelens", "sae-lens", "6.54.12", "saelens_step.py"),
+    Peer("sparsify", "eai-sparsify", "1.3.3", "sparsify_step.py", ("default", "adam")),
+)
+
+
+def ensure_venv(peer: Peer) -> Path:
+    """The python of the peer's venv, built on first use; RuntimeError (with pip's last lines) if pip fails."""
+    root = cache_root() / "bench-venvs" / peer.name
+    python, marker = root / "bin" / "python", root / "sae-kit-bench.json"
+    want = {"package": peer.package, "version": peer.version, "torch": TORCH_PIN}
+    if python.exists() and marker.exists() and json.loads(marker.read_text()) == want:
+        return python
+    print(f"[setup] building {root} with {peer.package}=={peer.version} (one-off, a few minutes)", flush=True)
+    venv.EnvBuilder(clear=True, with_pip=True).create(root)
+    (root / "constraints.txt").write_text(TORCH_PIN + "\n")
+    log = root / "install.log"
+    for args in ([TORCH_PIN], ["-c", str(root / "constraints.txt"), f"{peer.package}=={peer.version}"]):
+        cmd = [str(python), "-m", "pip", "install", "--quiet", *args]
+        with open(log, "a") as fh:
+            done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-8:])
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {done.returncode}); end of {log}:\n{tail}")
+    marker.write_text(json.dumps(want))
+    return python
+
+
+def peer_command(python: Path, peer: Peer, mode: str, data: Path, threads: int, **options: Any) -> list[str]:
+    cmd = [str(python), str(HERE / "peers" / peer.script), "--mode", mode, "--data", str(data), "--threads", str(threads),
+           "--d-sae", str(D_SAE), "--k", str(K), "--batch", str(BATCH)]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return cmd
+
+
+def peer_env(threads: int) -> dict[str, str]:
+    return os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+class PeerServer:
+    """A peer's step script in `serve` mode: `step(i)` runs its training step i and returns the seconds it took."""
+
+    def __init__(self, python: Path, peer: Peer, data: Path, threads: int, **options: Any) -> None:
+        self.script = peer.script
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(peer_command(python, peer, "serve", data, threads, **options), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=peer_env(threads))
+        self.info = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        self.stderr.seek(0)
+        tail = " | ".join(self.stderr.read().strip().splitlines()[-4:])
+        raise RuntimeError(f"{self.script} exited {self.proc.wait()}: {tail}")
+
+    def step(self, i: int) -> float:
+        self.proc.stdin.write(f"step {i}\n")
+        self.proc.stdin.flush()
+        return self._reply()["s"]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        self.stderr.close()
+
+
+def peer_quality(python: Path, peer: Peer, data: Path, threads: int, **options: Any) -> dict[str, Any]:
+    """Train the peer for --steps steps in its venv; its JSON result, or {"error": ...} if it failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = peer_command(python, peer, "quality", data, threads, out=out, **options)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=peer_env(threads))
+        if done.returncode != 0 or not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-4:]
+            return {"error": f"{peer.script} exited {done.returncode}: " + " | ".join(tail)}
+        return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def activations_file(tokens: int, heldout_tokens: int, seed: int, threads: int) -> tuple[Path, int, int]:
+    """A safetensors file of real layer-6 activations (`train` shuffled with `seed`, `heldout`), built once."""
+    data_dir = cache_root() / "bench-data"
+    cache_dir = data_dir / f"smollm2-l6-{tokens}-{heldout_tokens}"
+    file = data_dir / f"acts-{tokens}-{heldout_tokens}-seed{seed}.safetensors"
+    if not file.exists():
+        cmd = [sys.executable, "-c", "import sys; from sae_kit.cli import main; sys.exit(main())", "cache",
+               "--out", str(cache_dir), "--tokens", str(tokens), "--heldout-tokens", str(heldout_tokens), "--hook", HOOK]
+        print(f"[data] harvesting {tokens:,} + {heldout_tokens:,} tokens: sae-kit {' '.join(cmd[3:])}", flush=True)
+        env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        from sae_kit.cache import ActivationCache
+
+        cache = ActivationCache(cache_dir)
+        train = cache.read("train").acts[HOOK].float()
+        order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+        tmp = file.with_suffix(".tmp")
+        save_file({"train": train[order].contiguous(), "heldout": cache.read("heldout").acts[HOOK].float().contiguous()},
+                  str(tmp), metadata={"hook": HOOK, "seed": str(seed), "source": str(cache_dir)})
+        tmp.rename(file)
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        n_train, n_heldout = f.get_slice("train").get_shape()[0], f.get_slice("heldout").get_shape()[0]
+    return file, n_train, n_heldout
+
+
+# ------------------------------------------------------------------------------------------- ours, in this process
+def our_trainer(d_in: int, tokens: int, seed: int, sample: torch.Tensor, **train_options: Any) -> Trainer:
+    """Our TopK SAE and Trainer with every default (lr 2e-4/sqrt(d_sae/2^14), AuxK, geometric-median b_dec, ...)."""
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(architecture="topk", d_in=d_in, d_sae=D_SAE, k=K))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    budget = "tokens" if "tokens" in names else "total_tokens"
+    trainer = Trainer(sae, TrainConfig(batch_size=BATCH, seed=seed, **{budget: tokens}, **train_options))
+    trainer.init_from_sample(sample)
+    return trainer
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores other processes kept busy over `seconds` while this one slept (from /proc/stat; 0 if unknown)."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values) - idle, sum(values)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+
+
+def timed(fn: Callable[[int], Any]) -> Callable[[int], float]:
+    """fn(i) turned into a function that returns the seconds it took."""
+    def run(i: int) -> float:
+        t = time.perf_counter()
+        fn(i)
+        return time.perf_counter() - t
+
+    return run
+
+
+def profile_our_step(trainer: Trainer, train: torch.Tensor, steps: int = 3) -> None:
+    """Print where our step's time goes (torch.profiler, self CPU time per op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            trainer.step(batch_at(train, i, BATCH))
+    print(f"\nprofile of {steps} of our steps (self CPU time):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for everyone (default 2)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3 timed steps, 20 quality steps, fewer tokens")
+    ap.add_argument("--skip-peers", action="store_true", help="time ours and the floors only")
+    ap.add_argument("--quality-steps", type=int, default=None, help="training steps of the quality run (default 200; 0: skip)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="training tokens to harvest (default quality steps x 4096; the built-in corpus holds ~650k)")
+    ap.add_argument("--heldout-tokens", type=int, default=28672,
+                    help="held-out tokens (the built-in corpus's held-out documents hold ~31k)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per library (default 20, quick 3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
+    args = ap.parse_args()
+    quality_steps = args.quality_steps if args.quality_steps is not None else (20 if args.quick else 200)
+    tokens = args.tokens or max(quality_steps, 20) * BATCH
+    steps = args.steps or (3 if args.quick else 20)
+    warmup = 1 if args.quick else 3
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
+                               "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+                               "sae_kit": sae_kit.__version__, "setting": {"d_sae": D_SAE, "k": K, "batch": BATCH}}
+
+    # Setup: the peer venvs (a peer that fails to install is skipped), then the activations.
+    pythons: dict[str, Path] = {}
+    for peer in () if args.skip_peers else PEERS:
+        try:
+            pythons[peer.name] = ensure_venv(peer)
+        except Exception as err:  # noqa: BLE001  (whatever breaks a peer's install skips that peer only)
+            print(f"[setup] {peer.package} skipped: {err}")
+            results.setdefault("errors", {})[peer.package] = str(err)
+    data, n_train, n_heldout = activations_file(tokens, args.heldout_tokens, args.seed, args.threads)
+    tensors = load_file(str(data))
+    train, heldout = tensors["train"], tensors["heldout"]
+    d_in = train.shape[1]
+    print(f"data: {n_train:,} train + {n_heldout:,} held-out rows of {HOOK} (d_in {d_in}), {data}")
+
+    # Timing: the contenders take turns (the order rotating), each turn one untimed step and PER_TURN timed ones.
+    x, w_enc = train[:BATCH].contiguous(), torch.randn(d_in, D_SAE) / d_in**0.5
+    z = x @ w_enc
+    ours = our_trainer(d_in, 10**9, args.seed, train[:BATCH])  # a long run: no latent is dead yet, so no AuxK pass
+    ours_aux = our_trainer(d_in, 10**9, args.seed, train[:BATCH], dead_tokens=1)  # latents idle for one batch are dead
+    contenders: dict[str, Callable[[int], float]] = {
+        "gemm": timed(lambda i: x @ w_enc),
+        "topk": timed(lambda i: z.topk(K, dim=-1, sorted=False)),
+        "ours": timed(lambda i: ours.step(batch_at(train, i, BATCH))),
+        "ours_aux": timed(lambda i: ours_aux.step(batch_at(train, i, BATCH))),
+    }
+    servers: dict[str, PeerServer] = {}
+    for peer in PEERS:
+        for variant in peer.variants if peer.name in pythons else ():
+            key = f"{peer.name}:{variant}"
+            try:
+                servers[key] = PeerServer(pythons[peer.name], peer, data, args.threads, variant=variant,
+                                          steps=warmup + 2 * steps, seed=args.seed)
+                contenders[key] = servers[key].step
+            except (RuntimeError, OSError) as err:
+                print(f"[time] {key} failed to start: {err}")
+                results.setdefault("errors", {})[key] = str(err)
+    busy = busy_cores()
+    results["busy_cores_before"] = busy
+    print(f"timing: {len(contenders)} contenders x {steps} steps, in turns of {PER_TURN} after an untimed one; {args.threads} threads, "
+          f"torch {torch.__version__}; cores busy with other work: {busy:.1f} of {os.cpu_count()}", flush=True)
+    if busy > 0.3:
+        print("  note: other processes hold CPU, so absolute times are inflated; code that synchronises its threads "
+              "often (many small parallel regions) suffers most, so ratios shift too")
+    times: dict[str, list[float]] = {key: [] for key in contenders}
+    done = dict.fromkeys(contenders, 0)
+    for turn in range(math.ceil(steps / PER_TURN)):
+        names = list(contenders)
+        for key in names[turn % len(names):] + names[: turn % len(names)]:
+            untimed = warmup if turn == 0 else 1
+            try:
+                for _ in range(untimed + min(PER_TURN, steps - len(times[key]))):
+                    seconds = contenders[key](done[key])
+                    done[key] += 1
+                    if untimed:
+                        untimed -= 1
+                    else:
+                        times[key].append(seconds)
+            except (RuntimeError, OSError) as err:
+                print(f"[time] {key} failed at step {done[key]}: {err}")
+                results.setdefault("errors", {})[key] = str(err)
+                del contenders[key], times[key]
+    for server in servers.values():
+        server.close()
+    results["busy_cores_after"] = busy_cores()
+    median = {key: statistics.median(v) for key, v in times.items() if v}
+    results["step_s"] = median
+    results["step_times"] = times
+    results["peers"] = {key: server.info for key, server in servers.items()}
+    if args.profile:
+        profile_our_step(ours, train)
+
+    # Quality at equal budget: each library trains on the same rows in the same order, one after the other.
+    fvu: dict[str, dict[str, Any]] = {}
+    if quality_steps > 0:
+        epochs = quality_steps * BATCH / n_train
+        print(f"[quality] {quality_steps} steps x {BATCH} ({epochs:.2f} epochs of the same rows), each library's defaults",
+              flush=True)
+        t = time.perf_counter()
+        trainer = our_trainer(d_in, quality_steps * BATCH, args.seed, batch_at(train, 0, BATCH))
+        for i in range(quality_steps):
+            trainer.step(batch_at(train, i, BATCH))
+        final = trainer.export()
+
+        def encode_decode(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = final(xb)
+            return out.x_hat, out.codes.indices[out.codes.values > 0]
+
+        fvu["ours"] = {"lr": trainer.lr, **heldout_eval(encode_decode, heldout, D_SAE)}
+        print(f"[quality] sae-kit: FVU {fvu['ours']['fvu']:.4f} ({time.perf_counter() - t:.0f}s)", flush=True)
+        for peer in PEERS:
+            if peer.name in pythons:
+                t = time.perf_counter()
+                res = peer_quality(pythons[peer.name], peer, data, args.threads, steps=quality_steps,
+                                   variant=peer.variants[0], seed=args.seed)
+                fvu[peer.name] = res
+                shown = res.get("error") or f"FVU {res['fvu']:.4f}"
+                print(f"[quality] {peer.package}: {shown} ({time.perf_counter() - t:.0f}s)", flush=True)
+    results["quality"] = {"steps": quality_steps, "batch": BATCH, "train_rows": n_train, "heldout_rows": n_heldout, **fvu}
+    report(results, median, fvu, d_in, steps, quality_steps, args.threads)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"\nresults written to {args.json}")
+
+
+STEP_NOTES = {
+    "ours": "Adam; AuxK armed, no latent dead yet (as early in a run)",
+    "ours_aux": "the same with the AuxK pass on every step",
+    "saelens:default": "Adam + grad clip; dense [B, d_sae] code and decoder GEMM",
+    "sparsify:default": "its default optimiser: signum (SignSGD + schedule-free); no AuxK",
+    "sparsify:adam": "its `adam` optimiser instead",
+}
+
+
+def report(results: dict[str, Any], median: dict[str, float], fvu: dict[str, dict[str, Any]], d_in: int, steps: int,
+           quality_steps: int, threads: int) -> None:
+    """The table, then each target marked met or SHORT."""
+    ours_s = median["ours"]
+    rows = [("sae-kit", sae_kit.__version__, "ours", fvu.get("ours")), ("sae-kit", sae_kit.__version__, "ours_aux", None)]
+    for peer in PEERS:
+        for variant in peer.variants:
+            key = f"{peer.name}:{variant}"
+            q = fvu.get(peer.name) if variant == peer.variants[0] else None
+            rows.append((peer.package, results["peers"].get(key, {}).get("version", peer.version), key, q))
+    print(f"\nTopK training step, d_in {d_in}, d_sae {D_SAE}, k {K}, batch {BATCH}, fp32, {threads} threads, median of {steps} "
+          f"steps taken in turn; held-out FVU after {quality_steps} steps on the same rows")
+    print(f"{'library':<14}{'version':<10}{'s/step':>8}{'ours is':>9}{'held-out FVU':>14}{'dead':>7}{'lr':>10}  step")
+    for name, version, key, q in rows:
+        note = STEP_NOTES.get(key, key)
+        if key not in median:
+            error = results.get("errors", {}).get(key) or results.get("errors", {}).get(name, "not run")
+            print(f"{name:<14}{version:<10}{'-':>8}{'':>40}  {note}: FAILED ({error[:80]})")
+            continue
+        speed = f"{median[key] / ours_s:.2f}x"
+        q_fvu = f"{q['fvu']:.4f}" if q and "fvu" in q else "-"
+        q_dead = f"{100 * q['dead_frac']:.1f}%" if q and "dead_frac" in q else ""
+        q_lr = f"{q['lr']:.2e}" if q and "lr" in q else ""
+        print(f"{name:<14}{version:<10}{median[key]:>8.3f}{speed:>9}{q_fvu:>14}{q_dead:>7}{q_lr:>10}  {note}")
+    for key, note in (("gemm", f"the dense encoder GEMM [{BATCH}, {d_in}] x [{d_in}, {D_SAE}] alone"),
+                      ("topk", f"torch.topk(k={K}) over [{BATCH}, {D_SAE}] alone")):
+        print(f"{'(floor)':<14}{key:<10}{median[key]:>8.3f}{median[key] / ours_s:>8.2f}x{'':>31}  {note}")
+
+    print("\ntargets:")
+    checks: list[tuple[str, float, str, bool]] = []
+    if "saelens:default" in median:
+        ratio = median["saelens:default"] / ours_s
+        checks.append(("steps/s vs SAELens", ratio, f">= {TARGET_VS_SAELENS}x", ratio >= TARGET_VS_SAELENS))
+    sparsify = [key for key in median if key.startswith("sparsify:")]
+    if sparsify:
+        fastest = min(sparsify, key=median.get)
+        ratio = median[fastest] / ours_s
+        checks.append((f"steps/s vs sparsify ({fastest.split(':')[1]}, its fastest)", ratio, f">= {TARGET_VS_SPARSIFY}x",
+                       ratio >= TARGET_VS_SPARSIFY))
+    ratio = ours_s / median["gemm"]
+    checks.append(("our step / encoder GEMM", ratio, f"<= {TARGET_VS_GEMM}x", ratio <= TARGET_VS_GEMM))
+    for what, ratio, target, met in checks:
+        print(f"  {what:<42}{ratio:7.2f}x  (target {target})  {'met' if met else 'SHORT'}")
+    results["targets"] = [{"what": w, "value": r, "target": t, "met": m} for w, r, t, m in checks]
+    for peer in PEERS:
+        q = fvu.get(peer.name, {})
+        if "fvu" in q and "ours" in fvu:
+            met = fvu["ours"]["fvu"] <= q["fvu"]
+            what = f"held-out FVU vs {peer.package}"
+            print(f"  {what:<42}{fvu['ours']['fvu']:.4f} vs {q['fvu']:.4f}  (target: no worse)  {'met' if met else 'SHORT'}")
+            results["targets"].append({"what": what, "value": fvu["ours"]["fvu"], "target": q["fvu"], "met": met})
+
+
+if __name__ == "__main__":
+    main()
