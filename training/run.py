@@ -68,13 +68,12 @@ class TrainRunConfig:
 def train(cfg: TrainRunConfig, model=None) -> dict:
     """Run the job; returns the summary (also written to summary.json). Bad settings fail before any work."""
     cfg.train.check()
-    get_sparsifier(cfg.architecture)
     if cfg.k < 1 or (cfg.d_sae is not None and cfg.k > cfg.d_sae):
         raise SaeKitError(f"--k {cfg.k} must be between 1 and d_sae ({cfg.d_sae}); lower --k or raise --d-sae")
-    is_gsae = get_sparsifier(cfg.architecture).__name__ == "GSAE"
+    needs_grads = get_sparsifier(cfg.architecture).uses_grad
     if cfg.eval_tokens < 1 or cfg.log_every < 1 or cfg.save_every < 1:
         raise SaeKitError("--eval-tokens, --log-every and --save-every must be positive")
-    source = _CacheSource(cfg, is_gsae) if cfg.cache else _ModelSource(cfg, is_gsae, model)
+    source = _CacheSource(cfg, needs_grads) if cfg.cache else _ModelSource(cfg, needs_grads, model)
     d_in = source.d_in
     if cfg.d_in is not None and cfg.d_in != d_in:
         raise SaeKitError(f"--d-in {cfg.d_in} does not match the data's width {d_in} ({source.describe()}); drop --d-in or pick the matching hook/cache")
@@ -96,7 +95,7 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
     with open(run_dir / "metrics.jsonl", "a") as metrics_file:
         for batch in itertools.islice(source.batches(), trainer.total_steps):
             x = batch.acts[source.hook]
-            g = batch.grads[source.hook] if is_gsae else None
+            g = batch.grads[source.hook] if needs_grads else None
             try:
                 m = trainer.step(x, g)
             except NonFiniteError as err:
@@ -120,7 +119,7 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
     final = trainer.export()
     heldout = source.heldout()
     summary = {"sae_dir": str(run_dir / "sae"), "steps": trainer.step_count, "tokens": trainer.tokens_seen,
-               "heldout": heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if is_gsae else None),
+               "heldout": heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if needs_grads else None),
                "training": {"l0": m["l0"], "fvu": m["fvu"], "dead_frac": m["dead_frac"], **({"inference_l0": m["inference_l0"]} if "inference_l0" in m else {})}}
     final.cfg.metadata["heldout"] = summary["heldout"]
     final.save(run_dir / "sae")
@@ -155,10 +154,10 @@ class _CacheSource:
 
         self.cfg, self.needs_grads = cfg, needs_grads
         self.cache = ActivationCache(cfg.cache)
-        self.hook = cfg.harvest.hook[0] if cfg.harvest.hook[0] in self.cache.hooks else self.cache.hooks[0]
-        if cfg.harvest.hook != HarvestConfig().hook:
-            self.cache.check_compatible(hooks=[cfg.harvest.hook[0]])
-            self.hook = cfg.harvest.hook[0]
+        wanted = cfg.harvest.hook[0]
+        if cfg.harvest.hook != HarvestConfig().hook:  # an explicit --hook must be in the cache
+            self.cache.check_compatible(hooks=[wanted])
+        self.hook = wanted if wanted in self.cache.hooks else self.cache.hooks[0]
         if needs_grads and not self.cache.with_grads:
             raise SaeKitError(f"g-SAE needs gradients, and {cfg.cache} has none; build it with `sae-kit cache --grads`")
         if self.cache.n_rows("heldout") == 0:

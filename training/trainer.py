@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sae_kit.errors import SaeKitError
 from sae_kit.sae import SAE
+from sae_kit.sparsifiers import ALIASES
 from sae_kit.training import losses
 
 
@@ -89,8 +90,7 @@ class Trainer:
     def __init__(self, sae: SAE, cfg: TrainConfig) -> None:
         cfg.check()
         self.sae, self.cfg = sae, cfg
-        arch = sae.sparsifier.__class__.__name__
-        self.arch = next(name for name, cls in _registry().items() if cls.__name__ == arch)
+        self.arch = ALIASES.get(sae.cfg.architecture, sae.cfg.architecture)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.lr = cfg.lr or 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
         self.aux = cfg.aux if cfg.aux != "auto" else ("auxk" if self.arch in AUX_RULES else "none")
@@ -211,12 +211,6 @@ class Trainer:
         sae.cfg.metadata["training_dead_latents"] = int(self.dead_mask.sum())
         sae.cfg.metadata["training_tokens"] = self.tokens_seen
         return sae.eval()
-
-
-def _registry() -> dict:
-    from sae_kit.sparsifiers import REGISTRY
-
-    return REGISTRY
 
 
 def _check_finite(x: Tensor, what: str) -> None:

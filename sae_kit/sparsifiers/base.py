@@ -72,6 +72,8 @@ class Sparsifier(nn.Module):
 
     uses_encoder: ClassVar[bool] = True
     """Whether the SAE needs W_enc and b_enc (False only for MP-SAE)."""
+    uses_grad: ClassVar[bool] = False
+    """Whether the rule reads dLoss/dx (g-SAE): trainers and evaluators then harvest gradients."""
     config_fields: ClassVar[tuple[str, ...]] = ()
     """SAEConfig fields this rule reads; cfg.json records exactly these besides the common ones."""
 

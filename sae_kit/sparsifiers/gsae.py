@@ -21,6 +21,7 @@ class GSAE(TopK):
     """
 
     config_fields = ("k", "gsae_beta", "gsae_grad_norm")
+    uses_grad = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
