@@ -39,6 +39,7 @@ def parse_args(description: str) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200, help="training steps (serve mode: how many will be asked for; sets schedules)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's own default)")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply the library's default learning rate by this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", default="default", help="a library-specific variant (see the script)")
     args = ap.parse_args()

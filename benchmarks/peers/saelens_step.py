@@ -1,6 +1,7 @@
 """SAELens's TopK training step, run inside the SAELens venv by `benchmarks/train_step.py`.
 
-    <venv>/bin/python benchmarks/peers/saelens_step.py --mode quality --data acts.safetensors --out r.json
+    <venv>/bin/python benchmarks/peers/saelens_step.py --mode quality --data acts.safetensors --out r.json [--lr-scale 1]
+    <venv>/bin/python benchmarks/peers/saelens_step.py --mode serve --data acts.safetensors   # see common.py
 
 What one step is, exactly as SAELens trains it (`sae_lens.training.sae_trainer.SAETrainer.fit`): the trainer's own
 `maybe_reset_sparsity()` + `step(batch)`, i.e. `TopKTrainingSAE.training_forward_pass` (x − b_dec, the dense
@@ -34,7 +35,7 @@ def main() -> None:
     args = parse_args(__doc__)
     train, heldout = load_data(args.data, args.steps * args.batch if args.mode == "serve" else None)
     d_in = train.shape[1]
-    lr = args.lr or DEFAULT_LR
+    lr = args.lr or DEFAULT_LR * args.lr_scale
     n_steps = args.steps  # serve mode: the number of steps the driver will ask for
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, dtype="float32", device="cpu"))
     trainer = SAETrainer(

@@ -1,6 +1,7 @@
 """EleutherAI sparsify's TopK training step, run inside the sparsify venv by `benchmarks/train_step.py`.
 
-    <venv>/bin/python benchmarks/peers/sparsify_step.py --mode quality --data acts.safetensors --out r.json
+    <venv>/bin/python benchmarks/peers/sparsify_step.py --mode quality --data acts.safetensors --out r.json [--variant adam]
+    <venv>/bin/python benchmarks/peers/sparsify_step.py --mode serve --data acts.safetensors   # see common.py
 
 sparsify's `Trainer` only trains from a live HF model through forward hooks, so this script builds its pieces
 itself and runs the body of `Trainer.fit` for `loss_fn="fvu"` on a batch of activations, in the same order:
@@ -14,7 +15,7 @@ Everything else is a sparsify 1.3 default (`SparseCoderConfig`, `TrainConfig`): 
 `signum` optimiser (SignSGD in schedulefree's ScheduleFreeWrapper, momentum 0.95) at lr 5e-3/sqrt(d_sae/2^14),
 auxk_alpha 0 (so no AuxK pass), normalize_decoder=True, encoder = nn.Linear init, W_dec = unit-norm copy of the
 encoder weight, torch.manual_seed(0) before the init (init_seeds=[0]), `torch.set_float32_matmul_precision("high")`
-as `fit` sets it. `--variant adam` uses sparsify's `adam` branch instead: torch.optim.Adam (bitsandbytes is not
+as `fit` sets it (no effect on CPU: the fp32 GEMM is bit-identical). `--variant adam` uses sparsify's `adam` branch instead: torch.optim.Adam (bitsandbytes is not
 installed) at lr 2e-4/sqrt(d_sae/2^14) with a linear schedule over 1000 warm-up steps.
 """
 
@@ -49,11 +50,11 @@ def main() -> None:
     width_scale = (sae.num_latents / 2**14) ** 0.5
     schedulers = []
     if args.variant == "default":
-        lr = args.lr or 5e-3 / width_scale
+        lr = args.lr or 5e-3 / width_scale * args.lr_scale
         optimizer = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=lr)]), momentum=0.95)
         optimizer.train()
     elif args.variant == "adam":
-        lr = args.lr or 2e-4 / width_scale
+        lr = args.lr or 2e-4 / width_scale * args.lr_scale
         optimizer = torch.optim.Adam([dict(params=sae.parameters(), lr=lr)])
         schedulers.append(get_linear_schedule_with_warmup(optimizer, 1000, n_steps))
     else:
