@@ -3,6 +3,7 @@
 An SAE directory holds `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
 b_dec [d_in], plus `threshold` [d_sae] for thresholded rules; MP-SAE has no W_enc/b_enc), `cfg.json` (SAELens-style
 keys and a `metadata` dict) and, when densities are known, `sparsity.safetensors` (`sparsity`: log10 feature density).
+`load_sae` also reads SAELens and sparsify directories, and `SAE.save(..., format=)` writes them (sae_kit.formats).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -22,6 +23,9 @@ from sae_kit.atomic import atomic_dir, save_tensors, write_json
 from sae_kit.errors import SaeKitError
 from sae_kit.kernels import sparse_decode
 from sae_kit.sparsifiers import ARCHITECTURES, Codes, Sparsifier, get_sparsifier
+
+if TYPE_CHECKING:
+    from sae_kit.saebench import SAEBenchAdapter
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -38,7 +42,8 @@ class SAEFormatError(SaeKitError):
     """An SAE directory exists but a file in it is unreadable or does not match cfg.json."""
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed sae-kit version ("unknown" when it is not installed)."""
     try:
         return importlib_metadata.version("sae-kit")
     except importlib_metadata.PackageNotFoundError:
@@ -155,7 +160,7 @@ class SAEConfig:
         """cfg.json content: the common keys, the fields the rule reads, and `metadata` with every standard key."""
         values = asdict(self)
         out = {key: values[key] for key in (*_COMMON_KEYS, *self.rule.config_fields)}
-        out["metadata"] = {**dict.fromkeys(METADATA_KEYS), "sae_kit_version": _version(), **self.metadata}
+        out["metadata"] = {**dict.fromkeys(METADATA_KEYS), "sae_kit_version": package_version(), **self.metadata}
         return out
 
     @classmethod
@@ -319,16 +324,24 @@ class SAE(nn.Module):
             out["threshold"] = self.threshold
         return {name: t.detach() for name, t in out.items()}
 
-    def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
+    def save(self, path: str | Path, sparsity: Tensor | None = None, format: str = "sae_kit") -> Path:
         """Write the SAE directory atomically (the whole directory is replaced, or left as it was on failure).
 
         `sparsity` (log10 feature density [d_sae]) is kept as `self.sparsity`; sparsity.safetensors is written
-        whenever `self.sparsity` is set.
+        whenever `self.sparsity` is set (sae_kit and saelens formats). `format`: "sae_kit" (this library's own,
+        lossless), "saelens" (a directory SAELens >= 6 loads with `SAE.load_from_disk`) or "sparsify" (TopK only);
+        `sae_kit.formats` says which architectures each peer can represent exactly.
         """
+        from sae_kit.formats import WRITERS
+
+        if format != "sae_kit" and format not in WRITERS:
+            raise SAEFormatError(f"format={format!r}; use one of: sae_kit, {', '.join(WRITERS)}")
         if sparsity is not None:
             if tuple(sparsity.shape) != (self.cfg.d_sae,):
                 raise ValueError(f"sparsity has shape {tuple(sparsity.shape)}; pass log10 densities of shape ({self.cfg.d_sae},)")
             self.sparsity = sparsity.detach().float().cpu()
+        if format != "sae_kit":
+            return WRITERS[format](self, Path(path))
         dtype = next(name for name, dt in DTYPES.items() if dt == self.W_dec.dtype)
         cfg = replace(self.cfg, dtype=dtype, device=str(self.W_dec.device), metadata=dict(self.cfg.metadata))
         path = Path(path)
@@ -338,6 +351,13 @@ class SAE(nn.Module):
             if self.sparsity is not None:
                 save_tensors(tmp / SPARSITY_FILE, {"sparsity": self.sparsity}, metadata={"format": "pt"})
         return path
+
+    def to_saebench(self, **cfg: Any) -> SAEBenchAdapter:
+        """This SAE behind SAEBench's custom-SAE protocol (sharing its parameters), in eval mode; `cfg` overrides
+        model_name, hook_name, hook_layer or context_size. See `sae_kit.saebench`."""
+        from sae_kit.saebench import SAEBenchAdapter
+
+        return SAEBenchAdapter(self, **cfg)
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, Tensor], source: str = "weights") -> None:
@@ -359,43 +379,56 @@ class SAE(nn.Module):
                 getattr(self, name).copy_(value)
 
 
-def _read_tensors(file: Path) -> dict[str, Tensor]:
+def read_tensors(file: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors; FileNotFoundError when missing, SAEFormatError when damaged."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; an SAE directory needs {WEIGHTS_FILE} and {CFG_FILE}")
+        raise FileNotFoundError(f"{file} is missing; an SAE directory needs it beside {CFG_FILE}")
     try:
         return load_file(str(file))
     except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError on damaged files
         raise SAEFormatError(f"{file} is not a readable safetensors file ({err}); re-save the SAE") from None
 
 
-def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> SAE:
-    """Load an SAE directory written by `SAE.save` (safetensors + JSON only, never pickles), in eval mode.
-
-    `device`/`dtype` override cfg.json. A missing file raises FileNotFoundError; a damaged or inconsistent one
-    raises SAEFormatError naming the file.
-    """
-    path = Path(path)
-    cfg_file = path / CFG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing; {path} is not an SAE directory ({WEIGHTS_FILE} + {CFG_FILE})")
+def read_cfg(file: Path) -> dict[str, Any]:
+    """cfg.json as a dict (SAEFormatError when it is not a JSON object)."""
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SAEFormatError(f"{cfg_file} is not valid JSON ({err}); re-save the SAE") from None
+        raise SAEFormatError(f"{file} is not valid JSON ({err}); re-save the SAE") from None
     if not isinstance(raw, dict):
-        raise SAEFormatError(f"{cfg_file} holds a {type(raw).__name__}, not a JSON object; re-save the SAE")
+        raise SAEFormatError(f"{file} holds a {type(raw).__name__}, not a JSON object; re-save the SAE")
+    return raw
+
+
+def load_sparsity(sae: SAE, path: Path) -> SAE:
+    """Attach `path`/sparsity.safetensors (log10 feature densities, SAELens layout) to `sae` when it exists."""
+    sparsity_file = path / SPARSITY_FILE
+    if sparsity_file.exists():
+        sparsity = read_tensors(sparsity_file).get("sparsity")
+        if sparsity is None or tuple(sparsity.shape) != (sae.cfg.d_sae,):
+            raise SAEFormatError(f"{sparsity_file} needs a 'sparsity' tensor of shape ({sae.cfg.d_sae},); re-save the SAE")
+        sae.sparsity = sparsity
+    return sae
+
+
+def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> SAE:
+    """Load an SAE directory in eval mode: sae-kit's own, SAELens's or sparsify's, detected from the files present.
+
+    Safetensors + JSON only, never pickles. `device`/`dtype` override cfg.json (peer formats load on the CPU unless
+    `device` is given, as their own loaders do). A missing file raises FileNotFoundError; a damaged, inconsistent or
+    unsupported one raises SAEFormatError naming the file. `sae_kit.formats` says what each peer format maps to.
+    """
+    from sae_kit.formats import READERS, detect_format
+
+    path = Path(path)
+    fmt, raw = detect_format(path)
+    if fmt in READERS:
+        return READERS[fmt](path, raw, device=device, dtype=dtype)
     raw |= {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
     try:
         cfg = SAEConfig.from_dict(raw)
     except (ValueError, TypeError) as err:
-        raise SAEFormatError(f"{cfg_file}: {err}") from None
-    tensors = _read_tensors(path / WEIGHTS_FILE)
+        raise SAEFormatError(f"{path / CFG_FILE}: {err}") from None
     sae = SAE(cfg)
-    sae.load_weights(tensors, source=str(path / WEIGHTS_FILE))
-    sparsity_file = path / SPARSITY_FILE
-    if sparsity_file.exists():
-        sparsity = _read_tensors(sparsity_file).get("sparsity")
-        if sparsity is None or tuple(sparsity.shape) != (cfg.d_sae,):
-            raise SAEFormatError(f"{sparsity_file} needs a 'sparsity' tensor of shape ({cfg.d_sae},); re-save the SAE")
-        sae.sparsity = sparsity
-    return sae.eval()
+    sae.load_weights(read_tensors(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE))
+    return load_sparsity(sae, path).eval()
