@@ -1,116 +1,112 @@
-"""`ShuffleBuffer`: mixes rows from many LM batches in memory before they reach a trainer.
+"""`ShuffleBuffer`: shuffled training batches from a positioned row source, resumable at any batch.
 
 Rows of one LM batch come from a handful of contexts and are strongly correlated; training on them in order hurts.
-The buffer holds `capacity` rows in preallocated tensors (on the device the rows arrive on). Once full, each round
-draws a random half of the slots, emits those rows in batches and refills exactly those slots from the source, so a
-row stays for a geometric number of rounds and every batch mixes rows from across the buffer. At the end of the
-source the remaining rows are emitted in random order. Every source row is emitted exactly once.
+The buffer fills a chunk of at least `capacity` rows from the source (after the rows carried over from the previous
+chunk), permutes it with a generator seeded by (seed, chunk index), emits its whole batches and carries the rest
+(fewer than one batch) into the next chunk. Every source row is emitted exactly once, in an order fixed by the seed.
+
+Where it stands is a `BufferPosition`: the source position where the current chunk's fresh rows begin, the rows
+carried into it, the chunk index and the batches already emitted. Starting from a position rebuilds that chunk from
+the source and goes on with the next batch, so a resumed run sees exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
-from sae_kit.rows import META_FIELDS, ActivationRows
+from sae_kit.rows import ActivationRows
+
+Source = Callable[[Any], Iterable[tuple[ActivationRows, Any]]]
+"""open(position) -> iterable of (rows, position after those rows); position None is the start. Positions are JSON values."""
+
+
+@dataclass
+class BufferPosition:
+    """Where a `ShuffleBuffer` stands, between two batches."""
+
+    source: Any = None
+    """Source position where the current chunk's fresh rows begin (None: the source's start)."""
+    carry: ActivationRows | None = None
+    """Rows carried into the current chunk from the previous one."""
+    chunk: int = 0
+    """Index of the current chunk (it seeds the chunk's permutation)."""
+    batch: int = 0
+    """Batches of the current chunk already emitted."""
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON part, tensors part) for a checkpoint."""
+        tensors = {} if self.carry is None else {f"carry/{k}": v for k, v in self.carry.tensors().items()}
+        return {"source": self.source, "chunk": self.chunk, "batch": self.batch}, tensors
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BufferPosition:
+        carry = {k.removeprefix("carry/"): v for k, v in tensors.items() if k.startswith("carry/")}
+        return cls(meta["source"], ActivationRows.from_tensors(carry) if carry else None, meta["chunk"], meta["batch"])
 
 
 class ShuffleBuffer:
-    """Iterate to get shuffled `ActivationRows` batches of `batch_size` rows drawn from `source`.
+    """Iterate `batches(position)` for (batch, position after it); plain iteration yields the batches from the start.
 
-    The last batch may be smaller unless `drop_last`. The order is fixed by `seed` (and the source's order).
+    At the end of a finite source the carried rows form a last, smaller batch unless `drop_last`.
     """
 
-    def __init__(
-        self,
-        source: Iterable[ActivationRows],
-        capacity: int,
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
+    def __init__(self, source: Source, capacity: int, batch_size: int, seed: int = 0, drop_last: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if capacity < batch_size:
             raise ValueError(f"capacity ({capacity}) must be at least batch_size ({batch_size}); raise the buffer size")
-        self.source = source
-        self.capacity = capacity
-        self.batch_size = batch_size
-        self.seed = seed
-        self.drop_last = drop_last
-        # Rows emitted per round: about half the buffer, in whole batches.
-        self._round = max(batch_size, capacity // 2 // batch_size * batch_size)
+        self.source, self.capacity, self.batch_size, self.seed, self.drop_last = source, capacity, batch_size, seed, drop_last
 
     def __iter__(self) -> Iterator[ActivationRows]:
-        generator = torch.Generator().manual_seed(self.seed)
-        store: ActivationRows | None = None
-        free = torch.arange(self.capacity)  # slots waiting to be filled, in fill order
-        for chunk in self.source:
-            if store is None:
-                store = self._allocate(chunk)
-            self._check(chunk, store)
-            taken = 0
-            while taken < len(chunk):
-                k = min(len(free), len(chunk) - taken)
-                self._put(store, free[:k], chunk.select(slice(taken, taken + k)))
-                free, taken = free[k:], taken + k
-                if len(free) == 0:
-                    free = torch.randperm(self.capacity, generator=generator)[: self._round]
-                    for slots in free.split(self.batch_size):
-                        yield self._take(store, slots)
-        if store is None:
-            return
-        held = torch.ones(self.capacity, dtype=torch.bool)
-        held[free] = False
-        rest = held.nonzero().squeeze(1)
-        rest = rest[torch.randperm(len(rest), generator=generator)]
-        for slots in rest.split(self.batch_size):
-            if len(slots) == self.batch_size or not self.drop_last:
-                yield self._take(store, slots)
+        return (batch for batch, _ in self.batches())
 
-    def _allocate(self, chunk: ActivationRows) -> ActivationRows:
-        """Empty storage shaped like `chunk`'s rows, `capacity` rows long, on `chunk`'s devices."""
+    def permutation(self, n: int, chunk: int) -> torch.Tensor:
+        """The order of chunk `chunk`'s n rows."""
+        seed = int(np.random.SeedSequence([self.seed, chunk]).generate_state(1, np.uint64)[0] >> 1)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
-        def like(t: torch.Tensor) -> torch.Tensor:
-            return torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    def batches(self, position: BufferPosition | None = None) -> Iterator[tuple[ActivationRows, BufferPosition]]:
+        pos = position or BufferPosition()
+        fresh = iter(self.source(pos.source))
+        at, carry, chunk, skip = pos.source, pos.carry, pos.chunk, pos.batch
+        exhausted = False
+        while not exhausted:
+            begin, begin_carry = at, carry
+            parts = [] if carry is None else [carry]
+            n = sum(len(p) for p in parts)
+            while n < self.capacity:
+                try:
+                    rows, at = next(fresh)
+                except StopIteration:
+                    exhausted = True
+                    break
+                _check_layout(rows, parts[0] if parts else None)
+                parts.append(rows)
+                n += len(rows)
+            if n == 0:
+                return
+            rows = ActivationRows.cat(parts).select(self.permutation(n, chunk))
+            whole = n // self.batch_size * self.batch_size
+            carry = rows.select(slice(whole, n)) if whole < n else None
+            n_batches = whole // self.batch_size
+            if exhausted and carry is not None and not self.drop_last:
+                n_batches, carry = n_batches + 1, None
+            for j in range(skip, n_batches):
+                batch = rows.select(slice(j * self.batch_size, (j + 1) * self.batch_size))
+                yield batch, BufferPosition(begin, begin_carry, chunk, j + 1)
+            chunk, skip = chunk + 1, 0
 
-        return ActivationRows(
-            acts={h: like(a) for h, a in chunk.acts.items()},
-            grads=None if chunk.grads is None else {h: like(g) for h, g in chunk.grads.items()},
-            **{name: like(t) for name, t in chunk.meta().items()},
-        )
 
-    @staticmethod
-    def _check(chunk: ActivationRows, store: ActivationRows) -> None:
-        """Every chunk must carry the same hooks, widths and gradient presence as the first."""
-        same = chunk.acts.keys() == store.acts.keys() and all(chunk.acts[h].shape[1:] == a.shape[1:] for h, a in store.acts.items())
-        same = same and (chunk.grads is None) == (store.grads is None)
-        if not same:
-            raise ValueError(
-                f"ShuffleBuffer source changed shape: got hooks {chunk.hooks} (gradients: {chunk.grads is not None}), "
-                f"first chunk had {store.hooks} (gradients: {store.grads is not None})"
-            )
 
-    @staticmethod
-    def _fields(rows: ActivationRows) -> dict[str, torch.Tensor]:
-        fields = {f"acts/{h}": a for h, a in rows.acts.items()} | rows.meta()
-        if rows.grads is not None:
-            fields |= {f"grads/{h}": g for h, g in rows.grads.items()}
-        return fields
-
-    def _put(self, store: ActivationRows, slots: torch.Tensor, rows: ActivationRows) -> None:
-        incoming = self._fields(rows)
-        for name, dst in self._fields(store).items():
-            dst.index_copy_(0, slots.to(dst.device), incoming[name].to(dst.device, dst.dtype))
-
-    @staticmethod
-    def _take(store: ActivationRows, slots: torch.Tensor) -> ActivationRows:
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t.index_select(0, slots.to(t.device))
-
-        return ActivationRows(
-            acts={h: take(a) for h, a in store.acts.items()},
-            grads=None if store.grads is None else {h: take(g) for h, g in store.grads.items()},
-            **{name: take(getattr(store, name)) for name in META_FIELDS},
-        )
+def _check_layout(rows: ActivationRows, first: ActivationRows | None) -> None:
+    """Every part of a chunk must carry the same hooks, widths and gradient presence."""
+    if first is None:
+        return
+    same = rows.acts.keys() == first.acts.keys() and all(rows.acts[h].shape[1:] == a.shape[1:] for h, a in first.acts.items())
+    if not same or (rows.grads is None) != (first.grads is None):
+        raise ValueError(f"ShuffleBuffer source changed shape: got hooks {rows.hooks} (gradients: {rows.grads is not None}), "
+                         f"earlier rows had {first.hooks} (gradients: {first.grads is not None})")

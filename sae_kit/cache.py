@@ -447,8 +447,11 @@ class ActivationCache:
         dtype: torch.dtype = torch.float32,
         rank: int = 0,
         world_size: int = 1,
+        start_batch: int = 0,
     ) -> Iterator[ActivationRows]:
         """One epoch of `split` in an order fixed by (seed, epoch), shuffled globally across shards.
+
+        `start_batch` skips that many batches of the epoch without reading them (to resume a run mid-epoch).
 
         Under data parallelism every rank passes the same seed and its own `rank`: the ranks then read disjoint
         rows, the same number each (up to `world_size - 1` rows of the epoch are left out).
@@ -463,7 +466,7 @@ class ActivationCache:
         order = torch.randperm(n, generator=generator, dtype=torch.int32 if n < 2**31 else torch.int64)
         order = order[: n - n % world_size][rank::world_size]
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        for start in range(0, stop, batch_size):
+        for start in range(start_batch * batch_size, stop, batch_size):
             yield self._gather(split, order[start : start + batch_size].long(), hooks, with_grads, dtype)
 
     def read(

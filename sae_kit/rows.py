@@ -41,6 +41,20 @@ class ActivationRows:
         """The provenance fields as a dict."""
         return {name: getattr(self, name) for name in META_FIELDS}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every field as one flat dict (`acts/<hook>`, `grads/<hook>`, token, doc, row, pos), e.g. for safetensors."""
+        out = {f"acts/{h}": a for h, a in self.acts.items()} | self.meta()
+        if self.grads is not None:
+            out |= {f"grads/{h}": g for h, g in self.grads.items()}
+        return out
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> "ActivationRows":
+        """Inverse of `tensors`."""
+        grads = {k.removeprefix("grads/"): v for k, v in tensors.items() if k.startswith("grads/")}
+        return ActivationRows(acts={k.removeprefix("acts/"): v for k, v in tensors.items() if k.startswith("acts/")},
+                              grads=grads or None, **{name: tensors[name] for name in META_FIELDS})
+
     def select(self, idx: torch.Tensor | slice) -> "ActivationRows":
         """Rows at `idx` (an index tensor, boolean mask or slice)."""
         return ActivationRows(

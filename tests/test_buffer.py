@@ -1,11 +1,11 @@
-"""ShuffleBuffer on synthetic chunks whose rows are recognisable by their token id."""
+"""ShuffleBuffer on synthetic chunks whose rows are recognisable by their token id; resuming from any position."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sae_kit.buffer import ShuffleBuffer
+from sae_kit.buffer import BufferPosition, ShuffleBuffer
 from sae_kit.rows import ActivationRows
 
 HOOKS = ["h0", "h1"]
@@ -34,14 +34,23 @@ def chunks(sizes: list[int], *, with_grads: bool = True) -> list[ActivationRows]
 SIZES = [16] * 20 + [5, 23, 1, 40]
 
 
-def tokens(buffer: ShuffleBuffer) -> list[torch.Tensor]:
-    return [b.token for b in buffer]
+def positioned(parts: list[ActivationRows]):
+    """A ShuffleBuffer source over a list: the position is the index of the next part."""
+    return lambda start: ((p, i + 1) for i, p in enumerate(parts) if i >= (start or 0))
+
+
+def buffer(parts: list[ActivationRows], **kw) -> ShuffleBuffer:
+    return ShuffleBuffer(positioned(parts), **kw)
+
+
+def tokens(buf: ShuffleBuffer) -> list[torch.Tensor]:
+    return [b.token for b in buf]
 
 
 def test_every_row_once_in_full_batches_with_fields_aligned():
     source = chunks(SIZES)
     total = sum(SIZES)
-    batches = list(ShuffleBuffer(source, capacity=64, batch_size=12, seed=0))
+    batches = list(buffer(source, capacity=64, batch_size=12, seed=0))
     assert [len(b) for b in batches] == [12] * (total // 12) + [total % 12]
     seen = torch.cat([b.token for b in batches])
     assert torch.equal(seen.sort().values, torch.arange(total))
@@ -54,7 +63,7 @@ def test_every_row_once_in_full_batches_with_fields_aligned():
 
 
 def test_mixes_rows_from_different_chunks():
-    batches = list(ShuffleBuffer(chunks(SIZES), capacity=64, batch_size=12, seed=0))
+    batches = list(buffer(chunks(SIZES), capacity=64, batch_size=12, seed=0))
     sources_per_batch = [len(b.row.unique()) for b in batches]
     assert min(sources_per_batch[:-1]) >= 3
     seen = torch.cat([b.token for b in batches])
@@ -62,30 +71,44 @@ def test_mixes_rows_from_different_chunks():
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds():
-    run = lambda seed: torch.cat(tokens(ShuffleBuffer(chunks(SIZES), capacity=50, batch_size=8, seed=seed)))  # noqa: E731
+    run = lambda seed: torch.cat(tokens(buffer(chunks(SIZES), capacity=50, batch_size=8, seed=seed)))  # noqa: E731
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
 
 
 def test_drop_last_source_smaller_than_capacity_and_no_grads():
     source = chunks([3, 4, 2], with_grads=False)
-    batches = list(ShuffleBuffer(source, capacity=100, batch_size=4, seed=1))
+    batches = list(buffer(source, capacity=100, batch_size=4, seed=1))
     assert [len(b) for b in batches] == [4, 4, 1] and all(b.grads is None for b in batches)
     assert torch.equal(torch.cat([b.token for b in batches]).sort().values, torch.arange(9))
-    assert [len(b) for b in ShuffleBuffer(source, capacity=100, batch_size=4, drop_last=True)] == [4, 4]
-    assert list(ShuffleBuffer([], capacity=8, batch_size=4)) == []
+    assert [len(b) for b in buffer(source, capacity=100, batch_size=4, drop_last=True)] == [4, 4]
+    assert list(buffer([], capacity=8, batch_size=4)) == []
 
 
 def test_capacity_equal_to_batch_size():
-    batches = list(ShuffleBuffer(chunks([7, 7, 7]), capacity=4, batch_size=4, seed=0))
+    batches = list(buffer(chunks([7, 7, 7]), capacity=4, batch_size=4, seed=0))
     assert torch.equal(torch.cat([b.token for b in batches]).sort().values, torch.arange(21))
 
 
 def test_argument_and_source_errors():
     with pytest.raises(ValueError, match="capacity"):
-        ShuffleBuffer([], capacity=4, batch_size=8)
+        buffer([], capacity=4, batch_size=8)
     with pytest.raises(ValueError, match="batch_size"):
-        ShuffleBuffer([], capacity=4, batch_size=0)
+        buffer([], capacity=4, batch_size=0)
     mixed = chunks([4]) + chunks([4], with_grads=False)
     with pytest.raises(ValueError, match="changed shape"):
-        list(ShuffleBuffer(mixed, capacity=16, batch_size=4))
+        list(buffer(mixed, capacity=16, batch_size=4))
+
+
+def test_resuming_from_any_position_gives_the_same_remaining_batches():
+    buf = buffer(chunks(SIZES), capacity=50, batch_size=8, seed=2)
+    full = list(buf.batches())
+    for cut in (0, 1, 5, 6, 7, 13, len(full) - 1):
+        position = full[cut][1]
+        meta, tensors = position.state()
+        restored = BufferPosition.from_state(meta, {k: v.clone() for k, v in tensors.items()})
+        rest = list(buf.batches(restored))
+        assert len(rest) == len(full) - cut - 1
+        for (a, _), (b, _) in zip(rest, full[cut + 1 :]):
+            assert torch.equal(a.token, b.token) and torch.equal(a.acts["h0"], b.acts["h0"]) and torch.equal(a.grads["h1"], b.grads["h1"])
+    assert any(p.carry is not None for _, p in full)  # some resumes had to restore carried rows
