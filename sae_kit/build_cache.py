@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CacheConfig:
-    """Harvest activations into an on-disk ActivationCache (re-running the same command resumes it)."""
+    """Harvest activations into an on-disk ActivationCache (re-running the same command resumes it).
+
+    `sae-kit cache --config cache.yaml` reads these settings from a YAML/JSON file (flags override it).
+    """
 
     out: Path
     """Cache directory to create, or to resume when it holds a cache with the same settings."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Callable
 
 from sae_kit.errors import SaeKitError
@@ -36,13 +37,26 @@ def _cache(args) -> None:
 
 
 def _train(args) -> None:
-    from sae_kit.training.run import train
+    from sae_kit.training.run import TrainRunConfig, train
 
+    if args.resume is not None:
+        changed = [f.name for f in fields(args) if f.name not in ("resume", "progress", "wandb", "wandb_project", "prefetch")
+                   and getattr(args, f.name) != getattr(TrainRunConfig(), f.name)]
+        if changed:
+            raise SaeKitError(f"--resume continues a run with its saved config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}")
     s = train(args)
-    h = s["heldout"]
-    print(f"SAE saved to {s['sae_dir']} ({s['steps']} steps, {s['tokens']:,} tokens)")
-    print(f"held-out ({h['tokens']:,} tokens): FVU {h['fvu']:.4f}  L0 {h['l0']:.1f}  dead {100 * h['dead_frac']:.1f}%"
-          + (f"  (training L0 {s['training']['l0']:.1f})" if abs(s["training"]["l0"] - h["l0"]) > 0.05 else ""))
+    if len(s["members"]) == 1:
+        m = s["members"][0]
+        h = m["heldout"]
+        print(f"SAE saved to {m['sae_dir']} ({s['steps']} steps, {s['tokens']:,} tokens)")
+        print(f"held-out ({h['tokens']:,} tokens): FVU {h['fvu']:.4f}  L0 {h['l0']:.1f}  dead {100 * h['dead_frac']:.1f}%"
+              + (f"  (training L0 {m['training']['l0']:.1f})" if abs(m["training"]["l0"] - h["l0"]) > 0.05 else ""))
+    else:
+        print(f"{len(s['members'])} SAEs trained on the same {s['tokens']:,} tokens ({s['steps']} steps); held-out results:")
+        print(s["table"])
+        print(f"SAEs saved to {Path(s['members'][0]['sae_dir']).parent.parent}/<member>/sae")
+    if any("failed" in m for m in s["members"]):
+        raise SaeKitError("some members failed (see the table above); lower --lr for them or check the data")
 
 
 def _commands() -> dict[str, tuple[type, Callable, str]]:
@@ -72,13 +86,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae-kit: unknown command {name!r}; choose one of {', '.join(commands)}", file=sys.stderr)
         return 2
     config_cls, run, _ = commands[name]
-    args = tyro.cli(config_cls, args=rest, prog=f"sae-kit {name}", config=(tyro.conf.OmitArgPrefixes,))
     try:
+        rest, default = _config_file(config_cls, rest)
+        args = tyro.cli(config_cls, args=rest, default=default, prog=f"sae-kit {name}", config=(tyro.conf.OmitArgPrefixes,))
         run(args)
     except SaeKitError as err:
         print(f"sae-kit {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config_file(config_cls: type, argv: list[str]):
+    """Take `--config FILE` out of argv; (the other args, the settings read from FILE or None)."""
+    from sae_kit.config_files import load_config
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            if not path:
+                raise SaeKitError("--config needs a file: --config sweep.yaml")
+            rest = argv[:i] + argv[i + (1 if "=" in arg else 2):]
+            return rest, load_config(config_cls, path)
+    return argv, None
 
 
 if __name__ == "__main__":
