@@ -45,7 +45,7 @@ def run(tmp_path, cache, arch: str, **kw) -> dict:
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_every_architecture_learns_real_activations(tmp_path, request, arch):
-    s = run(tmp_path, request.getfixturevalue("grad_cache" if arch == "gsae" else "real_cache"), arch)
+    s = run(tmp_path, request.getfixturevalue("grad_cache" if arch == "gsae" else "real_cache"), arch)["members"][0]
     h = s["heldout"]
     assert h["fvu"] < 0.5, h
     assert 0 < h["l0"] < 1152 / 4, h
@@ -81,7 +81,8 @@ def test_train_from_the_model_stream(tmp_path, model):
     cfg = TrainRunConfig(out=tmp_path / "stream", harvest=HarvestConfig(context_size=64), k=16, expansion_factor=2, eval_tokens=1024,
                          buffer_tokens=2048, progress=False, train=TrainConfig(batch_size=512, tokens=512 * 12, lr=2e-3, warmup_steps=2))
     s = train(cfg, model=model)
-    assert s["steps"] == 12 and s["heldout"]["tokens"] == 1024 and s["heldout"]["fvu"] < 1.0
+    h = s["members"][0]["heldout"]
+    assert s["steps"] == 12 and h["tokens"] == 1024 and h["fvu"] < 1.0
 
 
 def test_cli_train_prints_where_and_how_good(tmp_path, real_cache):
@@ -104,7 +105,7 @@ def test_nan_in_data_stops_and_keeps_the_last_good_sae(tmp_path):
     writer.add("train", ActivationRows(acts={HOOK: x}, **meta), position=1)
     writer.add("heldout", ActivationRows(acts={HOOK: x[:512]}, **{k: v[:512] for k, v in meta.items()}), position=1)
     writer.close()
-    cfg = TrainRunConfig(out=tmp_path / "run", cache=tmp_path / "c", k=4, expansion_factor=2, save_every=2, progress=False,
+    cfg = TrainRunConfig(out=tmp_path / "run", cache=tmp_path / "c", k=4, expansion_factor=2, checkpoint_every=512, progress=False,
                          train=TrainConfig(batch_size=256, tokens=6144, lr=1e-3))
     with pytest.raises(NonFiniteError, match="last good SAE"):
         train(cfg)

@@ -1,37 +1,55 @@
-"""`train`: the whole job behind `sae-kit train`, from a model (streamed through the shuffle buffer) or a cache.
+"""`train`: the whole job behind `sae-kit train`, for one SAE or a sweep of them on the same batches.
 
-A run directory holds `config.json` (this run's settings), `metrics.jsonl` (one line per logged step),
-`sae/` (the SAE, re-saved atomically every `save_every` steps and at the end) and `summary.json` (held-out metrics).
+The data come from the model (harvested in a background thread while the SAEs step, mixed by a ShuffleBuffer) or
+from an ActivationCache. Every batch goes to every sweep member, so the LM runs once for all of them.
+
+A run directory holds `config.json` (this run's settings), `checkpoints/step-<n>/` (the newest `keep_checkpoints`,
+see training.checkpoint), `summary.json` (held-out FVU, L0 and dead % per member) and, per member, `metrics.jsonl`
+and `sae/`. A one-member run keeps those two in the run directory itself; a sweep puts them in `<run>/<member>/`.
+`resume=<run>` continues from the newest good checkpoint and ends bit-identical to an uninterrupted run. The
+checkpoints are deleted once the run is complete (summary.json written).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import logging
+import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from sae_kit.activations import HarvestConfig, stream
-from sae_kit.buffer import ShuffleBuffer
+from sae_kit.activations import HarvestConfig
+from sae_kit.atomic import write_json
 from sae_kit.errors import SaeKitError
-from sae_kit.rows import ActivationRows
 from sae_kit.sae import SAE, SAEConfig
 from sae_kit.sparsifiers import get_sparsifier
+from sae_kit.training.checkpoint import checkpoint_dir, latest_checkpoint, save_checkpoint, set_rng_state
+from sae_kit.training.metrics_log import MetricsLog
+from sae_kit.training.prefetch import Prefetcher
+from sae_kit.training.sources import CacheSource, ModelSource
+from sae_kit.training.sweep import Member, expand, table
 from sae_kit.training.trainer import NonFiniteError, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
+_SWEEP_AXES = ("architecture", "k", "expansion_factor", "d_sae", "seed")
+_NOT_SETTINGS = ("out", "resume", "progress", "wandb", "wandb_project", "prefetch")
+"""Fields that may differ between a run and its resumption (they do not change what is computed)."""
+
 
 @dataclass
 class TrainRunConfig:
-    """Train one SAE on a model's activations, streamed from the model or read from an ActivationCache."""
+    """Train SAEs on a model's activations, streamed from the model or read from an ActivationCache.
+
+    Several values of --architecture, --k, --expansion-factor/--d-sae or --seed train the whole grid (a sweep) on the
+    same batches. `sae-kit train --config sweep.yaml` reads these settings from a YAML/JSON file (flags override it).
+    """
 
     out: Path | None = None
     """Run directory (None: runs/<architecture>-k<k>-<date-time>)."""
@@ -39,92 +57,209 @@ class TrainRunConfig:
     """Train from this ActivationCache (see `sae-kit cache`) instead of running the model."""
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     """Model, hook, corpus and tokenisation when streaming from the model (the first --hook is trained)."""
-    architecture: str = "topk"
-    """topk, abstopk, gsae, mpsae, mutual_choice (batchtopk), feature_choice, relu or jumprelu."""
-    k: int = 32
-    """Active latents per token (batch average for mutual/feature choice, pursuit steps for mpsae)."""
-    expansion_factor: int = 8
-    """d_sae = expansion_factor x d_in, unless --d-sae is given."""
-    d_sae: int | None = None
-    """Number of latents (overrides --expansion-factor)."""
+    architecture: tuple[str, ...] = ("topk",)
+    """topk, abstopk, gsae, mpsae, mutual_choice (batchtopk), feature_choice, relu or jumprelu; several make a sweep."""
+    k: tuple[int, ...] = (32,)
+    """Active latents per token (batch average for mutual/feature choice, pursuit steps for mpsae); several make a sweep."""
+    expansion_factor: tuple[int, ...] = (8,)
+    """d_sae = expansion_factor x d_in, unless --d-sae is given; several make a sweep."""
+    d_sae: tuple[int, ...] = ()
+    """Numbers of latents (override --expansion-factor); several make a sweep."""
+    seed: tuple[int, ...] = (0,)
+    """Seeds of the SAEs' initialisation; several make a sweep."""
+    data_seed: int = 0
+    """Seed of the data order (shared by all members, so they see the same batches)."""
     d_in: int | None = None
     """Expected activation width; a data source of another width is an error (None: take it from the data)."""
     gsae_beta: float = 1.0
     """g-SAE: weight of the gradient term in the selection score (0 gives plain TopK)."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimiser, schedule, losses."""
+    """Optimiser, schedule, losses (shared by every member)."""
     eval_tokens: int = 16384
-    """Held-out tokens (from held-out documents) for the final FVU, L0 and dead %."""
+    """Held-out tokens (from held-out documents) for the final FVU, L0 and dead % of every member."""
     buffer_tokens: int = 65536
-    """Capacity of the shuffle buffer when streaming from the model."""
+    """Rows the shuffle buffer mixes at a time when streaming from the model."""
+    prefetch: bool = True
+    """Produce the next batches (LM harvest or cache reads) in a background thread while the SAEs step."""
     log_every: int = 10
     """Write a metrics.jsonl line every this many steps."""
-    save_every: int = 100
-    """Re-save the SAE every this many steps, so a crash keeps the last good one."""
+    checkpoint_every: int = 100_000
+    """Write a resumable checkpoint every this many training tokens."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted; a damaged newest one falls back to the one before)."""
+    resume: Path | None = None
+    """Continue the run in this directory from its newest good checkpoint, with its saved settings."""
+    wandb: bool = False
+    """Mirror the metrics to Weights & Biases (optional; metrics.jsonl stays the record)."""
+    wandb_project: str = "sae-kit"
+    """W&B project for --wandb."""
     progress: bool = True
     """Show the live progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in _SWEEP_AXES:  # a single value is a one-member axis
+            value = getattr(self, name)
+            if isinstance(value, (str, int)):
+                setattr(self, name, (value,))
+            elif isinstance(value, list):
+                setattr(self, name, tuple(value))
+
+    def check(self) -> None:
+        """One-line errors for settings that cannot work, before any work starts."""
+        self.train.check()
+        for name in ("eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "buffer_tokens"):
+            if getattr(self, name) < 1:
+                raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for arch in self.architecture:
+            get_sparsifier(arch)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that determine what the run computes, JSON-friendly (config.json)."""
+        return {k: v for k, v in _jsonable(dataclasses.asdict(self)).items() if k not in _NOT_SETTINGS}
+
+
+def members_of(cfg: TrainRunConfig, d_in: int) -> list[Member]:
+    """The run's sweep members for activations of width d_in."""
+    return expand(cfg.architecture, cfg.k, cfg.d_sae or tuple(e * d_in for e in cfg.expansion_factor), cfg.seed)
 
 
 def train(cfg: TrainRunConfig, model=None) -> dict:
     """Run the job; returns the summary (also written to summary.json). Bad settings fail before any work."""
-    cfg.train.check()
-    if cfg.k < 1 or (cfg.d_sae is not None and cfg.k > cfg.d_sae):
-        raise SaeKitError(f"--k {cfg.k} must be between 1 and d_sae ({cfg.d_sae}); lower --k or raise --d-sae")
-    needs_grads = get_sparsifier(cfg.architecture).uses_grad
-    if cfg.eval_tokens < 1 or cfg.log_every < 1 or cfg.save_every < 1:
-        raise SaeKitError("--eval-tokens, --log-every and --save-every must be positive")
-    source = _CacheSource(cfg, needs_grads) if cfg.cache else _ModelSource(cfg, needs_grads, model)
-    d_in = source.d_in
-    if cfg.d_in is not None and cfg.d_in != d_in:
-        raise SaeKitError(f"--d-in {cfg.d_in} does not match the data's width {d_in} ({source.describe()}); drop --d-in or pick the matching hook/cache")
-    torch.manual_seed(cfg.train.seed)
-    sae_cfg = SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae or cfg.expansion_factor * d_in, k=cfg.k,
-                        gsae_beta=cfg.gsae_beta, device=source.device, metadata=source.metadata())
-    sae = SAE(sae_cfg)
-    trainer = Trainer(sae, cfg.train)
-    run_dir = Path(cfg.out or f"runs/{cfg.architecture}-k{cfg.k}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / "sae").exists():
-        raise SaeKitError(f"{run_dir} already holds a trained SAE; pass a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from sae_kit.atomic import write_json
-
-    write_json(run_dir / "config.json", _jsonable(dataclasses.asdict(cfg)) | {"sae": sae_cfg.to_dict()})
-    bar = tqdm(total=trainer.total_steps * cfg.train.batch_size, unit="tok", unit_scale=True, desc=f"train {cfg.architecture}",
-               disable=not cfg.progress, dynamic_ncols=True)
-    saved = False
-    with open(run_dir / "metrics.jsonl", "a") as metrics_file:
-        for batch in itertools.islice(source.batches(), trainer.total_steps):
+    if cfg.resume is not None:
+        cfg = _resumed(cfg)
+    cfg.check()
+    needs_grads = any(get_sparsifier(a).uses_grad for a in cfg.architecture)
+    b = cfg.train.batch_size
+    source = (CacheSource(cfg.cache, cfg.harvest, b, cfg.data_seed, needs_grads, cfg.eval_tokens) if cfg.cache else
+              ModelSource(cfg.harvest, b, cfg.buffer_tokens, cfg.data_seed, needs_grads, cfg.eval_tokens, model))
+    if cfg.d_in is not None and cfg.d_in != source.d_in:
+        raise SaeKitError(f"--d-in {cfg.d_in} does not match the data's width {source.d_in} ({source.describe()}); drop --d-in or pick the matching hook/cache")
+    team = members_of(cfg, source.d_in)
+    run_dir = Path(cfg.out or f"runs/{cfg.architecture[0]}-k{cfg.k[0]}{'-sweep' if len(team) > 1 else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+    ckpt = None
+    if cfg.resume is None:
+        if (run_dir / "config.json").exists() or (run_dir / "sae").exists():
+            raise SaeKitError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass a new --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.settings())
+    else:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            log.warning("%s has no usable checkpoint: starting it from the beginning", run_dir)
+    dirs = {m.name: run_dir if len(team) == 1 else run_dir / m.name for m in team}
+    trainers = {m.name: _trainer(cfg, m, source) for m in team}
+    failed: dict[str, str] = {}
+    position = None
+    if ckpt is not None:
+        for name, (tensors, meta) in ckpt.members.items():
+            if "failed" in meta:
+                failed[name] = meta["failed"]
+            else:
+                trainers[name].load_state(tensors, meta)
+        set_rng_state(*ckpt.rng)
+        position = ckpt.data
+    step = ckpt.step if ckpt else 0
+    total = cfg.train.tokens // b
+    metrics_log = MetricsLog(run_dir, {name: d / "metrics.jsonl" for name, d in dirs.items()}, step if cfg.resume else None,
+                             cfg.wandb_project if cfg.wandb else None, cfg.settings())
+    desc = f"train {team[0].name if len(team) == 1 else f'{len(team)} SAEs'}"
+    bar = tqdm(total=total * b, initial=step * b, unit="tok", unit_scale=True, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    stop = threading.Event()
+    batches = source.batches(position, stop)
+    if cfg.prefetch:
+        batches = Prefetcher(batches, source.prefetch_depth, stop)
+    try:
+        stream = iter(batches)
+        while step < total and len(failed) < len(team):
+            batch, position = next(stream)
             x = batch.acts[source.hook]
             g = batch.grads[source.hook] if needs_grads else None
-            try:
-                m = trainer.step(x, g)
-            except NonFiniteError as err:
-                if all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
-                    trainer.export().save(run_dir / "sae")
-                    saved = True
-                where = f"the last good SAE is in {run_dir / 'sae'}" if saved or (run_dir / "sae").exists() else "no SAE was saved yet"
-                raise NonFiniteError(f"{err}; {where}") from None
-            bar.update(x.shape[0])
-            if trainer.step_count % cfg.log_every == 0 or trainer.step_count == trainer.total_steps:
-                m["tok_per_s"] = bar.format_dict["rate"] or 0.0
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{100 * m['dead_frac']:.1f}%")
-            if trainer.step_count % cfg.save_every == 0:
-                trainer.export().save(run_dir / "sae")
-                saved = True
-    bar.close()
-    if trainer.step_count == 0:
-        raise SaeKitError(f"the data source gave no batch of {cfg.train.batch_size} tokens; lower --batch-size or add data")
-    final = trainer.export()
+            step += 1
+            for name, trainer in trainers.items():
+                if name in failed:
+                    continue
+                try:
+                    m = trainer.step(x, g if trainer.sae.sparsifier.uses_grad else None)
+                except NonFiniteError as err:
+                    failed[name] = _keep_last_good(trainer, dirs[name] / "sae", err)
+                    continue
+                if step % cfg.log_every == 0 or step == total:
+                    m["tok_per_s"] = bar.format_dict["rate"] or 0.0
+                    metrics_log.write(name, m)
+                    if len(team) == 1:
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{100 * m['dead_frac']:.1f}%")
+            bar.update(b)
+            if step < total and step * b // cfg.checkpoint_every > (step - 1) * b // cfg.checkpoint_every:
+                states = {name: ({}, {"failed": failed[name]}) if name in failed else t.state() for name, t in trainers.items()}
+                save_checkpoint(run_dir, step, step * b, position, states, cfg.keep_checkpoints)
+    finally:
+        stop.set()
+        if isinstance(batches, Prefetcher):
+            batches.close()
+        bar.close()
+    if len(team) == 1 and failed:
+        metrics_log.close()
+        raise NonFiniteError(failed[team[0].name])
     heldout = source.heldout()
-    summary = {"sae_dir": str(run_dir / "sae"), "steps": trainer.step_count, "tokens": trainer.tokens_seen,
-               "heldout": heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if needs_grads else None),
-               "training": {"l0": m["l0"], "fvu": m["fvu"], "dead_frac": m["dead_frac"], **({"inference_l0": m["inference_l0"]} if "inference_l0" in m else {})}}
-    final.cfg.metadata["heldout"] = summary["heldout"]
-    final.save(run_dir / "sae")
+    rows = []
+    for m in team:
+        row = {"name": m.name, "architecture": m.architecture, "k": m.k, "d_sae": m.d_sae, "seed": m.seed, "sae_dir": str(dirs[m.name] / "sae")}
+        if m.name in failed:
+            rows.append(row | {"failed": failed[m.name]})
+            continue
+        trainer = trainers[m.name]
+        final = trainer.export()
+        row["heldout"] = heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if final.sparsifier.uses_grad else None)
+        row["training"] = _training_summary(dirs[m.name] / "metrics.jsonl")
+        final.cfg.metadata["heldout"] = row["heldout"]
+        final.save(dirs[m.name] / "sae")
+        rows.append(row)
+    summary = {"steps": step, "tokens": step * b, "members": rows, "table": table(rows)}
+    metrics_log.summary({f"{r['name']}/heldout_{k}": v for r in rows for k, v in r.get("heldout", {}).items()})
+    metrics_log.close()
     write_json(run_dir / "summary.json", summary)
+    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # the run is complete: its SAEs are saved
     return summary
+
+
+def _trainer(cfg: TrainRunConfig, member: Member, source) -> Trainer:
+    """A fresh trainer for `member`: the SAE initialised from the member's seed alone."""
+    torch.manual_seed(member.seed)
+    sae_cfg = SAEConfig(architecture=member.architecture, d_in=source.d_in, d_sae=member.d_sae, k=member.k, gsae_beta=cfg.gsae_beta,
+                        device=source.device, metadata=source.metadata() | {"seed": member.seed, "data_seed": cfg.data_seed})
+    return Trainer(SAE(sae_cfg), cfg.train)
+
+
+def _keep_last_good(trainer: Trainer, sae_dir: Path, err: NonFiniteError) -> str:
+    """Save the member's SAE as it was before the failing step (when it is finite); the failure message."""
+    if all(bool(torch.isfinite(p).all()) for p in trainer.sae.parameters()):
+        trainer.export().save(sae_dir)
+    where = f"the last good SAE is in {sae_dir}" if sae_dir.exists() else "no SAE was saved"
+    return f"{err}; {where}"
+
+
+def _training_summary(metrics_file: Path) -> dict:
+    """The last logged training L0, FVU and dead fraction (and inference L0, for batch-level rules)."""
+    import json
+
+    last = json.loads(metrics_file.read_text().splitlines()[-1])
+    return {k: last[k] for k in ("l0", "fvu", "dead_frac", "inference_l0") if k in last}
+
+
+def _resumed(cfg: TrainRunConfig) -> TrainRunConfig:
+    """The saved settings of the run in cfg.resume, with this invocation's non-computing options."""
+    from sae_kit.config_files import ConfigFileError, load_config
+
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.json").is_file():
+        raise SaeKitError(f"--resume {run_dir}: no config.json there; pass the directory of a run started by `sae-kit train`")
+    if (run_dir / "summary.json").exists():
+        raise SaeKitError(f"--resume {run_dir}: that run is complete (summary.json exists); start a new one with --out")
+    try:
+        saved = load_config(TrainRunConfig, run_dir / "config.json")
+    except ConfigFileError as err:
+        raise SaeKitError(f"--resume {run_dir}: {err}") from None
+    return dataclasses.replace(saved, out=run_dir, resume=run_dir, **{k: getattr(cfg, k) for k in _NOT_SETTINGS if k not in ("out", "resume")})
 
 
 @torch.no_grad()
@@ -144,93 +279,6 @@ def heldout_metrics(sae: SAE, x: torch.Tensor, grad: torch.Tensor | None = None,
         fired |= out.codes.feature_counts() > 0
     total = float((x - x.mean(0)).square().sum())
     return {"tokens": len(x), "fvu": err / total, "mse": err / len(x), "l0": l0 / len(x), "dead_frac": float((~fired).float().mean())}
-
-
-class _CacheSource:
-    """Batches from an ActivationCache: seeded global shuffles, epoch after epoch."""
-
-    def __init__(self, cfg: TrainRunConfig, needs_grads: bool) -> None:
-        from sae_kit.cache import ActivationCache
-
-        self.cfg, self.needs_grads = cfg, needs_grads
-        self.cache = ActivationCache(cfg.cache)
-        wanted = cfg.harvest.hook[0]
-        if cfg.harvest.hook != HarvestConfig().hook:  # an explicit --hook must be in the cache
-            self.cache.check_compatible(hooks=[wanted])
-        self.hook = wanted if wanted in self.cache.hooks else self.cache.hooks[0]
-        if needs_grads and not self.cache.with_grads:
-            raise SaeKitError(f"g-SAE needs gradients, and {cfg.cache} has none; build it with `sae-kit cache --grads`")
-        if self.cache.n_rows("heldout") == 0:
-            raise SaeKitError(f"{cfg.cache} has no held-out rows; rebuild it with --heldout-tokens > 0")
-        self.d_in, self.device = self.cache.d_in, cfg.harvest.device or "cpu"
-
-    def describe(self) -> str:
-        return f"cache {self.cfg.cache}"
-
-    def metadata(self) -> dict:
-        s = self.cache.settings
-        return {**{k: s.get(k) for k in ("model_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens")}, "hook_name": self.hook,
-                "exclude_first_position": s.get("exclude_first_position"), "cache": str(self.cfg.cache)}
-
-    def batches(self) -> Iterator[ActivationRows]:
-        for epoch in itertools.count():
-            if epoch == 1:
-                log.warning("the cache holds fewer rows than --tokens: starting epoch 2 over the same rows")
-            yield from self.cache.batches(self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch, hooks=[self.hook], with_grads=self.needs_grads, drop_last=True)
-
-    def heldout(self) -> ActivationRows:
-        n = min(self.cfg.eval_tokens, self.cache.n_rows("heldout"))
-        return self.cache.read("heldout", 0, n, hooks=[self.hook], with_grads=self.needs_grads)
-
-
-class _ModelSource:
-    """Batches harvested from the model as training goes, mixed by a shuffle buffer; the corpus repeats if needed."""
-
-    def __init__(self, cfg: TrainRunConfig, needs_grads: bool, model=None) -> None:
-        from sae_kit.data import load_corpus
-        from sae_kit.models import load_model, validate_hooks
-
-        self.cfg, self.needs_grads = cfg, needs_grads
-        if cfg.buffer_tokens < cfg.train.batch_size:
-            raise SaeKitError(f"--buffer-tokens ({cfg.buffer_tokens}) must be at least --batch-size ({cfg.train.batch_size})")
-        load_corpus(cfg.harvest.corpus, text_field=cfg.harvest.text_field)
-        self.model = model or load_model(cfg.harvest.model, device=cfg.harvest.device)
-        self.hook = validate_hooks(self.model, list(cfg.harvest.hook))[0]
-        self.harvest = dataclasses.replace(cfg.harvest, hook=(self.hook,))
-        from sae_kit.activations import harvester_for
-
-        probe, _ = harvester_for(self.model, self.harvest).run(torch.full((1, 2), self.model.tokenizer.bos_token_id or 0))
-        self.d_in = probe[self.hook].shape[-1]
-        self.device = str(next(self.model.parameters()).device)
-
-    def describe(self) -> str:
-        return f"hook {self.hook} of {self.model.sae_kit_name}"
-
-    def metadata(self) -> dict:
-        s = self.harvest.settings(self.model.sae_kit_name)
-        return {**{k: s[k] for k in ("model_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens", "exclude_first_position")}, "hook_name": self.hook}
-
-    def _rows(self) -> Iterator[ActivationRows]:
-        for epoch in itertools.count():
-            if epoch == 1:
-                log.warning("the corpus ran out before --tokens: starting over (epoch 2)")
-            for rows, _ in stream(self.model, self.harvest, "train", with_grads=self.needs_grads):
-                yield rows
-
-    def batches(self) -> Iterator[ActivationRows]:
-        capacity = max(self.cfg.buffer_tokens, self.cfg.train.batch_size)
-        yield from ShuffleBuffer(self._rows(), capacity=capacity, batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed, drop_last=True)
-
-    def heldout(self) -> ActivationRows:
-        parts, n = [], 0
-        for rows, _ in stream(self.model, self.harvest, "heldout", with_grads=self.needs_grads):
-            parts.append(rows)
-            n += len(rows)
-            if n >= self.cfg.eval_tokens:
-                break
-        if not parts:
-            raise SaeKitError(f"corpus {self.cfg.harvest.corpus!r} has no held-out documents; raise --holdout-fraction")
-        return ActivationRows.cat(parts).select(slice(0, self.cfg.eval_tokens))
 
 
 def _jsonable(obj):

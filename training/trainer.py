@@ -68,9 +68,6 @@ class TrainConfig:
     target_l0: float | None = 32.0
     """jumprelu: penalise (L0/target − 1)² instead of L0 (None: plain L0); the thresholds also start at the
     pre-activation quantile that gives this L0 on the first batch."""
-    seed: int = 0
-    """Seed of the SAE's initialisation and of the data order."""
-
     def check(self) -> None:
         """One-line errors for settings that cannot work, before any work starts."""
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -195,6 +192,33 @@ class Trainer:
             if codes.inference_l0 is not None:
                 metrics["inference_l0"] = float(codes.inference_l0)
         return metrics
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything `load_state` needs to continue bit for bit: (tensors, JSON-able counters)."""
+        tensors = {f"sae/{k}": v for k, v in self.sae.state_dict().items()}
+        for name, p in self.sae.named_parameters():
+            tensors |= {f"adam/{name}/{k}": v for k, v in self.opt.state.get(p, {}).items()}
+        tensors |= {"tokens_since_fired": self.tokens_since_fired, "fired_count": self.fired_count}
+        meta = {"step_count": self.step_count, "tokens_seen": self.tokens_seen, "scale": self.scale, "data_var": self.data_var,
+                "initialised": self.initialised, "lr": [g["lr"] for g in self.opt.param_groups], "scheduler": self.sched.state_dict()}
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Continue from `state()` output, taken from a trainer built with the same SAE and TrainConfig."""
+        device = self.sae.W_dec.device
+        self.sae.load_state_dict({k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")})
+        for name, p in self.sae.named_parameters():
+            moments = {k.removeprefix(f"adam/{name}/"): v for k, v in tensors.items() if k.startswith(f"adam/{name}/")}
+            if moments:
+                self.opt.state[p] = {k: v.to(device) if k != "step" else v.clone() for k, v in moments.items()}
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(device)
+        self.fired_count = tensors["fired_count"].to(device)
+        self.step_count, self.tokens_seen = meta["step_count"], meta["tokens_seen"]
+        self.scale, self.data_var, self.initialised = meta["scale"], meta["data_var"], meta["initialised"]
+        for group, lr in zip(self.opt.param_groups, meta["lr"]):
+            group["lr"] = lr
+        self.sched.load_state_dict(meta["scheduler"])
 
     def density(self) -> Tensor:
         """Training-time firing frequency of every latent [d_sae]."""

@@ -1,0 +1,140 @@
+"""Where a training run's batches come from: an ActivationCache, or the model harvested as training goes.
+
+Both give `batches(position)`: (batch, position after it) from a saved position, forever (epoch after epoch), so a
+checkpoint can record the position and a resumed run continue with exactly the next batch. A position is a pair
+(JSON dict, tensors dict) that the checkpoint stores as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+from typing import Any, Iterator
+
+import torch
+
+from sae_kit.activations import HarvestConfig, harvester_for, stream
+from sae_kit.buffer import BufferPosition, ShuffleBuffer
+from sae_kit.errors import SaeKitError
+from sae_kit.rows import ActivationRows
+
+log = logging.getLogger(__name__)
+
+Position = tuple[dict[str, Any], dict[str, torch.Tensor]]
+
+_PROVENANCE = ("model_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens", "exclude_first_position")
+
+
+class CacheSource:
+    """Batches from an ActivationCache: a seeded global shuffle per epoch; the position is (epoch, batch)."""
+
+    prefetch_depth = 4
+
+    def __init__(self, cache_dir, harvest: HarvestConfig, batch_size: int, seed: int, needs_grads: bool, eval_tokens: int) -> None:
+        from sae_kit.cache import ActivationCache
+
+        self.cache_dir, self.batch_size, self.seed, self.needs_grads, self.eval_tokens = cache_dir, batch_size, seed, needs_grads, eval_tokens
+        self.cache = ActivationCache(cache_dir)
+        wanted = harvest.hook[0]
+        if harvest.hook != HarvestConfig().hook:  # an explicit --hook must be in the cache
+            self.cache.check_compatible(hooks=[wanted])
+        self.hook = wanted if wanted in self.cache.hooks else self.cache.hooks[0]
+        if needs_grads and not self.cache.with_grads:
+            raise SaeKitError(f"g-SAE needs gradients, and {cache_dir} has none; build it with `sae-kit cache --grads`")
+        if self.cache.n_rows("heldout") == 0:
+            raise SaeKitError(f"{cache_dir} has no held-out rows; rebuild it with --heldout-tokens > 0")
+        if self.cache.n_rows("train") < batch_size:
+            raise SaeKitError(f"{cache_dir} holds {self.cache.n_rows('train')} training rows, fewer than --batch-size {batch_size}")
+        self.d_in, self.device = self.cache.d_in, harvest.device or "cpu"
+
+    def describe(self) -> str:
+        return f"cache {self.cache_dir}"
+
+    def metadata(self) -> dict:
+        s = self.cache.settings
+        return {**{k: s.get(k) for k in _PROVENANCE}, "hook_name": self.hook, "cache": str(self.cache_dir)}
+
+    def batches(self, position: Position | None = None, stop: threading.Event | None = None) -> Iterator[tuple[ActivationRows, Position]]:
+        at = position[0] if position else {"epoch": 0, "batch": 0}
+        start = at["batch"]
+        for epoch in itertools.count(at["epoch"]):
+            if epoch == 1 and start == 0:
+                log.warning("the cache holds fewer rows than --tokens: starting epoch 2 over the same rows")
+            rows = self.cache.batches(self.batch_size, seed=self.seed, epoch=epoch, hooks=[self.hook], with_grads=self.needs_grads,
+                                      drop_last=True, start_batch=start)
+            for b, batch in enumerate(rows, start):
+                yield batch, ({"epoch": epoch, "batch": b + 1}, {})
+                if stop is not None and stop.is_set():
+                    return
+            start = 0
+
+    def heldout(self) -> ActivationRows:
+        n = min(self.eval_tokens, self.cache.n_rows("heldout"))
+        return self.cache.read("heldout", 0, n, hooks=[self.hook], with_grads=self.needs_grads)
+
+
+class ModelSource:
+    """Batches harvested from the model as training goes, mixed by a ShuffleBuffer; the corpus repeats if needed.
+
+    The source position is [epoch, next context row]; resuming re-harvests the current buffer chunk from where it
+    began (the LM batches are the same, so are the activations) and skips the batches already trained on.
+    """
+
+    def __init__(self, harvest: HarvestConfig, batch_size: int, buffer_tokens: int, seed: int, needs_grads: bool, eval_tokens: int,
+                 model=None) -> None:
+        from sae_kit.data import load_corpus
+        from sae_kit.models import load_model, validate_hooks
+
+        if buffer_tokens < batch_size:
+            raise SaeKitError(f"--buffer-tokens ({buffer_tokens}) must be at least --batch-size ({batch_size})")
+        self.batch_size, self.buffer_tokens, self.seed, self.needs_grads, self.eval_tokens = batch_size, buffer_tokens, seed, needs_grads, eval_tokens
+        load_corpus(harvest.corpus, text_field=harvest.text_field)
+        self.model = model or load_model(harvest.model, device=harvest.device)
+        self.hook = validate_hooks(self.model, list(harvest.hook))[0]
+        self.harvest = dataclasses.replace(harvest, hook=(self.hook,))
+        probe, _ = harvester_for(self.model, self.harvest).run(torch.full((1, 2), self.model.tokenizer.bos_token_id or 0))
+        self.d_in = probe[self.hook].shape[-1]
+        self.device = str(next(self.model.parameters()).device)
+        self.prefetch_depth = -(-buffer_tokens // batch_size) + 1  # one whole chunk ahead
+
+    def describe(self) -> str:
+        return f"hook {self.hook} of {self.model.sae_kit_name}"
+
+    def metadata(self) -> dict:
+        s = self.harvest.settings(self.model.sae_kit_name)
+        return {**{k: s[k] for k in _PROVENANCE}, "hook_name": self.hook}
+
+    def _rows(self, at: list[int] | None, stop: threading.Event | None) -> Iterator[tuple[ActivationRows, list[int]]]:
+        """Training rows from [epoch, row] on, with the position after each LM batch; stops early once `stop` is set."""
+        epoch, row = at or (0, 0)
+        while True:
+            empty = True
+            for rows, row in stream(self.model, self.harvest, "train", with_grads=self.needs_grads, start_row=row):
+                empty = False
+                yield rows, [epoch, row]
+                if stop is not None and stop.is_set():
+                    return
+            if empty and row == 0:
+                raise SaeKitError(f"corpus {self.harvest.corpus!r} gave no training tokens; check --corpus and --holdout-fraction")
+            epoch, row = epoch + 1, 0
+            if epoch == 1:
+                log.warning("the corpus ran out before --tokens: starting over (epoch 2)")
+
+    def batches(self, position: Position | None = None, stop: threading.Event | None = None) -> Iterator[tuple[ActivationRows, Position]]:
+        buffer = ShuffleBuffer(lambda at: self._rows(at, stop), capacity=self.buffer_tokens, batch_size=self.batch_size, seed=self.seed, drop_last=True)
+        start = BufferPosition.from_state(*position) if position else None
+        for batch, pos in buffer.batches(start):
+            yield batch, pos.state()
+
+    def heldout(self) -> ActivationRows:
+        parts, n = [], 0
+        for rows, _ in stream(self.model, self.harvest, "heldout", with_grads=self.needs_grads):
+            parts.append(rows)
+            n += len(rows)
+            if n >= self.eval_tokens:
+                break
+        if not parts:
+            raise SaeKitError(f"corpus {self.harvest.corpus!r} has no held-out documents; raise --holdout-fraction")
+        return ActivationRows.cat(parts).select(slice(0, self.eval_tokens))
