@@ -118,3 +118,18 @@ def test_resume_errors(tmp_path, reference):
     assert res.returncode == 2 and "drop --k" in res.stderr
     res = subprocess.run(command(*ARGS, "--out", str(reference)), capture_output=True, text=True)
     assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_sigkill_and_resume_from_a_cache(tmp_path, model):
+    from sae_kit import HarvestConfig
+    from sae_kit.build_cache import CacheConfig, build_cache
+
+    cache = build_cache(CacheConfig(out=tmp_path / "cache", harvest=HarvestConfig(context_size=64), tokens=3072, heldout_tokens=512,
+                                    progress=False), model=model)
+    args = [*ARGS, "--cache", str(cache), "--tokens", str(512 * STEPS)]  # 16 steps over 3k rows: several epochs
+    reference = tmp_path / "reference"
+    run_to_end(*args, "--out", str(reference))
+    out = tmp_path / "run"
+    kill_at([*args, "--out", str(out)], out, 7)
+    run_to_end("--resume", str(out))
+    assert_identical(out, reference)

@@ -61,14 +61,14 @@ def test_seeds_change_the_init_but_not_the_batches(tmp_path, cache):
 
 
 def test_prefetch_from_the_model_gives_the_same_sae(tmp_path, model):
-    def run(prefetch: bool) -> dict[str, torch.Tensor]:
+    def run(prefetch: str) -> dict[str, torch.Tensor]:
         cfg = TrainRunConfig(out=tmp_path / str(prefetch), harvest=HarvestConfig(context_size=64), k=16, expansion_factor=2,
                              eval_tokens=512, buffer_tokens=1536, prefetch=prefetch, progress=False,
                              train=TrainConfig(batch_size=512, tokens=512 * 8, lr=2e-3, warmup_steps=2))
         train(cfg, model=model)
         return saved(tmp_path / str(prefetch) / "sae")
 
-    on, off = run(True), run(False)
+    on, off = run("on"), run("off")
     assert all(torch.equal(on[k], off[k]) for k in on)
 
 

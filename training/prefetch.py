@@ -12,6 +12,8 @@ import queue
 import threading
 from typing import Generic, Iterator, TypeVar
 
+import torch
+
 T = TypeVar("T")
 _END = object()
 
@@ -24,10 +26,12 @@ class Prefetcher(Generic[T]):
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = stop or threading.Event()
+        self._threads = torch.get_num_threads()  # the producer's torch ops use as many threads as its creator's
         self._thread = threading.Thread(target=self._produce, args=(items,), name="sae-kit-prefetch", daemon=True)
         self._thread.start()
 
     def _produce(self, items: Iterator[T]) -> None:
+        torch.set_num_threads(self._threads)
         try:
             for item in items:
                 if not self._put(item):

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -79,8 +80,10 @@ class TrainRunConfig:
     """Held-out tokens (from held-out documents) for the final FVU, L0 and dead % of every member."""
     buffer_tokens: int = 65536
     """Rows the shuffle buffer mixes at a time when streaming from the model."""
-    prefetch: bool = True
-    """Produce the next batches (LM harvest or cache reads) in a background thread while the SAEs step."""
+    prefetch: Literal["auto", "on", "off"] = "auto"
+    """Produce the next batches (LM harvest or cache reads) in a background thread while the SAEs step. auto: on when
+    the SAEs run on an accelerator or the CPU has a core per torch thread to spare; off on a CPU whose cores the SAE
+    step already uses (there the two compete and the run gets slower, see BENCHMARKS.md)."""
     log_every: int = 10
     """Write a metrics.jsonl line every this many steps."""
     checkpoint_every: int = 100_000
@@ -116,6 +119,13 @@ class TrainRunConfig:
     def settings(self) -> dict[str, Any]:
         """The settings that determine what the run computes, JSON-friendly (config.json)."""
         return {k: v for k, v in _jsonable(dataclasses.asdict(self)).items() if k not in _NOT_SETTINGS}
+
+
+def use_prefetch(setting: str, device: str) -> bool:
+    """Whether `prefetch=setting` runs the data source in a background thread for SAEs on `device`."""
+    if setting != "auto":
+        return setting == "on"
+    return torch.device(device).type != "cpu" or (os.cpu_count() or 1) >= 2 * torch.get_num_threads()
 
 
 def members_of(cfg: TrainRunConfig, d_in: int) -> list[Member]:
@@ -159,21 +169,51 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
         set_rng_state(*ckpt.rng)
         position = ckpt.data
     step = ckpt.step if ckpt else 0
-    total = cfg.train.tokens // b
     metrics_log = MetricsLog(run_dir, {name: d / "metrics.jsonl" for name, d in dirs.items()}, step if cfg.resume else None,
                              cfg.wandb_project if cfg.wandb else None, cfg.settings())
-    desc = f"train {team[0].name if len(team) == 1 else f'{len(team)} SAEs'}"
+    try:
+        step = _steps(cfg, source, trainers, failed, dirs, metrics_log, run_dir, step, position)
+        if len(team) == 1 and failed:
+            raise NonFiniteError(failed[team[0].name])
+        heldout = source.heldout()
+        rows = []
+        for m in team:
+            row = {"name": m.name, "architecture": m.architecture, "k": m.k, "d_sae": m.d_sae, "seed": m.seed, "sae_dir": str(dirs[m.name] / "sae")}
+            if m.name in failed:
+                rows.append(row | {"failed": failed[m.name]})
+                continue
+            final = trainers[m.name].export()
+            row["heldout"] = heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if final.sparsifier.uses_grad else None)
+            row["training"] = _training_summary(dirs[m.name] / "metrics.jsonl")
+            final.cfg.metadata["heldout"] = row["heldout"]
+            final.save(dirs[m.name] / "sae")
+            rows.append(row)
+        summary = {"steps": step, "tokens": step * cfg.train.batch_size, "members": rows, "table": table(rows)}
+        metrics_log.summary({f"{r['name']}/heldout_{k}": v for r in rows for k, v in r.get("heldout", {}).items()})
+    finally:
+        metrics_log.close()
+    write_json(run_dir / "summary.json", summary)
+    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # the run is complete: its SAEs are saved
+    return summary
+
+
+def _steps(cfg: TrainRunConfig, source, trainers: dict[str, Trainer], failed: dict[str, str], dirs: dict[str, Path],
+           metrics_log: MetricsLog, run_dir: Path, step: int, position) -> int:
+    """Feed every batch to every member from `step` to the end, logging and checkpointing; returns the last step."""
+    b, total = cfg.train.batch_size, cfg.train.tokens // cfg.train.batch_size
+    solo = len(trainers) == 1
+    desc = f"train {next(iter(trainers)) if solo else f'{len(trainers)} SAEs'}"
     bar = tqdm(total=total * b, initial=step * b, unit="tok", unit_scale=True, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
     stop = threading.Event()
     batches = source.batches(position, stop)
-    if cfg.prefetch:
+    if use_prefetch(cfg.prefetch, source.device):
         batches = Prefetcher(batches, source.prefetch_depth, stop)
     try:
         stream = iter(batches)
-        while step < total and len(failed) < len(team):
+        while step < total and len(failed) < len(trainers):
             batch, position = next(stream)
             x = batch.acts[source.hook]
-            g = batch.grads[source.hook] if needs_grads else None
+            g = batch.grads[source.hook] if batch.grads is not None else None
             step += 1
             for name, trainer in trainers.items():
                 if name in failed:
@@ -186,7 +226,7 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
                 if step % cfg.log_every == 0 or step == total:
                     m["tok_per_s"] = bar.format_dict["rate"] or 0.0
                     metrics_log.write(name, m)
-                    if len(team) == 1:
+                    if solo:
                         bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{100 * m['dead_frac']:.1f}%")
             bar.update(b)
             if step < total and step * b // cfg.checkpoint_every > (step - 1) * b // cfg.checkpoint_every:
@@ -197,29 +237,7 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
         if isinstance(batches, Prefetcher):
             batches.close()
         bar.close()
-    if len(team) == 1 and failed:
-        metrics_log.close()
-        raise NonFiniteError(failed[team[0].name])
-    heldout = source.heldout()
-    rows = []
-    for m in team:
-        row = {"name": m.name, "architecture": m.architecture, "k": m.k, "d_sae": m.d_sae, "seed": m.seed, "sae_dir": str(dirs[m.name] / "sae")}
-        if m.name in failed:
-            rows.append(row | {"failed": failed[m.name]})
-            continue
-        trainer = trainers[m.name]
-        final = trainer.export()
-        row["heldout"] = heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if final.sparsifier.uses_grad else None)
-        row["training"] = _training_summary(dirs[m.name] / "metrics.jsonl")
-        final.cfg.metadata["heldout"] = row["heldout"]
-        final.save(dirs[m.name] / "sae")
-        rows.append(row)
-    summary = {"steps": step, "tokens": step * b, "members": rows, "table": table(rows)}
-    metrics_log.summary({f"{r['name']}/heldout_{k}": v for r in rows for k, v in r.get("heldout", {}).items()})
-    metrics_log.close()
-    write_json(run_dir / "summary.json", summary)
-    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # the run is complete: its SAEs are saved
-    return summary
+    return step
 
 
 def _trainer(cfg: TrainRunConfig, member: Member, source) -> Trainer:
