@@ -49,3 +49,20 @@ def test_harvest_config_comes_from_the_sae_metadata():
     sae = SAE(SAEConfig(d_in=4, d_sae=8, k=2, metadata={"hook_name": "blocks.3.hook_resid_post", "context_size": 64, "dataset_path": "fortunes"}))
     cfg = harvest_config_for(sae, context_size=32)
     assert cfg.hook == ("blocks.3.hook_resid_post",) and cfg.corpus == "fortunes" and cfg.context_size == 32
+
+
+def test_prepare_captures_the_kept_activations_in_order(model):
+    from sae_kit.eval.inputs import prepare
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "context_size": 32}))
+    inputs = prepare(model, sae, 100, lm_batch_size=2)
+    assert inputs.x.shape == (inputs.contexts.n_kept, 576) and inputs.grad is None
+    first, rows = next(inputs.batches())
+    _, acts = run_lm(model, first.tokens, HOOK, capture=True)
+    assert torch.allclose(acts[first.keep], inputs.x[rows], atol=1e-4)
+    x_hat, l0 = inputs.encode()
+    assert x_hat.shape == inputs.x.shape and (l0 == 4).all()
+    gsae = SAE(SAEConfig(architecture="gsae", d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "context_size": 32}))
+    with_grads = prepare(model, gsae, 50, lm_batch_size=2)
+    assert with_grads.grad is not None and with_grads.grad.shape == with_grads.x.shape and with_grads.grad.abs().sum() > 0
