@@ -66,6 +66,8 @@ class Section:
     """JSON-serialisable numbers, lists and strings."""
     figures: dict[str, Any] = field(default_factory=dict)
     """plotly Figures by name (written as HTML, and PNG where a renderer is available)."""
+    lines: list[str] = field(default_factory=list)
+    """A few plain-text lines for the stdout summary of `sae-kit eval`."""
 
 
 def prepare(model, sae: SAE, n_tokens: int, *, hook: str | None = None, corpus: str | None = None, context_size: int | None = None,
