@@ -130,3 +130,12 @@ def _describe(tp: Any) -> str:
     if tp is Path:
         return "a path"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """`dataclasses.asdict` output made JSON-friendly: Paths become strings, tuples lists."""
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj

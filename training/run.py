@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sae_kit.activations import HarvestConfig
 from sae_kit.atomic import write_json
+from sae_kit.config_files import to_jsonable
 from sae_kit.errors import SaeKitError
 from sae_kit.sae import SAE, SAEConfig
 from sae_kit.sparsifiers import get_sparsifier
@@ -118,7 +119,7 @@ class TrainRunConfig:
 
     def settings(self) -> dict[str, Any]:
         """The settings that determine what the run computes, JSON-friendly (config.json)."""
-        return {k: v for k, v in _jsonable(dataclasses.asdict(self)).items() if k not in _NOT_SETTINGS}
+        return {k: v for k, v in to_jsonable(dataclasses.asdict(self)).items() if k not in _NOT_SETTINGS}
 
 
 def use_prefetch(setting: str, device: str) -> bool:
@@ -298,11 +299,3 @@ def heldout_metrics(sae: SAE, x: torch.Tensor, grad: torch.Tensor | None = None,
     total = float((x - x.mean(0)).square().sum())
     return {"tokens": len(x), "fvu": err / total, "mse": err / len(x), "l0": l0 / len(x), "dead_frac": float((~fired).float().mean())}
 
-
-def _jsonable(obj):
-    """dataclasses.asdict output with Paths and tuples made JSON-friendly."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return str(obj) if isinstance(obj, Path) else obj
