@@ -44,11 +44,13 @@ class EvalInputs:
             start += batch.n_kept
 
     @torch.no_grad()
-    def encode(self, x: Tensor | None = None, grad: Tensor | None = None, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-        """(x̂ [n, d_in], L0 per row [n]) of `x` (default: all of self.x, with self.grad), in chunks, on the SAE's device."""
+    def encode(self, x: Tensor | None = None, grad: Tensor | None = None, max_cells: int = 1 << 25) -> tuple[Tensor, Tensor]:
+        """(x̂ [n, d_in], L0 per row [n]) of `x` (default: all of self.x, with self.grad), in chunks of at most
+        `max_cells` code entries (dense rules materialise [chunk, d_sae]), on the SAE's device."""
         if x is None:
             x, grad = self.x, self.grad
         device = self.sae.W_dec.device
+        chunk = max(1, max_cells // self.sae.cfg.d_sae)
         x_hat, l0 = [], []
         for i in range(0, len(x), chunk):
             g = None if grad is None else grad[i : i + chunk].to(device)
