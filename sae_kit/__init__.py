@@ -10,3 +10,19 @@ from sae_kit.rows import ActivationRows
 from sae_kit.sae import SAE, SAEConfig, load_sae
 
 __version__ = "0.1.0"
+
+
+def evaluate(*saes, model=None, **settings):
+    """Evaluate SAEs on held-out tokens and write report.json + figures; returns the report as a dict.
+
+    `saes` are SAE/run/sweep directories or in-memory `SAE` objects; `settings` are the fields of
+    `sae_kit.eval.evaluate.EvalConfig` (out, tokens, sections, core, dark_matter, steering, seed, ...).
+    """
+    from pathlib import Path
+
+    from sae_kit.eval.evaluate import EvalConfig
+    from sae_kit.eval.evaluate import evaluate as run
+
+    paths = tuple(Path(s) for s in saes if not isinstance(s, SAE))
+    loaded = {f"sae{i}": s for i, s in enumerate(saes) if isinstance(s, SAE)}
+    return run(EvalConfig(saes=paths, **settings), model=model, saes=loaded)

@@ -59,12 +59,20 @@ def _train(args) -> None:
         raise SaeKitError("some members failed (see the table above); lower --lr for them or check the data")
 
 
+def _eval(args) -> None:
+    from sae_kit.eval.evaluate import evaluate, summary_text
+
+    print(summary_text(evaluate(args)))
+
+
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     from sae_kit.build_cache import CacheConfig
+    from sae_kit.eval.evaluate import EvalConfig
     from sae_kit.training.run import TrainRunConfig
 
     return {
         "train": (TrainRunConfig, _train, "train an SAE from the model or an activation cache (no flags: TopK on the default)"),
+        "eval": (EvalConfig, _eval, "evaluate SAEs on held-out tokens: core, dead features, dark matter, steering -> report.json"),
         "cache": (CacheConfig, _cache, "harvest activations into an on-disk ActivationCache (resumable)"),
         "hooks": (HooksArgs, _hooks, "list a model's hook names"),
     }
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     config_cls, run, _ = commands[name]
     try:
         rest, default = _config_file(config_cls, rest)
-        args = tyro.cli(config_cls, args=rest, default=default, prog=f"sae-kit {name}", config=(tyro.conf.OmitArgPrefixes,))
+        # eval's nested sections share field names (core.ce_tokens, dark_matter.ce_tokens): keep their prefixes there.
+        flat = () if name == "eval" else (tyro.conf.OmitArgPrefixes,)
+        args = tyro.cli(config_cls, args=rest, default=default, prog=f"sae-kit {name}", config=flat)
         run(args)
     except SaeKitError as err:
         print(f"sae-kit {name}: error: {err}", file=sys.stderr)

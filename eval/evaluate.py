@@ -1,0 +1,198 @@
+"""`evaluate`: the whole job behind `sae-kit eval A B C ...` — every measurement on held-out tokens, one report.
+
+Each SAE (an SAE directory, a run directory, or a sweep run directory, which stands for all its members) is
+evaluated on held-out documents of its training corpus, tokenised as in training. SAEs on the same hook share the
+same tokens and clean activations, so their numbers compare directly; several widths on one hook also get the
+dark-matter cross-width analysis, and several SAEs get the comparison table and Pareto plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tyro
+
+from sae_kit.config_files import to_jsonable
+from sae_kit.eval import attention, compare, core, dark_matter, dead, steering
+from sae_kit.eval.inputs import EvalInputs, Section, prepare
+from sae_kit.eval.lm import EvalError
+from sae_kit.eval.report import build_report, save_report, write_figures, write_plotly_js
+from sae_kit.sae import SAE, load_sae
+
+SectionName = Literal["core", "dead", "dark_matter", "steering", "attention"]
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate SAEs on held-out tokens: core metrics, dead features, dark matter, steering; report.json + figures.
+
+    `sae-kit eval --config eval.yaml` reads these settings from a YAML/JSON file (flags override it).
+    """
+
+    saes: tyro.conf.Positional[tuple[Path, ...]] = ()
+    """SAE directories, run directories (their sae/) or sweep run directories (all members)."""
+    out: Path | None = None
+    """Where report.json and figures/ go (None: <first run dir>/eval, or eval-<date-time> for several)."""
+    model: str | None = None
+    """The LM (None: the model the SAEs were trained on, from their metadata)."""
+    hook: str | None = None
+    """The hook the SAEs read (None: each SAE's metadata.hook_name; needed for SAEs that do not record it)."""
+    tokens: int = 32768
+    """Held-out token positions to evaluate on (the reconstruction, dead-feature and dark-matter statistics)."""
+    corpus: str | None = None
+    """Corpus (None: the SAEs' training corpus; its held-out documents are used)."""
+    context_size: int | None = None
+    """Context length (None: the SAEs' training context length)."""
+    lm_batch_size: int = 16
+    """Contexts per LM forward pass."""
+    sections: tuple[SectionName, ...] = ("core", "dead", "dark_matter", "steering", "attention")
+    """Measurements to run (attention only applies to SAEs on attn.hook_z)."""
+    core: core.CoreConfig = field(default_factory=core.CoreConfig)
+    """Core metrics (CE/KL passes)."""
+    dark_matter: dark_matter.DarkMatterConfig = field(default_factory=dark_matter.DarkMatterConfig)
+    """Dark-matter regressions."""
+    steering: steering.SteeringConfig = field(default_factory=steering.SteeringConfig)
+    """Steering protocol."""
+    seed: int = 0
+    """Seed of every random choice (regression split, feature samples)."""
+    png: bool = True
+    """Also write PNG figures when a static renderer (kaleido + Chrome) is available."""
+    device: str | None = None
+    """Torch device for the LM and SAEs (None: cuda if available, else cpu)."""
+
+
+def resolve(paths: tuple[Path, ...]) -> list[tuple[str, Path]]:
+    """(name, SAE directory) for every SAE the paths stand for; a one-line error for a path that holds none."""
+    found: list[tuple[str, Path]] = []
+    for path in map(Path, paths):
+        if (path / "cfg.json").is_file():
+            found.append((path.parent.name if path.name == "sae" else path.name, path))
+        elif (path / "sae" / "cfg.json").is_file():
+            found.append((path.name, path / "sae"))
+        elif members := sorted(p.parent.parent for p in path.glob("*/sae/cfg.json")):
+            found.extend((f"{path.name}/{m.name}", m / "sae") for m in members)
+        else:
+            raise EvalError(f"{path} holds no SAE (no cfg.json, sae/cfg.json or <member>/sae/cfg.json); pass an SAE or run directory")
+    names = [n for n, _ in found]
+    return [(n if names.count(n) == 1 else f"{n}#{i}", p) for i, (n, p) in enumerate(found)]
+
+
+def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) -> dict[str, Any]:
+    """Run the evaluation, write report.json and the figures, print nothing; returns the report (with "out" set).
+
+    `saes` adds SAEs already in memory (by name) to those in cfg.saes.
+    """
+    from sae_kit.models import load_model
+
+    if not cfg.saes and not saes:
+        raise EvalError("name at least one SAE: sae-kit eval RUN_OR_SAE_DIR [...]")
+    if cfg.tokens < 1:
+        raise EvalError(f"--tokens must be positive, got {cfg.tokens}")
+    entries = [(name, path, load_sae(path, device=cfg.device)) for name, path in resolve(cfg.saes)]
+    entries += [(name, None, sae) for name, sae in (saes or {}).items()]
+    model_name = cfg.model or entries[0][2].cfg.metadata.get("model_name")
+    model = model or load_model(model_name, device=cfg.device)
+    single_dir = len(entries) == 1 and entries[0][1] is not None
+    out = Path(cfg.out or (_run_dir(entries[0][1]) / "eval" if single_dir else f"eval-{time.strftime('%Y%m%d-%H%M%S')}"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_plotly_js(out)
+    shared: dict[tuple, EvalInputs] = {}
+    reports, evaluated, png = [], [], cfg.png
+    for name, path, sae in entries:
+        start = time.perf_counter()
+        inputs = _inputs(shared, cfg, model, sae)
+        prepare_seconds = round(time.perf_counter() - start, 2)
+        evaluated.append(inputs)
+        sections, seconds = _measure(cfg, inputs)
+        figures = {}
+        for section_name, section in sections.items():
+            paths, png = write_figures(out, _slug(name), {f"{section_name}-{k}": f for k, f in section.figures.items()}, png)
+            figures |= paths
+        reports.append({"name": name, "path": None if path is None else str(path), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
+                        "k": sae.cfg.k if "k" in sae.cfg.rule.config_fields else None, "hook": inputs.hook, "tokens": len(inputs.x),
+                        "sections": {k: s.metrics for k, s in sections.items()}, "figures": figures, "seconds": {"prepare": prepare_seconds, **seconds},
+                        "summary": [line for s in sections.values() for line in s.lines]})
+    comparison = _comparison(cfg, out, reports, evaluated, png)
+    first = evaluated[0]
+    settings = {"model": getattr(model, "sae_kit_name", model_name), "hooks": sorted({r["hook"] for r in reports}),
+                "tokens": len(first.x), "requested_tokens": cfg.tokens, "contexts": int(first.contexts.tokens.shape[0]),
+                "context_size": int(first.contexts.tokens.shape[1]), "corpus": cfg.corpus or entries[0][2].cfg.metadata.get("dataset_path"),
+                "split": "heldout", "seed": cfg.seed, "sections": list(cfg.sections), "config": to_jsonable(dataclasses.asdict(cfg))}
+    report = build_report(settings, reports, comparison)
+    save_report(out, report)
+    return report | {"out": str(out)}
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """The plain-text summary `sae-kit eval` prints."""
+    s = report["settings"]
+    lines = [f"evaluated on {s['tokens']:,} held-out tokens ({s['contexts']} contexts of {s['context_size']}) of {s['corpus']}, "
+             f"model {s['model']}, seed {s['seed']}"]
+    for sae in report["saes"]:
+        k = "" if sae["k"] is None else f", k {sae['k']}"
+        lines += ["", f"{sae['name']} ({sae['architecture']}, d_sae {sae['d_sae']}{k}) at {sae['hook']}"]
+        lines += [f"  {line}" for line in sae["summary"]]
+    if report.get("comparison"):
+        lines += ["", *report["comparison"]["summary"]]
+    lines += ["", f"report: {Path(report['out']) / 'report.json'}"]
+    return "\n".join(lines)
+
+
+def _run_dir(sae_dir: Path) -> Path:
+    return sae_dir.parent if sae_dir.name == "sae" else sae_dir
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _inputs(shared: dict[tuple, EvalInputs], cfg: EvalConfig, model, sae: SAE) -> EvalInputs:
+    """Held-out inputs for `sae`, shared with earlier SAEs on the same hook and data settings."""
+    meta = sae.cfg.metadata
+    if not (cfg.hook or meta.get("hook_name")):
+        raise EvalError("the SAE does not record its hook (cfg.json metadata.hook_name); pass --hook, e.g. --hook blocks.6.hook_resid_post")
+    key = (cfg.hook or meta.get("hook_name"), cfg.corpus or meta.get("dataset_path"), cfg.context_size or meta.get("context_size"), sae.sparsifier.uses_grad)
+    if key not in shared:
+        shared[key] = prepare(model, sae, cfg.tokens, hook=cfg.hook, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size, seed=cfg.seed)
+    return dataclasses.replace(shared[key], sae=sae.eval())
+
+
+def _measure(cfg: EvalConfig, inputs: EvalInputs) -> tuple[dict[str, Section], dict[str, float]]:
+    """Every requested measurement that applies to this SAE, and the seconds each took."""
+    runs = {"core": lambda: core.measure(inputs, cfg.core), "dead": lambda: dead.measure(inputs),
+            "dark_matter": lambda: dark_matter.measure(inputs, cfg.dark_matter), "steering": lambda: steering.measure(inputs, cfg.steering),
+            "attention": lambda: attention.measure(inputs)}
+    applies = {"steering": inputs.hook.endswith(("hook_resid_post", "hook_resid_pre", "hook_resid_mid")),
+               "attention": attention.is_attention_hook(inputs.hook)}
+    out: dict[str, Section] = {}
+    seconds: dict[str, float] = {}
+    for name in cfg.sections:
+        if applies.get(name, True):
+            start = time.perf_counter()
+            out[name] = runs[name]()
+            seconds[name] = round(time.perf_counter() - start, 2)
+    return out, seconds
+
+
+def _comparison(cfg: EvalConfig, out: Path, reports: list[dict], evaluated: list[EvalInputs], png: bool) -> dict | None:
+    """The comparison across SAEs (several SAEs), with dark matter across widths (several widths on one hook)."""
+    if len(reports) < 2:
+        return None
+    section = compare.compare(reports)
+    figures, png = write_figures(out, "comparison", section.figures, png)
+    result: dict[str, Any] = {"table": section.metrics["table"], "figures": figures, "summary": section.lines}
+    by_hook: dict[str, list[EvalInputs]] = {}
+    for inputs in evaluated:
+        by_hook.setdefault(inputs.hook, []).append(inputs)
+    for hook, group in by_hook.items():
+        if "dark_matter" in cfg.sections and len({i.sae.cfg.d_sae for i in group}) > 1:
+            cross = dark_matter.cross_width(group)
+            paths, png = write_figures(out, "comparison", {f"cross_width-{k}": f for k, f in cross.figures.items()}, png)
+            result.setdefault("cross_width", {})[hook] = cross.metrics | {"figures": paths}
+            result["summary"] = result["summary"] + cross.lines
+    return result
