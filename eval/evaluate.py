@@ -131,7 +131,8 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
 def summary_text(report: dict[str, Any]) -> str:
     """The plain-text summary `sae-kit eval` prints."""
     s = report["settings"]
-    lines = [f"evaluated on {s['tokens']:,} held-out tokens ({s['contexts']} contexts of {s['context_size']}) of {s['corpus']}, "
+    short = f" (asked for {s['requested_tokens']:,}: the held-out split holds no more)" if s["tokens"] < s["requested_tokens"] else ""
+    lines = [f"evaluated on {s['tokens']:,} held-out tokens{short} ({s['contexts']} contexts of {s['context_size']}) of {s['corpus']}, "
              f"model {s['model']}, seed {s['seed']}"]
     for sae in report["saes"]:
         k = "" if sae["k"] is None else f", k {sae['k']}"

@@ -55,10 +55,10 @@ def harvest_config_for(sae: SAE, **overrides) -> HarvestConfig:
     meta = sae.cfg.metadata
     known = {f.name for f in dataclasses.fields(HarvestConfig)}
     settings = {"hook": (meta["hook_name"],)} if meta.get("hook_name") else {}
-    for key, field_name in (("context_size", "context_size"), ("prepend_bos", "prepend_bos"), ("dataset_path", "corpus"),
-                            ("exclude_special_tokens", "exclude_special_tokens"), ("exclude_first_position", "exclude_first_position")):
+    for key in ("context_size", "prepend_bos", "dataset_path", "text_field", "packing", "separator", "exclude_special_tokens",
+                "exclude_first_position", "holdout_fraction"):
         if meta.get(key) is not None:
-            settings[field_name] = meta[key]
+            settings["corpus" if key == "dataset_path" else key] = meta[key]
     settings |= {k: v for k, v in overrides.items() if v is not None}
     unknown = set(settings) - known
     if unknown:

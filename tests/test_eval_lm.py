@@ -46,9 +46,11 @@ def test_bad_pairs_give_one_line_errors(model):
 
 
 def test_harvest_config_comes_from_the_sae_metadata():
-    sae = SAE(SAEConfig(d_in=4, d_sae=8, k=2, metadata={"hook_name": "blocks.3.hook_resid_post", "context_size": 64, "dataset_path": "fortunes"}))
+    sae = SAE(SAEConfig(d_in=4, d_sae=8, k=2, metadata={"hook_name": "blocks.3.hook_resid_post", "context_size": 64, "dataset_path": "fortunes",
+                                                       "holdout_fraction": 0.2, "packing": "doc"}))
     cfg = harvest_config_for(sae, context_size=32)
     assert cfg.hook == ("blocks.3.hook_resid_post",) and cfg.corpus == "fortunes" and cfg.context_size == 32
+    assert cfg.holdout_fraction == 0.2 and cfg.packing == "doc"  # the SAE's own held-out split, tokenised as in training
 
 
 def test_prepare_captures_the_kept_activations_in_order(model):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import sae_kit
 from sae_kit import HarvestConfig
@@ -94,3 +95,15 @@ def test_evaluate_takes_sae_objects_in_a_notebook(tmp_path, model, sweep):
     sae = sae_kit.load_sae(sweep / "topk-k16-1152-s0" / "sae")
     report = sae_kit.evaluate(sae, model=model, out=tmp_path / "nb", sections=("core",), **{k: v for k, v in small().items() if k != "steering"})
     assert report["saes"][0]["name"] == "sae0" and json.loads((tmp_path / "nb" / "report.json").read_text())["saes"][0]["sections"]["core"]["fvu"] > 0
+
+
+def test_an_attention_sae_is_spliced_through_the_heads_and_attributed(tmp_path, model):
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=576, d_sae=1152, k=16, metadata={"hook_name": "blocks.6.attn.hook_z", "model_name": "SmolLM2-135M-Instruct"}))
+    report = sae_kit.evaluate(sae, model=model, out=tmp_path / "z", sections=("core", "attention"), tokens=1500, context_size=64,
+                              **{k: v for k, v in small().items() if k == "core"})
+    sections = report["saes"][0]["sections"]
+    assert report["saes"][0]["hook"] == "blocks.6.attn.hook_z" and set(sections) == {"core", "attention"}
+    assert sections["attention"]["n_heads"] == 9 and sum(sections["attention"]["features_per_head"]) == 1152
+    core = sections["core"]
+    assert core["kl_spliced"] > 1e-3 and core["kl_zero"] > 1e-3 and core["fvu"] > 0.5  # the spliced z changes the output

@@ -187,6 +187,7 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
             row["heldout"] = heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if final.sparsifier.uses_grad else None)
             row["training"] = _training_summary(dirs[m.name] / "metrics.jsonl")
             final.cfg.metadata["heldout"] = row["heldout"]
+            final.cfg.metadata["training_l0"] = row["training"].get("l0")  # eval reports it next to the inference L0
             final.save(dirs[m.name] / "sae")
             rows.append(row)
         summary = {"steps": step, "tokens": step * cfg.train.batch_size, "members": rows, "table": table(rows)}

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 Position = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
-_PROVENANCE = ("model_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens", "exclude_first_position")
+_PROVENANCE = ("model_name", "context_size", "prepend_bos", "dataset_path", "text_field", "packing", "separator", "exclude_special_tokens",
+               "exclude_first_position", "holdout_fraction")
+"""The data settings every trained SAE records in its metadata (evaluation re-creates its held-out split from them)."""
 
 
 class CacheSource:
