@@ -37,7 +37,7 @@ class EvalConfig:
     saes: tyro.conf.Positional[tuple[Path, ...]] = ()
     """SAE directories, run directories (their sae/) or sweep run directories (all members)."""
     out: Path | None = None
-    """Where report.json and figures/ go (None: <first run dir>/eval, or eval-<date-time> for several)."""
+    """Where report.json and figures/ go (None: <run dir>/eval for one SAE directory, else runs/eval-<date-time>)."""
     model: str | None = None
     """The LM (None: the model the SAEs were trained on, from their metadata)."""
     hook: str | None = None
@@ -98,7 +98,7 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
     model_name = cfg.model or entries[0][2].cfg.metadata.get("model_name")
     model = model or load_model(model_name, device=cfg.device)
     single_dir = len(entries) == 1 and entries[0][1] is not None
-    out = Path(cfg.out or (_run_dir(entries[0][1]) / "eval" if single_dir else f"eval-{time.strftime('%Y%m%d-%H%M%S')}"))
+    out = Path(cfg.out or (_run_dir(entries[0][1]) / "eval" if single_dir else f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"))
     out.mkdir(parents=True, exist_ok=True)
     write_plotly_js(out)
     shared: dict[tuple, EvalInputs] = {}
