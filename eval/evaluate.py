@@ -99,23 +99,26 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
     model = model or load_model(model_name, device=cfg.device)
     single_dir = len(entries) == 1 and entries[0][1] is not None
     out = Path(cfg.out or (_run_dir(entries[0][1]) / "eval" if single_dir else f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"))
-    out.mkdir(parents=True, exist_ok=True)
-    write_plotly_js(out)
     shared: dict[tuple, EvalInputs] = {}
-    reports, evaluated, png = [], [], cfg.png
-    for name, path, sae in entries:
+    evaluated, prepare_seconds = [], []
+    for _, _, sae in entries:  # the cheap part first, so bad settings fail before minutes of measuring
         start = time.perf_counter()
-        inputs = _inputs(shared, cfg, model, sae)
-        prepare_seconds = round(time.perf_counter() - start, 2)
-        evaluated.append(inputs)
-        sections, seconds = _measure(cfg, inputs)
+        evaluated.append(_inputs(shared, cfg, model, sae))
+        prepare_seconds.append(round(time.perf_counter() - start, 2))
+        if "dark_matter" in cfg.sections:
+            dark_matter.split_tokens(len(evaluated[-1].x), sae.cfg.d_in, cfg.dark_matter, cfg.seed)
+    measured = [_measure(cfg, inputs) for inputs in evaluated]
+    out.mkdir(parents=True, exist_ok=True)  # nothing is written until every measurement has succeeded
+    write_plotly_js(out)
+    reports, png = [], cfg.png
+    for (name, path, sae), inputs, (sections, seconds), prep in zip(entries, evaluated, measured, prepare_seconds):
         figures = {}
         for section_name, section in sections.items():
             paths, png = write_figures(out, _slug(name), {f"{section_name}-{k}": f for k, f in section.figures.items()}, png)
             figures |= paths
         reports.append({"name": name, "path": None if path is None else str(path), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
                         "k": sae.cfg.k if "k" in sae.cfg.rule.config_fields else None, "hook": inputs.hook, "tokens": len(inputs.x),
-                        "sections": {k: s.metrics for k, s in sections.items()}, "figures": figures, "seconds": {"prepare": prepare_seconds, **seconds},
+                        "sections": {k: s.metrics for k, s in sections.items()}, "figures": figures, "seconds": {"prepare": prep, **seconds},
                         "summary": [line for s in sections.values() for line in s.lines]})
     comparison = _comparison(cfg, out, reports, evaluated, png)
     first = evaluated[0]

@@ -89,6 +89,7 @@ def test_cli_prints_a_summary_and_rejects_bad_input(tmp_path, sweep):
     assert res.returncode == 2 and "d_in=512" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = subprocess.run([*cli, str(member), "--tokens", "50", "--sections", "dark_matter"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "--tokens" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (member / "eval").exists()  # a failed evaluation leaves no half-written report behind
 
 
 def test_evaluate_takes_sae_objects_in_a_notebook(tmp_path, model, sweep):
