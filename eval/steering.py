@@ -41,6 +41,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from sae_kit.activations import Harvester
 from sae_kit.eval.inputs import EvalInputs, Section
 from sae_kit.eval.lm import Edit, EvalContexts, EvalError, kl_from, run_lm
 from sae_kit.models import stop_layer
@@ -163,8 +164,9 @@ def generate(model, hook: str, prompt: str, n_tokens: int, edit: Edit | None = N
     first on each step (no KV cache: a full forward per token)."""
     tokens = model.to_tokens(prompt).cpu()
     start, eos = tokens.shape[1], model.tokenizer.eos_token_id
+    keep_rule = Harvester(model, [hook])
     for _ in range(n_tokens):
-        logits, _ = run_lm(model, tokens, hook, edit=edit, keep=_prompt_keep(model, tokens))
+        logits, _ = run_lm(model, tokens, hook, edit=edit, keep=keep_rule.keep_positions(tokens))
         nxt = logits[0, -1].argmax().cpu()
         tokens = torch.cat([tokens, nxt.view(1, 1)], 1)
         if int(nxt) == eos:
@@ -178,21 +180,15 @@ def budgeted_best(delta_mass: list[float], kl: list[float], budget: float) -> fl
 
 
 # ------------------------------------------------------------------------------------------------------ internals
-def _prompt_keep(model, tokens: Tensor) -> Tensor:
-    """[R, T] bool: positions a prompt's edit may change (not position 0, not special tokens), as in training."""
-    keep = ~torch.isin(tokens, torch.tensor(model.tokenizer.all_special_ids, dtype=tokens.dtype))
-    keep[:, 0] = False
-    return keep
-
-
 def _mean_activation(model, hook: str, prompts: tuple[str, ...]) -> Tensor:
     """Mean activation [d_in] at `hook` over the kept positions of all `prompts` pooled."""
     stop = stop_layer(model, [hook])
+    keep_rule = Harvester(model, [hook])
     acts = []
     for prompt in prompts:
         tokens = model.to_tokens(prompt).cpu()
         _, act = run_lm(model, tokens, hook, capture=True, stop_at_layer=stop)
-        acts.append(act[_prompt_keep(model, tokens).to(act.device)].float().cpu())
+        acts.append(act[keep_rule.keep_positions(tokens).to(act.device)].float().cpu())
     return torch.cat(acts).mean(0)
 
 

@@ -96,11 +96,15 @@ class Harvester:
 
     def keep_mask(self, ctx: Contexts) -> torch.Tensor:
         """[R, T] bool: positions whose activations are kept."""
-        keep = torch.ones_like(ctx.tokens, dtype=torch.bool)
-        if ctx.pad.numel():
-            keep &= ~ctx.pad
+        return self.keep_positions(ctx.tokens, ctx.pad if ctx.pad.numel() else None)
+
+    def keep_positions(self, tokens: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, T] bool: the positions of a token batch (e.g. a prompt) that this harvester's rule keeps."""
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        if pad is not None:
+            keep &= ~pad
         if self.exclude_special_tokens:
-            keep &= ~torch.isin(ctx.tokens, self._special)
+            keep &= ~torch.isin(tokens, self._special.to(tokens.device))
         if self.exclude_first_position:
             keep[:, 0] = False
         return keep
