@@ -39,7 +39,7 @@ from torch import Tensor
 
 from sae_kit.atomic import atomic_dir, save_tensors, write_json
 from sae_kit.errors import SaeKitError
-from sae_kit.sae import (CFG_FILE, DTYPES, NORMALIZE_ACTIVATIONS, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError,
+from sae_kit.sae import (CFG_FILE, DTYPES, NORMALIZE_ACTIVATIONS, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError, dtype_name,
                          load_sparsity, package_version, read_cfg, read_tensors)
 from sae_kit.sparsifiers import ALIASES, get_sparsifier
 
@@ -68,10 +68,6 @@ _SPARSIFY_UNSUPPORTED = {"transcode": "a transcoder (it predicts another hook's 
 
 def _canonical(architecture: str) -> str:
     return ALIASES.get(architecture, architecture)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, dt in DTYPES.items() if dt == dtype)
 
 
 def _integral(value: Any) -> bool:
@@ -270,7 +266,7 @@ def write_saelens(sae: SAE, path: Path) -> Path:
                 "training_architecture": trained_as,
                 "training_architecture_details": {**details, **{name: getattr(cfg, name) for name in cfg.rule.config_fields}},
                 "sae_kit_export_version": package_version()}
-    out = {"architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": _dtype_name(sae.W_dec.dtype),
+    out = {"architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": dtype_name(sae.W_dec.dtype),
            "device": str(sae.W_dec.device), "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
            "normalize_activations": cfg.normalize_activations,
            "reshape_activations": metadata.get("reshape_activations", "none"), **extra, "metadata": metadata}

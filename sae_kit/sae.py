@@ -42,6 +42,11 @@ class SAEFormatError(SaeKitError):
     """An SAE directory exists but a file in it is unreadable or does not match cfg.json."""
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The cfg.json name of a torch dtype (a key of DTYPES)."""
+    return next(name for name, dt in DTYPES.items() if dt == dtype)
+
+
 def package_version() -> str:
     """The installed sae-kit version ("unknown" when it is not installed)."""
     try:
@@ -342,7 +347,7 @@ class SAE(nn.Module):
             self.sparsity = sparsity.detach().float().cpu()
         if format != "sae_kit":
             return WRITERS[format](self, Path(path))
-        dtype = next(name for name, dt in DTYPES.items() if dt == self.W_dec.dtype)
+        dtype = dtype_name(self.W_dec.dtype)
         cfg = replace(self.cfg, dtype=dtype, device=str(self.W_dec.device), metadata=dict(self.cfg.metadata))
         path = Path(path)
         with atomic_dir(path) as tmp:
