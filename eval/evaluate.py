@@ -98,7 +98,7 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
     model_name = cfg.model or entries[0][2].cfg.metadata.get("model_name")
     model = model or load_model(model_name, device=cfg.device)
     single_dir = len(entries) == 1 and entries[0][1] is not None
-    out = Path(cfg.out or (_run_dir(entries[0][1]) / "eval" if single_dir else f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"))
+    out = Path(cfg.out or (run_dir_of(entries[0][1]) / "eval" if single_dir else f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"))
     shared: dict[tuple, EvalInputs] = {}
     evaluated, prepare_seconds = [], []
     for _, _, sae in entries:  # the cheap part first, so bad settings fail before minutes of measuring
@@ -147,7 +147,8 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run_dir(sae_dir: Path) -> Path:
+def run_dir_of(sae_dir: Path) -> Path:
+    """The run directory an SAE directory belongs to (its parent for <run>/sae, else itself)."""
     return sae_dir.parent if sae_dir.name == "sae" else sae_dir
 
 

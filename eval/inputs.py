@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from sae_kit.activations import harvester_for
+from sae_kit.activations import HarvestConfig, harvester_for
 from sae_kit.eval.lm import EvalContexts, check_pair, harvest_config_for, heldout_contexts, run_lm
 from sae_kit.models import stop_layer
 from sae_kit.sae import SAE
@@ -78,7 +78,13 @@ def prepare(model, sae: SAE, n_tokens: int, *, hook: str | None = None, corpus: 
     cfg = harvest_config_for(sae, hook=hook, corpus=corpus, context_size=context_size, lm_batch_size=lm_batch_size)
     check_pair(model, sae, cfg.hook[0])
     ctxs = heldout_contexts(model, cfg, n_tokens)
-    hook = cfg.hook[0]
+    x, grad = activations(model, sae, cfg.hook[0], ctxs, lm_batch_size, cfg)
+    return EvalInputs(model, sae.eval(), cfg.hook[0], ctxs, x, grad, lm_batch_size, seed)
+
+
+def activations(model, sae: SAE, hook: str, ctxs: EvalContexts, lm_batch_size: int, cfg: HarvestConfig) -> tuple[Tensor, Tensor | None]:
+    """The clean activations [n_kept, d_in] at `hook` on the kept positions of `ctxs` (row-major, fp32, CPU), and
+    ∂CE/∂x at the same positions when the SAE reads gradients (g-SAE), else None."""
     stop = stop_layer(model, [hook])
     xs, gs = [], []
     grad_harvester = harvester_for(model, cfg, with_grads=True) if sae.sparsifier.uses_grad else None
@@ -90,4 +96,4 @@ def prepare(model, sae: SAE, n_tokens: int, *, hook: str | None = None, corpus: 
             acts = acts_by_hook[hook]
             gs.append(grads[hook][batch.keep.to(grads[hook].device)].float().cpu())
         xs.append(acts[batch.keep.to(acts.device)].float().cpu())
-    return EvalInputs(model, sae.eval(), hook, ctxs, torch.cat(xs), torch.cat(gs) if gs else None, lm_batch_size, seed)
+    return torch.cat(xs), torch.cat(gs) if gs else None

@@ -65,14 +65,36 @@ def _eval(args) -> None:
     print(summary_text(evaluate(args)))
 
 
+def _index(args) -> None:
+    from sae_kit.dashboards.indexer import build_index
+    from sae_kit.eval.evaluate import run_dir_of
+
+    for meta in build_index(args):
+        short = " (the held-out split holds no more)" if meta["short"] else ""
+        print(f"index of {meta['sae']['d_sae']:,} features on {meta['tokens']:,} held-out tokens{short}: "
+              f"pass {meta['seconds']['pass']:.1f} s ({meta['throughput']['tokens_per_s']:,} tok/s), "
+              f"features {meta['seconds']['features']:.1f} s ({meta['throughput']['features_per_s']:,} features/s)")
+        print(f"browse it: sae-kit browse {run_dir_of(Path(meta['sae']['dir']))}")
+
+
+def _browse(args) -> None:
+    from sae_kit.dashboards.browse import browse
+
+    browse(args)
+
+
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     from sae_kit.build_cache import CacheConfig
+    from sae_kit.dashboards.browse import BrowseConfig
+    from sae_kit.dashboards.indexer import IndexConfig
     from sae_kit.eval.evaluate import EvalConfig
     from sae_kit.training.run import TrainRunConfig
 
     return {
         "train": (TrainRunConfig, _train, "train an SAE from the model or an activation cache (no flags: TopK on the default)"),
         "eval": (EvalConfig, _eval, "evaluate SAEs on held-out tokens: core, dead features, dark matter, steering -> report.json"),
+        "index": (IndexConfig, _index, "precompute every feature's contexts, histogram, logits, neighbours for the browser (resumable)"),
+        "browse": (BrowseConfig, _browse, "open the Streamlit feature browser on a run (127.0.0.1:8501 by default)"),
         "cache": (CacheConfig, _cache, "harvest activations into an on-disk ActivationCache (resumable)"),
         "hooks": (HooksArgs, _hooks, "list a model's hook names"),
     }

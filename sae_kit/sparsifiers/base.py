@@ -49,6 +49,20 @@ class Codes:
         out = self.values.new_zeros(self.values.shape[0], self.d_sae)
         return out.scatter_add(1, self.indices, self.values)
 
+    def nonzeros(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(token [n], latent [n], value [n]) of every nonzero code entry, sorted by token then latent, with repeated
+        MP-SAE atoms summed (detached)."""
+        if self.dense is None and self.unique_indices:
+            values, indices = self.values.detach(), self.indices
+            order = indices.argsort(-1)
+            values, indices = values.gather(1, order), indices.gather(1, order)
+            token = torch.arange(len(values), device=values.device).unsqueeze(1).expand_as(values)
+            mask = values != 0
+            return token[mask], indices[mask], values[mask]
+        dense = self.to_dense().detach()
+        token, latent = dense.nonzero(as_tuple=True)
+        return token, latent, dense[token, latent]
+
     def l0(self) -> Tensor:
         """Number of nonzero latents per token [N] (int64)."""
         if self.dense is None and self.unique_indices:

@@ -1,0 +1,267 @@
+"""`sae-kit index`: one pass over held-out tokens, then every feature's artifacts in sharded parquet (see `store`).
+
+The pass runs in chunks of contexts; each finished chunk's codes are saved under index/.work/, and each finished
+shard is a complete file, so a killed run resumes where it stopped (same settings, same SAE weights). The index
+describes the SAE by a SHA-256 of its files, so the browser can tell when the SAE changed since indexing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import tyro
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from sae_kit.atomic import save_tensors, write_json
+from sae_kit.dashboards import artifacts
+from sae_kit.dashboards.store import INDEX_DIR, SCHEMA, SUMMARY_SCHEMA, VERSION, FeatureIndexError, shard_name, write_table
+from sae_kit.eval.evaluate import resolve, run_dir_of
+from sae_kit.eval.inputs import activations
+from sae_kit.eval.lm import EvalContexts, check_pair, harvest_config_for, heldout_contexts
+from sae_kit.sae import SAE, load_sae
+
+
+@dataclass
+class IndexConfig:
+    """Precompute every feature's artifacts for the browser: statistics, histograms, contexts, logits, neighbours."""
+
+    sae: tyro.conf.Positional[Path]
+    """An SAE directory, a run directory (its sae/) or a sweep run directory (every member is indexed)."""
+    tokens: int = 100_000
+    """Held-out token positions to read (fewer if the held-out split holds fewer)."""
+    out: Path | None = None
+    """Index directory (None: <run dir>/index beside sae/; only for a single SAE)."""
+    top: int = 20
+    """Top-activating contexts kept per feature (and per sign, for signed rules), at most one per context."""
+    bands: int = 5
+    """Activation-quantile bands that contexts are sampled from."""
+    per_band: int = 4
+    """Contexts sampled per quantile band."""
+    before: int = 16
+    """Tokens shown before the activating token."""
+    after: int = 6
+    """Tokens shown after the activating token."""
+    bins: int = 40
+    """Histogram bins over each feature's nonzero activations."""
+    logits: int = 10
+    """Promoted and suppressed tokens kept per feature (d_i·W_U)."""
+    neighbours: int = 10
+    """Nearest decoder directions (cosine) kept per feature."""
+    cofire: int = 10
+    """Most co-firing features (Jaccard index of firing positions) kept per feature."""
+    shard_size: int = 1024
+    """Features per shard file."""
+    row_group: int = 16
+    """Features per parquet row group: the unit the browser reads for one feature."""
+    chunk_contexts: int = 64
+    """Contexts per pass chunk: the unit of resume."""
+    corpus: str | None = None
+    """Corpus (None: the SAE's training corpus, whose held-out documents are read)."""
+    context_size: int | None = None
+    """Context length (None: the SAE's training context length)."""
+    lm_batch_size: int = 16
+    """Contexts per LM forward pass."""
+    seed: int = 0
+    """Seed of the quantile-band samples."""
+    force: bool = False
+    """Rebuild from scratch, discarding an existing or unfinished index."""
+    progress: bool = True
+    """Show progress bars."""
+    device: str | None = None
+    """Torch device for the LM and SAE (None: cuda if available, else cpu)."""
+
+    def settings(self) -> dict[str, Any]:
+        """What the index's content depends on (a resumed run must match it)."""
+        skip = {"sae", "out", "force", "progress", "device", "lm_batch_size"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def build_index(cfg: IndexConfig, model=None) -> list[dict[str, Any]]:
+    """Index every SAE `cfg.sae` stands for; returns each index.json."""
+    from sae_kit.models import load_model
+
+    for name, value in (("tokens", cfg.tokens), ("top", cfg.top), ("bands", cfg.bands), ("bins", cfg.bins), ("shard_size", cfg.shard_size),
+                        ("row_group", cfg.row_group), ("chunk_contexts", cfg.chunk_contexts)):
+        if value < 1:
+            raise FeatureIndexError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.shard_size % cfg.row_group:
+        raise FeatureIndexError(f"--shard-size ({cfg.shard_size}) must be a multiple of --row-group ({cfg.row_group})")
+    found = resolve((cfg.sae,))
+    if cfg.out is not None and len(found) > 1:
+        raise FeatureIndexError(f"{cfg.sae} holds {len(found)} SAEs; drop --out (each member is indexed into <member>/index)")
+    results, models = [], {}
+    for _, sae_dir in found:
+        sae = load_sae(sae_dir, device=cfg.device)
+        name = sae.cfg.metadata.get("model_name")
+        if name not in models:
+            models[name] = model or load_model(name, device=cfg.device)
+        results.append(index_sae(sae, sae_dir, models[name], cfg, cfg.out or run_dir_of(sae_dir) / INDEX_DIR))
+    return results
+
+
+def sae_digest(sae_dir: Path) -> str:
+    """SHA-256 over the SAE directory's files (config and weights)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in sae_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        h.update(file.name.encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> dict[str, Any]:
+    """Build (or resume, or confirm up to date) the index of one SAE in `out`."""
+    hcfg = harvest_config_for(sae, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size)
+    hook = hcfg.hook[0]
+    check_pair(model, sae, hook)
+    meta = {"schema": SCHEMA, "version": VERSION, "complete": False, "settings": cfg.settings(),
+            "sae": {"dir": str(sae_dir.resolve()), "sha256": sae_digest(sae_dir), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
+                    "d_in": sae.cfg.d_in, "hook": hook, "model": sae.cfg.metadata.get("model_name"), "signed": sae.cfg.architecture == "abstopk",
+                    "k": sae.cfg.k if "k" in sae.cfg.rule.config_fields else None},
+            "corpus": hcfg.corpus, "shard_size": cfg.shard_size, "row_group": cfg.row_group}
+    if _reuse(out, meta, cfg.force) == "done":
+        return json.loads((out / "index.json").read_text())
+    write_json(out / "index.json", meta)
+    start = time.perf_counter()
+    p = _pass(sae, model, hook, hcfg, cfg, out / ".work")
+    pass_seconds = time.perf_counter() - start
+    _write_vocab(model, out)
+    start = time.perf_counter()
+    _write_features(p, sae, model, cfg, out, meta["sae"]["signed"])
+    feature_seconds = time.perf_counter() - start
+    R, T = p.tokens.shape
+    meta |= {"complete": True, "tokens": p.n_read, "contexts": R, "context_size": T,
+             "shards": [shard_name(a, min(a + cfg.shard_size, sae.cfg.d_sae)) for a in range(0, sae.cfg.d_sae, cfg.shard_size)],
+             "seconds": {"pass": round(pass_seconds, 2), "features": round(feature_seconds, 2)},
+             "throughput": {"tokens_per_s": round(p.n_read / max(pass_seconds, 1e-9)), "features_per_s": round(sae.cfg.d_sae / max(feature_seconds, 1e-9))},
+             "short": p.n_read < cfg.tokens}
+    write_json(out / "index.json", meta)
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    return meta
+
+
+def _reuse(out: Path, meta: dict[str, Any], force: bool) -> str:
+    """'done' when `out` already holds this index, 'resume'/'new' otherwise; a one-line error when it holds another."""
+    file = out / "index.json"
+    if force and out.exists():
+        shutil.rmtree(out)
+    if not file.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise FeatureIndexError(f"{out} exists and is not a feature index; pass another --out or remove it")
+        return "new"
+    try:
+        old = json.loads(file.read_text())
+    except ValueError:
+        raise FeatureIndexError(f"{file} is damaged; rebuild with --force") from None
+    same = {k: old.get(k) for k in ("settings", "sae", "corpus", "shard_size", "row_group")} == {k: meta[k] for k in ("settings", "sae", "corpus", "shard_size", "row_group")}
+    if same:
+        return "done" if old.get("complete") else "resume"
+    what = "the SAE changed since it was indexed" if old.get("sae", {}).get("sha256") != meta["sae"]["sha256"] else "it was built with other settings"
+    raise FeatureIndexError(f"{out} holds an index, but {what}; rebuild it with --force")
+
+
+def _pass(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass:
+    """The nonzero codes over the held-out contexts, chunk by chunk, reusing the chunks a killed run finished."""
+    ctx_file = work / "contexts.safetensors"
+    if ctx_file.is_file():
+        saved = load_file(str(ctx_file))
+        ctxs = EvalContexts(saved["tokens"], saved["keep"], saved["pad"])
+    else:
+        ctxs = heldout_contexts(model, hcfg, cfg.tokens)
+        n_rows = _rows_for(ctxs, cfg.tokens)
+        ctxs = EvalContexts(ctxs.tokens[:n_rows], ctxs.keep[:n_rows], ctxs.pad[:n_rows])
+        save_tensors(ctx_file, {"tokens": ctxs.tokens, "keep": ctxs.keep, "pad": ctxs.pad})
+    R, T = ctxs.tokens.shape
+    parts = []
+    bar = tqdm(total=ctxs.n_kept, unit="tok", desc="index: pass", disable=not cfg.progress)
+    for c, a in enumerate(range(0, R, cfg.chunk_contexts)):
+        chunk = EvalContexts(ctxs.tokens[a : a + cfg.chunk_contexts], ctxs.keep[a : a + cfg.chunk_contexts], ctxs.pad[a : a + cfg.chunk_contexts])
+        file = work / f"pass-{c:05d}.safetensors"
+        try:
+            part = load_file(str(file)) if file.is_file() else None
+        except Exception:  # a chunk file is written atomically, so this is damage from outside: recompute it
+            part = None
+        if part is None:
+            part = _encode_chunk(sae, model, hook, hcfg, cfg, chunk, offset=a * T)
+            save_tensors(file, part)
+        parts.append(part)
+        bar.update(chunk.n_kept)
+    bar.close()
+    cat = {k: torch.cat([part[k] for part in parts]) for k in ("feature", "position", "value")}
+    return artifacts.Pass.from_entries(ctxs.tokens, ~ctxs.pad, cat["feature"], cat["position"], cat["value"], ctxs.n_kept, sae.cfg.d_sae)
+
+
+def _rows_for(ctxs: EvalContexts, n_tokens: int) -> int:
+    """The fewest leading rows holding `n_tokens` kept positions (all rows if they hold fewer)."""
+    kept = ctxs.keep.sum(1).cumsum(0)
+    return min(int((kept < n_tokens).sum()) + 1, len(kept))
+
+
+@torch.no_grad()
+def _encode_chunk(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, chunk: EvalContexts, offset: int) -> dict[str, torch.Tensor]:
+    x, grad = activations(model, sae, hook, chunk, cfg.lm_batch_size, hcfg)
+    where = chunk.keep.flatten().nonzero().squeeze(1) + offset  # flat position of each row of x
+    device = sae.W_dec.device
+    step = max(1, (1 << 25) // sae.cfg.d_sae)
+    feature, position, value = [], [], []
+    for i in range(0, len(x), step):
+        g = None if grad is None else grad[i : i + step].to(device)
+        tok, lat, val = sae.forward_codes(x[i : i + step].to(device), g).nonzeros()
+        position.append(where[i + tok.cpu()])
+        feature.append(lat.cpu())
+        value.append(val.float().cpu())
+    return {"feature": torch.cat(feature), "position": torch.cat(position), "value": torch.cat(value)}
+
+
+def _write_vocab(model, out: Path) -> None:
+    tok = model.tokenizer
+    write_json(out / "vocab.json", [tok.decode([i]) for i in range(len(tok))])
+
+
+def _write_features(p: artifacts.Pass, sae: SAE, model, cfg: IndexConfig, out: Path, signed: bool) -> None:
+    from sae_kit.eval.steering import logit_lens
+
+    st = artifacts.stats(p)
+    hist = artifacts.histograms(p, st, cfg.bins)
+    picks = artifacts.Picks.choose(p, cfg, signed)
+    cofiring = artifacts.CoFiring(p)
+    W_dec = sae.W_dec.detach().float().cpu()
+    d_sae = sae.cfg.d_sae
+    logit_ids = []  # the summary's copy of each shard's promoted tokens
+    bar = tqdm(total=d_sae, unit="feat", desc="index: features", disable=not cfg.progress)
+    for a in range(0, d_sae, cfg.shard_size):
+        b = min(a + cfg.shard_size, d_sae)
+        file = out / shard_name(a, b)
+        if _complete(file, b - a):
+            logit_ids.append(pq.read_table(file, columns=["logit_pos_ids"])["logit_pos_ids"].combine_chunks())
+        else:
+            table = artifacts.shard_table(p, st, hist, picks, cofiring, W_dec, lambda d: logit_lens(model, d), cfg, a, b)
+            write_table(file, table, row_group=cfg.row_group)
+            logit_ids.append(table["logit_pos_ids"].combine_chunks())
+        bar.update(b - a)
+    bar.close()
+    summary = pa.table({"feature": pa.array(range(d_sae), pa.int32()), "count": st.count.numpy(), "density": (st.count / max(p.n_read, 1)).double().numpy(),
+                        "max_act": st.max_act.numpy(), "min_act": st.min_act.numpy(), "mean_act": st.mean_abs.numpy(),
+                        "top_token_ids": pa.array(picks.peak_tokens(p), pa.list_(pa.int32())),
+                        "logit_pos_ids": pa.concat_arrays(logit_ids)}, schema=SUMMARY_SCHEMA)
+    write_table(out / "features.parquet", summary)
+
+
+def _complete(file: Path, rows: int) -> bool:
+    """Whether a shard from an earlier run is whole (written atomically, so present means finished, unless damaged)."""
+    try:
+        return file.is_file() and pq.ParquetFile(file).metadata.num_rows == rows
+    except (OSError, pa.ArrowException):
+        return False

@@ -1,0 +1,457 @@
+"""The browser's pages. `main()` is the whole Streamlit script (dashboards/app.py calls it on every rerun).
+
+Navigation state lives in st.session_state ("page", "fid": the open feature, "sae") and is mirrored into the URL
+query string, so `?page=Feature&feature=123` opens a feature directly. Every page shows a one-line explanation
+instead of a traceback when what it needs is missing or damaged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from sae_kit.dashboards.render import STYLE, contexts_html, tokens_html
+from sae_kit.dashboards.store import FeatureIndex
+from sae_kit.dashboards.workspace import ROOT_ENV, Entry, Evaluated, Workspace
+from sae_kit.errors import SaeKitError
+
+PAGES = ("Overview", "Features", "Feature", "Prompt", "Steering", "Compare")
+PAGE_SIZE = 50
+EXAMPLE_PROMPT = "The meeting is on Thursday at noon.\nBring the report, and don't forget the coffee!"
+
+
+# ------------------------------------------------------------------------------------------------ cached resources
+@st.cache_resource(show_spinner=False)
+def _workspace(root: str, _stamp: float) -> Workspace:
+    return Workspace(root)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _index(path: str, _stamp: float) -> FeatureIndex:
+    return FeatureIndex(path)
+
+
+@st.cache_resource(show_spinner="Loading the SAE...", max_entries=4)
+def _sae(path: str):
+    from sae_kit.sae import load_sae
+
+    return load_sae(path)
+
+
+@st.cache_resource(show_spinner="Loading the language model...", max_entries=1)
+def _model(name: str | None):
+    from sae_kit.models import load_model
+
+    return load_model(name)
+
+
+def _stamp(path: Path) -> float:
+    """Modification time of a file (0 when missing): part of cache keys, so a rebuilt index is picked up."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def open_index(ws: Workspace, entry: Entry) -> FeatureIndex:
+    folder = ws.file(entry.index_dir)
+    return _index(str(folder), _stamp(folder / "index.json"))
+
+
+# ------------------------------------------------------------------------------------------------ navigation
+def go_to(page: str, feature: int | None = None) -> None:
+    """A callback: open `page` (and `feature`)."""
+    st.session_state["page"] = page
+    if feature is not None:
+        st.session_state["fid"] = int(feature)
+
+
+def feature_button(feature: int, label: str, key: str) -> None:
+    st.button(label, key=key, on_click=go_to, args=("Feature", feature), help=f"open feature {feature}")
+
+
+def feature_input(d_sae: int, key: str) -> int:
+    """A feature-id input bound to the shared open feature."""
+    st.session_state["fid"] = min(max(int(st.session_state.get("fid", 0)), 0), d_sae - 1)
+    st.session_state[key] = st.session_state["fid"]
+    st.number_input(f"Feature id (0–{d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=key,
+                    on_change=lambda: st.session_state.update(fid=int(st.session_state[key])))
+    return int(st.session_state["fid"])
+
+
+def _restore_from_url() -> None:
+    """On a session's first run, take page / feature / sae from the query string."""
+    if st.session_state.get("_restored"):
+        return
+    st.session_state["_restored"] = True
+    q = st.query_params
+    page = q.get("page", "")
+    match = [p for p in PAGES if p.lower() == page.lower()]
+    st.session_state["page"] = match[0] if match else "Overview"
+    if q.get("feature", "").isdigit():
+        st.session_state["fid"] = int(q["feature"])
+    if q.get("sae"):
+        st.session_state["sae_name"] = q["sae"]
+
+
+# ------------------------------------------------------------------------------------------------ the script
+def main() -> None:
+    st.set_page_config(page_title="sae-kit feature browser", page_icon="🔎", layout="wide")
+    _restore_from_url()
+    root = os.environ.get(ROOT_ENV, "")
+    try:
+        ws = _workspace(root, 0.0)
+    except SaeKitError as err:
+        st.title("sae-kit feature browser")
+        st.error(str(err))
+        return
+    names = [e.name for e in ws.entries]
+    if st.session_state.get("sae_name") not in names:
+        st.session_state["sae_name"] = names[0]
+    with st.sidebar:
+        st.markdown(f"**sae-kit** · `{ws.root.name}`")
+        if len(names) > 1:
+            st.selectbox("SAE", names, key="sae_name")
+        st.radio("Page", PAGES, key="page")
+    entry = ws.entries[names.index(st.session_state["sae_name"])]
+    page = st.session_state["page"]
+    st.query_params.update({"page": page, "sae": entry.name, **({"feature": str(st.session_state["fid"])} if "fid" in st.session_state else {})})
+    try:
+        {"Overview": overview, "Features": feature_list, "Feature": feature_page, "Prompt": prompt_explorer,
+         "Steering": steering_playground, "Compare": compare}[page](ws, entry)
+    except SaeKitError as err:
+        st.error(str(err))
+
+
+# ------------------------------------------------------------------------------------------------ Overview
+def overview(ws: Workspace, entry: Entry) -> None:
+    cfg = ws.config(entry)
+    sae_cfg = cfg["sae"]
+    meta = sae_cfg.get("metadata", {})
+    st.title(f"{entry.name}")
+    st.caption(f"{sae_cfg.get('architecture')} SAE · d_sae {sae_cfg.get('d_sae'):,} · d_in {sae_cfg.get('d_in')} · "
+               f"{meta.get('model_name', '?')} at {meta.get('hook_name', '?')}")
+    cols = st.columns(4)
+    cols[0].metric("Features", f"{sae_cfg.get('d_sae'):,}")
+    cols[1].metric("k" if sae_cfg.get("k") else "Architecture", sae_cfg.get("k") or sae_cfg.get("architecture"))
+    cols[2].metric("Training L0", f"{meta['training_l0']:.1f}" if isinstance(meta.get("training_l0"), (int, float)) else "—")
+    cols[3].metric("Trained tokens", f"{meta['training_tokens']:,}" if isinstance(meta.get("training_tokens"), int) else "—")
+    with st.expander("Configuration (cfg.json and the run's config.json)"):
+        st.json(cfg, expanded=1)
+
+    st.subheader("Training curve")
+    rows = [r for r in ws.metrics(entry) if "tokens" in r]
+    if rows:
+        df = pd.DataFrame(rows)
+        choices = [c for c in ("fvu", "loss", "l0", "dead_frac", "aux", "lr") if c in df]
+        shown = st.multiselect("Metrics", choices, default=[c for c in ("fvu", "l0") if c in choices], key="curve_metrics")
+        for name in shown:
+            st.plotly_chart(go.Figure(go.Scatter(x=df["tokens"], y=df[name], mode="lines", name=name)).update_layout(
+                height=240, margin=dict(t=30, b=30), title=name, xaxis_title="tokens"), key=f"curve-{name}")
+    else:
+        st.info("No training log (metrics.jsonl) in this run.")
+
+    st.subheader("Evaluation")
+    ev = ws.evaluation_of(entry)
+    if ev is None:
+        st.info(f"No eval report for this SAE yet. Run: `sae-kit eval {entry.run_dir}`")
+    else:
+        _eval_summary(ws, ev)
+
+    st.subheader("Feature index")
+    try:
+        index = open_index(ws, entry)
+    except SaeKitError as err:
+        st.info(str(err))
+        return
+    m = index.meta
+    s = index.summary
+    dead = int((s["count"] == 0).sum())
+    cols = st.columns(4)
+    cols[0].metric("Indexed tokens", f"{m['tokens']:,}")
+    cols[1].metric("Never fired", f"{dead:,} ({100 * dead / index.d_sae:.1f}%)")
+    cols[2].metric("Median density", f"{float(np.median(s['density'])):.2e}")
+    cols[3].metric("Index throughput", f"{m['throughput']['tokens_per_s']:,} tok/s")
+    if m.get("sae", {}).get("sha256") and _changed(ws, entry, m["sae"]["sha256"]):
+        st.warning(f"The SAE changed since it was indexed; rebuild: `sae-kit index {entry.run_dir} --force`")
+    alive = s["density"][s["count"] > 0]
+    st.plotly_chart(go.Figure(go.Histogram(x=np.log10(alive), nbinsx=60)).update_layout(
+        height=260, margin=dict(t=30, b=30), title="Feature density on the indexed tokens", xaxis_title="log10 density"), key="density-hist")
+
+
+def _changed(ws: Workspace, entry: Entry, digest: str) -> bool:
+    from sae_kit.dashboards.indexer import sae_digest
+
+    return sae_digest(ws.file(entry.sae_dir)) != digest
+
+
+KEY_METRICS = (
+    ("core", "fvu", "FVU"), ("core", "l0_mean", "L0"), ("core", "ce_loss_recovered", "CE recovered"), ("core", "kl_spliced", "KL (spliced)"),
+    ("core", "explained_variance", "Explained variance"), ("dead", "dead_frac", "Dead fraction"),
+    ("dark_matter", "norm_r2", "Dark matter ‖e‖ R²"), ("dark_matter", "vector_r2", "Dark matter e R²"),
+    ("steering", "score", "Steering score (Δmass at KL ≤ budget)"),
+)
+FIGURES = (("dead-log10_density", "Feature density"), ("core-l0_hist", "L0 per token"), ("dark_matter-norm_scatter", "Dark matter: predicted vs actual ‖e‖"),
+           ("dark_matter-r2_per_dim", "Dark matter R² per dimension"), ("steering-steering_delta_mass", "Steering: Δ target mass"),
+           ("steering-steering_kl", "Steering: KL"))
+
+
+def _metrics_of(ev: Evaluated) -> dict[str, float]:
+    out = {}
+    for section, key, label in KEY_METRICS:
+        value = ev.sae.get("sections", {}).get(section, {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[label] = value
+    return out
+
+
+def _eval_summary(ws: Workspace, ev: Evaluated) -> None:
+    st.caption(f"Report {ev.report_dir.relative_to(ws.root)}/report.json · {ev.report['settings'].get('tokens', '?'):,} held-out tokens · "
+               f"created {ev.report.get('created', '?')}")
+    metrics = _metrics_of(ev)
+    cols = st.columns(min(5, max(1, len(metrics))))
+    for i, (label, value) in enumerate(metrics.items()):
+        cols[i % len(cols)].metric(label, f"{value:.4g}")
+    shown = [(name, title) for name, title in FIGURES if name in ev.sae.get("figures", {})]
+    for (name, title), col in zip(shown, st.columns(2) * len(shown)):
+        fig = ws.figure(ev, name)
+        if fig is not None:
+            col.plotly_chart(fig.update_layout(height=300, title=title, margin=dict(t=40, b=30)), key=f"eval-{ev.label}-{name}")
+
+
+# ------------------------------------------------------------------------------------------------ Feature list
+SORTS = {"density": "density", "max activation": "max_act", "mean activation": "mean_act", "count": "count", "feature id": "feature"}
+
+
+def feature_list(ws: Workspace, entry: Entry) -> None:
+    index = open_index(ws, entry)
+    st.title("Features")
+    s = index.summary
+    c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
+    sort = c1.selectbox("Sort by", list(SORTS), key="list_sort")
+    descending = c2.toggle("Descending", value=True, key="list_desc")
+    token = c3.text_input("Token in top contexts or logits", key="list_token", placeholder="e.g. Thursday")
+    with c4:
+        jump = st.number_input("Jump to id", min_value=0, max_value=index.d_sae - 1, step=1, key="list_jump")
+        st.button("Open", key="list_open", on_click=go_to, args=("Feature", int(jump)))
+    c1, c2 = st.columns(2)
+    lo, hi = c1.slider("log10 density", -7.0, 0.0, (-7.0, 0.0), 0.1, key="list_density")
+    min_max = c2.number_input("Min max-activation", value=0.0, key="list_minmax")
+    with np.errstate(divide="ignore"):
+        log_density = np.log10(s["density"].to_numpy())
+    mask = ((log_density >= lo) | (lo <= -7.0)) & (log_density <= hi) & (s["max_act"].to_numpy() >= min_max)
+    if token.strip():
+        ids = {i for i, t in enumerate(index.vocab) if t.strip().lower() == token.strip().lower()}
+        if not ids:
+            st.warning(f"No token of the vocabulary reads {token.strip()!r}")
+        mask &= index.with_tokens(ids)
+    table = s[mask].sort_values(SORTS[sort], ascending=not descending, kind="stable")
+    st.caption(f"{len(table):,} of {index.d_sae:,} features")
+    pages = max(1, -(-len(table) // PAGE_SIZE))
+    page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key="list_page") if pages > 1 else 1
+    shown = table.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE].copy()
+    top_tokens = index.table["top_token_ids"]
+    logit_ids = index.table["logit_pos_ids"]
+    shown["top tokens"] = [index.token_strings(list(dict.fromkeys(top_tokens[int(i)].as_py()))[:6]) for i in shown["feature"]]
+    shown["promoted"] = [index.token_strings(logit_ids[int(i)].as_py()[:6]) for i in shown["feature"]]
+    event = st.dataframe(shown[["feature", "density", "count", "max_act", "mean_act", "top tokens", "promoted"]], hide_index=True,
+                         on_select="rerun", selection_mode="single-row", key="list_table", width="stretch")
+    rows = getattr(getattr(event, "selection", None), "rows", [])
+    if rows:
+        chosen = int(shown.iloc[rows[0]]["feature"])
+        st.button(f"Open feature {chosen}", key="list_open_selected", on_click=go_to, args=("Feature", chosen), type="primary")
+
+
+# ------------------------------------------------------------------------------------------------ Feature page
+def feature_page(ws: Workspace, entry: Entry) -> None:
+    index = open_index(ws, entry)
+    c1, c2, c3 = st.columns([3, 1, 1])
+    with c1:
+        fid = feature_input(index.d_sae, "feature_page_id")
+    c2.button("◀ Previous", key="prev", on_click=go_to, args=("Feature", max(fid - 1, 0)), disabled=fid == 0)
+    c3.button("Next ▶", key="next", on_click=go_to, args=("Feature", min(fid + 1, index.d_sae - 1)), disabled=fid == index.d_sae - 1)
+    row = index.feature(fid)
+    s = index.summary.iloc[fid]
+    st.title(f"Feature {fid}")
+    cols = st.columns(5 if index.signed else 4)
+    cols[0].metric("Density", f"{s['density']:.3e}")
+    cols[1].metric("Fires on", f"{int(s['count']):,} tokens")
+    cols[2].metric("Max activation", f"{s['max_act']:.3f}")
+    cols[3].metric("Mean |activation|", f"{s['mean_act']:.3f}")
+    if index.signed:
+        cols[4].metric("Min activation", f"{s['min_act']:.3f}")
+    if s["count"] == 0:
+        st.info(f"Feature {fid} never fired on the {index.meta['tokens']:,} indexed tokens; its logit effects and neighbours are below.")
+    scale = max(abs(float(s["max_act"])), abs(float(s["min_act"])), 1e-6)
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Top activations")
+        if row["top"]:
+            st.html(contexts_html(row["top"], index.vocab, scale))
+        if index.signed:
+            st.subheader("Top negative activations")
+            st.html(contexts_html(row["top_negative"], index.vocab, scale) if row["top_negative"] else "<p>none</p>")
+        if row["quantiles"]:
+            st.subheader("Across the activation range")
+            edges = row["band_edges"]
+            for band in sorted({c["band"] for c in row["quantiles"]}, reverse=True):
+                lo, hi = edges[band], edges[band + 1] if band + 1 < len(edges) else edges[-1]
+                st.caption(f"band {band + 1} of {len(edges) - 1}: |activation| {lo:.3g} – {hi:.3g}")
+                st.html(contexts_html([c for c in row["quantiles"] if c["band"] == band], index.vocab, scale))
+    with right:
+        if s["count"] > 0:
+            st.plotly_chart(_histogram(row), key=f"hist-{fid}")
+        st.subheader("Logit effects (d·W_U)")
+        if index.signed:
+            st.caption("For negative activations the roles swap: promoted tokens are suppressed and vice versa.")
+        l1, l2 = st.columns(2)
+        l1.dataframe(_tokens_table(index, row["logit_pos_ids"], row["logit_pos_vals"], "promoted"), hide_index=True, key="logits_pos")
+        l2.dataframe(_tokens_table(index, row["logit_neg_ids"], row["logit_neg_vals"], "suppressed"), hide_index=True, key="logits_neg")
+        st.subheader("Nearest decoder directions")
+        _feature_links(row["neighbour_ids"], [f"cos {c:.2f}" for c in row["neighbour_cos"]], "nb")
+        st.subheader("Co-firing features")
+        if row["cofire_ids"]:
+            st.caption("Ranked by the Jaccard index of the positions they fire on; the share is P(it fires | this feature fires).")
+            _feature_links(row["cofire_ids"], [f"J {j:.2f} · {100 * f:.0f}%" for j, f in zip(row["cofire_jaccard"], row["cofire_frac"])], "co")
+        else:
+            st.caption("none on the indexed tokens")
+
+
+def _histogram(row: dict) -> go.Figure:
+    counts = row["hist_counts"]
+    lo, hi = row["hist_lo"], row["hist_hi"]
+    width = (hi - lo) / len(counts) if hi > lo else 1.0
+    centres = [lo + (i + 0.5) * width for i in range(len(counts))]
+    colours = ["#2f6fff" if c < 0 else "#ff8000" for c in centres]
+    return go.Figure(go.Bar(x=centres, y=counts, width=width, marker_color=colours)).update_layout(
+        height=260, margin=dict(t=40, b=30), title="Activation histogram (where it fires)", xaxis_title="activation", yaxis_title="tokens")
+
+
+def _tokens_table(index: FeatureIndex, ids: list[int], values: list[float], label: str) -> pd.DataFrame:
+    return pd.DataFrame({label: [repr(index.vocab[i])[1:-1] for i in ids], "logit": [round(v, 3) for v in values]})
+
+
+def _feature_links(ids: list[int], labels: list[str], key: str) -> None:
+    cols = st.columns(2)
+    for i, (fid, label) in enumerate(zip(ids, labels)):
+        with cols[i % 2]:
+            feature_button(fid, f"#{fid} · {label}", key=f"{key}-{i}")
+
+
+# ------------------------------------------------------------------------------------------------ Prompt explorer
+def prompt_explorer(ws: Workspace, entry: Entry) -> None:
+    from sae_kit.dashboards.live import encode_prompt
+
+    st.title("Prompt explorer")
+    text = st.text_area("Prompt", value=EXAMPLE_PROMPT, key="prompt_text", height=100)
+    if not text.strip():
+        st.info("Type a prompt to see which features fire on each token.")
+        return
+    sae = _sae(str(ws.file(entry.sae_dir)))
+    model = _model(sae.cfg.metadata.get("model_name"))
+    result = encode_prompt(model, sae, text)
+    codes = result.codes
+    l0 = [int((codes[i] != 0).sum()) for i, read in enumerate(result.read) if read]
+    st.caption(f"{len(result.tokens)} tokens · mean L0 {sum(l0) / max(len(l0), 1):.1f} on the {len(l0)} positions the SAE reads "
+               "(BOS and special tokens are not read)")
+    strongest = codes.abs().amax(0)
+    top = strongest.topk(min(12, int((strongest > 0).sum()))).indices.tolist() if (strongest > 0).any() else []
+    if not top:
+        st.warning("No feature fires on this prompt.")
+        return
+    st.subheader("Strongest features on the prompt")
+    st.caption("Pick one to see its activation on every token; the buttons open the feature pages.")
+    choice = st.selectbox("Feature", top, format_func=lambda f: f"#{f} (max {float(codes[:, f].abs().max()):.2f})", key="prompt_feature")
+    scale = float(codes[:, choice].abs().max())
+    st.html(STYLE + tokens_html(result.tokens, codes[:, choice].tolist(), scale, label=f"#{choice}"))
+    cols = st.columns(6)
+    for i, f in enumerate(top):
+        with cols[i % 6]:
+            feature_button(f, f"#{f}", key=f"prompt-open-{f}")
+
+    st.subheader("Token by token")
+    readable = [i for i, r in enumerate(result.read) if r]
+    position = st.select_slider("Token", options=readable, value=readable[-1] if readable else None,
+                                format_func=lambda i: f"{i}: {result.tokens[i]!r}", key="prompt_position")
+    active = codes[position].nonzero().squeeze(1)
+    order = active[codes[position, active].abs().argsort(descending=True)].tolist()
+    density = _densities(ws, entry)
+    table = pd.DataFrame({"feature": order, "activation": [round(float(codes[position, f]), 3) for f in order],
+                          **({"density": [float(density[f]) for f in order]} if density is not None else {})})
+    st.dataframe(table, hide_index=True, key="prompt_token_table")
+    cols = st.columns(6)
+    for i, f in enumerate(order[:12]):
+        with cols[i % 6]:
+            feature_button(f, f"#{f}", key=f"prompt-pos-{f}")
+
+
+def _densities(ws: Workspace, entry: Entry) -> np.ndarray | None:
+    try:
+        return open_index(ws, entry).summary["density"].to_numpy()
+    except SaeKitError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ Steering playground
+def steering_playground(ws: Workspace, entry: Entry) -> None:
+    from sae_kit.dashboards.live import steered_generation
+
+    st.title("Steering playground")
+    sae = _sae(str(ws.file(entry.sae_dir)))
+    fid = feature_input(sae.cfg.d_sae, "steer_feature")
+    try:
+        unit = float(open_index(ws, entry).summary["max_act"].iloc[fid]) or 1.0
+        unit_text = f"the feature's max activation on the indexed tokens ({unit:.3g})"
+    except SaeKitError:
+        unit, unit_text = 1.0, "1 (no index: strengths are absolute)"
+    st.caption(f"Adds strength × {unit_text} × its decoder direction at the SAE's hook, on every position the SAE reads.")
+    c1, c2 = st.columns([3, 1])
+    alpha = c1.slider("Strength", -20.0 if sae.cfg.architecture == "abstopk" else 0.0, 20.0, 4.0, 0.5, key="steer_alpha")
+    n_tokens = c2.number_input("Tokens to generate", 1, 128, 24, key="steer_tokens")
+    prompt = st.text_input("Prompt", value="My favourite thing to do on the weekend is", key="steer_prompt")
+    if st.button("Generate", key="steer_run", type="primary"):
+        model = _model(sae.cfg.metadata.get("model_name"))
+        plain, steered = steered_generation(model, sae, prompt, fid, alpha, unit, int(n_tokens))
+        st.session_state["steer_result"] = (fid, alpha, prompt, plain, steered)
+    result = st.session_state.get("steer_result")
+    if result:
+        f, a, p, plain, steered = result
+        left, right = st.columns(2)
+        left.markdown("**Without steering**")
+        left.code(p + plain, language=None, wrap_lines=True)
+        right.markdown(f"**Feature {f} at strength {a:+g}**")
+        right.code(p + steered, language=None, wrap_lines=True)
+
+
+# ------------------------------------------------------------------------------------------------ Compare
+def compare(ws: Workspace, entry: Entry) -> None:
+    st.title("Compare eval reports")
+    evals = ws.evaluations()
+    if len(evals) < 2:
+        st.info("Compare needs two evaluated SAEs inside this directory. Run `sae-kit eval` on a sweep, "
+                f"or on each run with --out inside {ws.root}.")
+        return
+    labels = [e.label for e in evals]
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("A", labels, index=0, key="cmp_a")
+    b = c2.selectbox("B", labels, index=1, key="cmp_b")
+    ea, eb = evals[labels.index(a)], evals[labels.index(b)]
+    ma, mb = _metrics_of(ea), _metrics_of(eb)
+    rows = [{"metric": k, "A": ma.get(k), "B": mb.get(k), "B − A": (mb[k] - ma[k]) if k in ma and k in mb else None} for k in dict.fromkeys([*ma, *mb])]
+    head = {"metric": "SAE", "A": f"{ea.sae.get('architecture')} d_sae {ea.sae.get('d_sae')} k {ea.sae.get('k')}",
+            "B": f"{eb.sae.get('architecture')} d_sae {eb.sae.get('d_sae')} k {eb.sae.get('k')}", "B − A": None}
+    st.dataframe(pd.DataFrame([head, *rows]).astype(str), hide_index=True, key="cmp_table", width="stretch")
+    for name, title in FIGURES:
+        figs = [ws.figure(e, name) if name in e.sae.get("figures", {}) else None for e in (ea, eb)]
+        if any(f is not None for f in figs):
+            st.markdown(f"**{title}**")
+            for col, fig, side in zip(st.columns(2), figs, "AB"):
+                if fig is None:
+                    col.caption(f"{side}: not in its report")
+                else:
+                    col.plotly_chart(fig.update_layout(height=280, margin=dict(t=30, b=30)), key=f"cmp-{side}-{name}")
