@@ -123,25 +123,25 @@ def top_entries(p: Pass, n: int, sign: int = 1) -> Tensor:
 
 
 def quantile_entries(p: Pass, bands: int, per_band: int, exclude: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(entry indices, their band, band edges [d_sae, bands + 1]): `per_band` random entries from each of `bands`
-    equal-count bands of each feature's |activation| distribution, leaving out the `exclude` entries. Edges of
-    empty bands are NaN."""
+    """(entry indices, their band, band ranges [d_sae, bands, 2]): `per_band` random entries from each of `bands`
+    equal-count bands of each feature's |activation| distribution, leaving out the `exclude` entries. The range
+    (smallest, largest |activation|) of an empty band is NaN."""
     mag = p.value.abs()
     o = _order(p.feature, -mag)  # feature ascending, |activation| ascending
     count = p.counts()
     band = torch.empty_like(p.feature)
     band[o] = (_rank_in_run(p.feature[o]) * bands // count[p.feature[o]]).clamp(max=bands - 1)
     group = p.feature * bands + band
-    lo = torch.full((p.d_sae * bands,), torch.nan).scatter_reduce(0, group, mag, "amin", include_self=False)
-    top = torch.full((p.d_sae,), torch.nan).scatter_reduce(0, p.feature, mag, "amax", include_self=False)
-    edges = torch.cat([lo.view(p.d_sae, bands), top.unsqueeze(1)], 1)
+    empty = torch.full((p.d_sae * bands,), torch.nan)
+    ranges = torch.stack([empty.scatter_reduce(0, group, mag, "amin", include_self=False),
+                          empty.scatter_reduce(0, group, mag, "amax", include_self=False)], 1).view(p.d_sae, bands, 2)
     allowed = torch.ones(len(mag), dtype=torch.bool)
     allowed[exclude] = False
     cand = allowed.nonzero().squeeze(1)
     key = torch.randint(0, 1 << 62, (len(cand),), generator=torch.Generator().manual_seed(seed))
     o = _order(group[cand], key)
     picked = cand[o[_rank_in_run(group[cand][o]) < per_band]]
-    return picked, band[picked], edges
+    return picked, band[picked], ranges
 
 
 # ------------------------------------------------------------------------------------------------- arrow columns
@@ -262,14 +262,14 @@ class Picks:
     top_negative: Tensor
     quantiles: Tensor
     bands: Tensor
-    edges: Tensor
+    ranges: Tensor
 
     @classmethod
     def choose(cls, p: Pass, cfg: IndexConfig, signed: bool) -> Picks:
         top = top_entries(p, cfg.top)
         negative = top_entries(p, cfg.top, sign=-1) if signed else torch.zeros(0, dtype=torch.int64)
-        quantiles, bands, edges = quantile_entries(p, cfg.bands, cfg.per_band, torch.cat([top, negative]), cfg.seed)
-        return cls(top, negative, quantiles, bands, edges)
+        quantiles, bands, ranges = quantile_entries(p, cfg.bands, cfg.per_band, torch.cat([top, negative]), cfg.seed)
+        return cls(top, negative, quantiles, bands, ranges)
 
     def peak_tokens(self, p: Pass) -> list[list[int]]:
         """Per feature, the token at the peak of each top context (positive, then negative side)."""
@@ -301,7 +301,8 @@ def shard_table(p: Pass, st: Stats, hist: Tensor, picks: Picks, cofiring: CoFiri
         "hist_counts": _lists(hist[start:stop].flatten().to(torch.int32), torch.full((r,), hist.shape[1]), pa.int32()),
         "hist_lo": pa.array(st.lo[start:stop].numpy()), "hist_hi": pa.array(st.hi[start:stop].numpy()),
         "top": ctx(top), "top_negative": ctx(negative), "quantiles": ctx(quant, bands),
-        "band_edges": _lists(picks.edges[start:stop].flatten(), torch.full((r,), picks.edges.shape[1]), pa.float32()),
+        "band_lo": _lists(picks.ranges[start:stop, :, 0].flatten(), torch.full((r,), picks.ranges.shape[1]), pa.float32()),
+        "band_hi": _lists(picks.ranges[start:stop, :, 1].flatten(), torch.full((r,), picks.ranges.shape[1]), pa.float32()),
     }
     for name, col in zip(("logit_pos_ids", "logit_pos_vals", "logit_neg_ids", "logit_neg_vals"), logit_effects(lens, W_dec, start, stop, cfg.logits)):
         columns[name] = col

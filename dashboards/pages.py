@@ -298,10 +298,8 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
             st.html(contexts_html(row["top_negative"], index.vocab, scale) if row["top_negative"] else "<p>none</p>")
         if row["quantiles"]:
             st.subheader("Across the activation range")
-            edges = row["band_edges"]
             for band in sorted({c["band"] for c in row["quantiles"]}, reverse=True):
-                lo, hi = edges[band], edges[band + 1] if band + 1 < len(edges) else edges[-1]
-                st.caption(f"band {band + 1} of {len(edges) - 1}: |activation| {lo:.3g} – {hi:.3g}")
+                st.caption(f"quantile band {band + 1} of {len(row['band_lo'])}: |activation| {row['band_lo'][band]:.3g} – {row['band_hi'][band]:.3g}")
                 st.html(contexts_html([c for c in row["quantiles"] if c["band"] == band], index.vocab, scale))
     with right:
         if s["count"] > 0:

@@ -45,7 +45,7 @@ SHARD_SCHEMA = pa.schema([
     ("top", pa.list_(CONTEXT)),
     ("top_negative", pa.list_(CONTEXT)),
     ("quantiles", pa.list_(CONTEXT)),
-    ("band_edges", pa.list_(pa.float32())),
+    ("band_lo", pa.list_(pa.float32())), ("band_hi", pa.list_(pa.float32())),  # |activation| range of each quantile band
     ("logit_pos_ids", pa.list_(pa.int32())), ("logit_pos_vals", pa.list_(pa.float32())),
     ("logit_neg_ids", pa.list_(pa.int32())), ("logit_neg_vals", pa.list_(pa.float32())),
     ("neighbour_ids", pa.list_(pa.int32())), ("neighbour_cos", pa.list_(pa.float32())),
