@@ -226,8 +226,23 @@ def _encode_chunk(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, chunk: Eva
 
 
 def _write_vocab(model, out: Path) -> None:
-    tok = model.tokenizer
-    write_json(out / "vocab.json", [tok.decode([i]) for i in range(len(tok))])
+    write_json(out / "vocab.json", token_strings(model.tokenizer))
+
+
+def token_strings(tokenizer) -> list[str]:
+    """The display string of every token id. A byte-level BPE token holding part of a UTF-8 character shows its
+    bytes (e.g. \\xe2\\x80) instead of a bare replacement character."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    out = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        raw = tokenizer.convert_ids_to_tokens(i)
+        if "\ufffd" in text and isinstance(raw, str) and all(c in byte_of for c in raw):
+            text = bytes(byte_of[c] for c in raw).decode("utf-8", errors="backslashreplace")
+        out.append(text)
+    return out
 
 
 def _write_features(p: artifacts.Pass, sae: SAE, model, cfg: IndexConfig, out: Path, signed: bool) -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from sae_kit.dashboards.render import STYLE, contexts_html, tokens_html
+from sae_kit.dashboards.render import STYLE, contexts_html, plain, tokens_html
 from sae_kit.dashboards.store import FeatureIndex
 from sae_kit.dashboards.workspace import ROOT_ENV, Entry, Evaluated, Workspace
 from sae_kit.errors import SaeKitError
@@ -299,7 +299,8 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
         if row["quantiles"]:
             st.subheader("Across the activation range")
             for band in sorted({c["band"] for c in row["quantiles"]}, reverse=True):
-                st.caption(f"quantile band {band + 1} of {len(row['band_lo'])}: |activation| {row['band_lo'][band]:.3g} – {row['band_hi'][band]:.3g}")
+                st.caption(f"quantile band {band + 1} of {len(row['band_lo'])}: |activation| {row['band_lo'][band]:.3g} – {row['band_hi'][band]:.3g} "
+                           "(outlined: the sampled token)")
                 st.html(contexts_html([c for c in row["quantiles"] if c["band"] == band], index.vocab, scale))
     with right:
         if s["count"] > 0:
@@ -331,7 +332,7 @@ def _histogram(row: dict) -> go.Figure:
 
 
 def _tokens_table(index: FeatureIndex, ids: list[int], values: list[float], label: str) -> pd.DataFrame:
-    return pd.DataFrame({label: [repr(index.vocab[i])[1:-1] for i in ids], "logit": [round(v, 3) for v in values]})
+    return pd.DataFrame({label: [plain(index.vocab[i]) for i in ids], "logit": [round(v, 3) for v in values]})
 
 
 def _feature_links(ids: list[int], labels: list[str], key: str) -> None:

@@ -15,7 +15,7 @@ STYLE = (
     "word-break:break-word;padding:4px 8px;margin:2px 0;border-left:3px solid #ddd}"
     ".sk-tok{border-radius:3px;padding:1px 0}"
     ".sk-peak{outline:2px solid #222;font-weight:600}"
-    ".sk-ws{color:#aaa}"
+    ".sk-ws{color:rgba(0,0,0,0.4)}"  # readable on white and on the strongest highlight
     ".sk-act{color:#888;font-size:0.75rem;margin-right:8px}"
     "</style>"
 )
@@ -33,6 +33,11 @@ def visible(text: str) -> str:
         else:
             out.append(html.escape(ch))
     return "".join(out) or '<span class="sk-ws">∅</span>'
+
+
+def plain(text: str) -> str:
+    """A token's text for tables: spaces, tabs and newlines shown as ·, ⇥ and ↵."""
+    return "".join("·" if ch == " " else _VISIBLE.get(ch, ch) for ch in text) or "∅"
 
 
 def colour(act: float, scale: float) -> str:

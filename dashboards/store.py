@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sae_kit.atomic import atomic_path
+from sae_kit.dashboards.render import plain
 from sae_kit.errors import SaeKitError
 
 SCHEMA = "sae-kit/feature-index"
@@ -121,8 +122,8 @@ class FeatureIndex:
         return hit
 
     def token_strings(self, ids) -> str:
-        """Token ids as a short readable string (for tables)."""
-        return " ".join(repr(self.vocab[int(i)])[1:-1] for i in ids)
+        """Token ids as a short readable string (for tables), whitespace shown."""
+        return "  ".join(plain(self.vocab[int(i)]) for i in ids)
 
     def feature(self, i: int) -> dict[str, Any]:
         """Everything the feature page shows for feature `i` (one row-group read)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_kit.dashboards.indexer import IndexConfig, build_index
+from sae_kit.dashboards.indexer import IndexConfig, build_index, token_strings
 from sae_kit.dashboards.store import FeatureIndex, FeatureIndexError
 from sae_kit.eval.inputs import prepare
 from sae_kit.sae import load_sae
@@ -55,7 +55,9 @@ def test_the_index_agrees_with_encoding_the_heldout_tokens_directly(model, brows
     assert len({c["row"] for c in top}) == len(top)
     assert all(c["acts"][c["peak"]] == pytest.approx(c["act"]) for c in top + row["quantiles"])
     assert sum(row["hist_counts"]) == s.loc[f, "count"]
-    assert ix.vocab[top[0]["tokens"][top[0]["peak"]]] == model.tokenizer.decode([top[0]["tokens"][top[0]["peak"]]])
+    assert ix.vocab == token_strings(model.tokenizer) and len(ix.vocab) == len(model.tokenizer)
+    peak = top[0]["tokens"][top[0]["peak"]]
+    assert model.tokenizer.decode([peak]) in (ix.vocab[peak], "\ufffd")
     assert len(row["logit_pos_ids"]) == 10 and row["logit_pos_vals"] == sorted(row["logit_pos_vals"], reverse=True)
     assert len(row["neighbour_ids"]) == 10 and f not in row["neighbour_ids"]
     assert f not in row["cofire_ids"] and all(0 < j <= 1 for j in row["cofire_jaccard"])
