@@ -228,3 +228,11 @@ def test_the_app_reads_only_inside_its_directory(browse_run, monkeypatch, tmp_pa
     shutil.copytree(browse_run / TOPK / "sae", run / "sae")
     (run / "index").symlink_to(outside / "index")
     one_line_error(app(run, monkeypatch, page="Feature", feature="1"), "outside", "reads only inside")
+
+
+def test_browse_refuses_a_missing_directory_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "sae_kit.cli", "browse", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == f"sae-kit browse: error: {tmp_path / 'nope'} does not exist; pass a run directory written by sae-kit train"
