@@ -165,10 +165,12 @@ def _reuse(out: Path, meta: dict[str, Any], force: bool) -> str:
         old = json.loads(file.read_text())
     except ValueError:
         raise FeatureIndexError(f"{file} is damaged; rebuild with --force") from None
-    same = {k: old.get(k) for k in ("settings", "sae", "corpus", "shard_size", "row_group")} == {k: meta[k] for k in ("settings", "sae", "corpus", "shard_size", "row_group")}
-    if same:
+    def identity(m: dict[str, Any]) -> tuple:  # what the content depends on (not where the run directory lives now)
+        return m.get("settings"), m.get("sae", {}).get("sha256"), m.get("corpus"), m.get("shard_size"), m.get("row_group")
+
+    if identity(old) == identity(meta):
         return "done" if old.get("complete") else "resume"
-    what = "the SAE changed since it was indexed" if old.get("sae", {}).get("sha256") != meta["sae"]["sha256"] else "it was built with other settings"
+    what = "the SAE changed since it was indexed" if identity(old)[1] != identity(meta)[1] else "it was built with other settings"
     raise FeatureIndexError(f"{out} holds an index, but {what}; rebuild it with --force")
 
 

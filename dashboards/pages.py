@@ -26,13 +26,9 @@ EXAMPLE_PROMPT = "The meeting is on Thursday at noon.\nBring the report, and don
 
 
 # ------------------------------------------------------------------------------------------------ cached resources
-@st.cache_resource(show_spinner=False)
-def _workspace(root: str, _stamp: float) -> Workspace:
-    return Workspace(root)
-
-
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _index(path: str, _stamp: float) -> FeatureIndex:
+def _index(path: str, stamp: float) -> FeatureIndex:
+    """The opened index (`stamp`, index.json's mtime, is only part of the cache key)."""
     return FeatureIndex(path)
 
 
@@ -51,7 +47,7 @@ def _model(name: str | None):
 
 
 def _stamp(path: Path) -> float:
-    """Modification time of a file (0 when missing): part of cache keys, so a rebuilt index is picked up."""
+    """Modification time of a file (0 when missing): part of cache keys, so a rebuilt index or SAE is picked up."""
     try:
         return path.stat().st_mtime
     except OSError:
@@ -105,7 +101,7 @@ def main() -> None:
     _restore_from_url()
     root = os.environ.get(ROOT_ENV, "")
     try:
-        ws = _workspace(root, 0.0)
+        ws = Workspace(root)  # cheap (a few stats), and re-read on every run so new evals and indexes show up
     except SaeKitError as err:
         st.title("sae-kit feature browser")
         st.error(str(err))
@@ -185,9 +181,16 @@ def overview(ws: Workspace, entry: Entry) -> None:
 
 
 def _changed(ws: Workspace, entry: Entry, digest: str) -> bool:
+    sae_dir = ws.file(entry.sae_dir)
+    return _digest(str(sae_dir), max(_stamp(f) for f in sae_dir.iterdir())) != digest
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _digest(sae_dir: str, stamp: float) -> str:
+    """SHA-256 of the SAE's files (`stamp`, their newest mtime, is only part of the cache key)."""
     from sae_kit.dashboards.indexer import sae_digest
 
-    return sae_digest(ws.file(entry.sae_dir)) != digest
+    return sae_digest(Path(sae_dir))
 
 
 KEY_METRICS = (

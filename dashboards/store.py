@@ -133,7 +133,7 @@ class FeatureIndex:
         start = i // size * size
         file = self.path / shard_name(start, min(start + size, self.d_sae))
         rows = self._read(file, lambda f: f.read_row_group((i - start) // group)).to_pylist()
-        row = rows[(i - start) % group]
+        row = rows[(i - start) % group] if (i - start) % group < len(rows) else {"feature": None}
         if row["feature"] != i:
             raise FeatureIndexError(f"{file} is damaged (feature {i} is not where it belongs); rebuild it: sae-kit index {self.path.parent} --force")
         return row
