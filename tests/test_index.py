@@ -4,6 +4,7 @@ side is kept for AbsTopK, a SIGKILLed run resumes to the same files, and bad sta
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,3 +149,11 @@ def test_cli_reports_throughput_and_bad_input(browse_run, tmp_path):
     assert res.returncode == 2 and "holds 2 SAEs; drop --out" in res.stderr
     res = subprocess.run(cli(str(tmp_path)), capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "holds no SAE" in res.stderr
+
+
+def test_a_moved_run_keeps_its_index(model, browse_run, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(member(browse_run, "topk"), moved)
+    stamp = (moved / "index" / "features.parquet").stat().st_mtime_ns
+    meta = build_index(IndexConfig(sae=moved, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model)[0]
+    assert meta["complete"] and (moved / "index" / "features.parquet").stat().st_mtime_ns == stamp
