@@ -120,22 +120,22 @@ def main() -> None:
     try:
         {"Overview": overview, "Features": feature_list, "Feature": feature_page, "Prompt": prompt_explorer,
          "Steering": steering_playground, "Compare": compare}[page](ws, entry)
-    except SaeKitError as err:
-        st.error(str(err))
+    except (SaeKitError, FileNotFoundError) as err:  # a missing or damaged file of the run: one line, no traceback
+        st.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 # ------------------------------------------------------------------------------------------------ Overview
 def overview(ws: Workspace, entry: Entry) -> None:
     cfg = ws.config(entry)
-    sae_cfg = cfg["sae"]
-    meta = sae_cfg.get("metadata", {})
+    sae = _sae(str(ws.file(entry.sae_dir))).cfg  # normalised: SAELens and sparsify folders name things differently
+    meta = sae.metadata
+    heldout = meta.get("heldout") if isinstance(meta.get("heldout"), dict) else {}
     st.title(f"{entry.name}")
-    st.caption(f"{sae_cfg.get('architecture')} SAE · d_sae {sae_cfg.get('d_sae'):,} · d_in {sae_cfg.get('d_in')} · "
-               f"{meta.get('model_name', '?')} at {meta.get('hook_name', '?')}")
+    st.caption(f"{sae.architecture} SAE · d_sae {sae.d_sae:,} · d_in {sae.d_in} · {meta.get('model_name', '?')} at {meta.get('hook_name', '?')}")
     cols = st.columns(4)
-    cols[0].metric("Features", f"{sae_cfg.get('d_sae'):,}")
-    cols[1].metric("k" if sae_cfg.get("k") else "Architecture", sae_cfg.get("k") or sae_cfg.get("architecture"))
-    cols[2].metric("Training L0", f"{meta['training_l0']:.1f}" if isinstance(meta.get("training_l0"), (int, float)) else "—")
+    cols[0].metric("Features", f"{sae.d_sae:,}")
+    cols[1].metric("k" if "k" in sae.rule.config_fields else "Architecture", sae.k if "k" in sae.rule.config_fields else sae.architecture)
+    cols[2].metric("Held-out FVU (training run)", f"{heldout['fvu']:.4f}" if isinstance(heldout.get("fvu"), float) else "—")
     cols[3].metric("Trained tokens", f"{meta['training_tokens']:,}" if isinstance(meta.get("training_tokens"), int) else "—")
     with st.expander("Configuration (cfg.json and the run's config.json)"):
         st.json(cfg, expanded=1)
