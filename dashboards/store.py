@@ -74,7 +74,7 @@ def write_table(target: Path, table: pa.Table, row_group: int | None = None) -> 
         pq.write_table(table, tmp, row_group_size=row_group, write_page_checksum=True, compression="zstd")
 
 
-def read_json(path: Path, what: str) -> Any:
+def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -89,12 +89,12 @@ class FeatureIndex:
         meta_file = self.path / "index.json"
         if not meta_file.is_file():
             raise FeatureIndexError(f"no feature index in {self.path.parent}; build it: sae-kit index {self.path.parent}")
-        self.meta = read_json(meta_file, "index")
+        self.meta = _json(self._inside(meta_file))
         if self.meta.get("schema") != SCHEMA or self.meta.get("version") != VERSION:
             raise FeatureIndexError(f"{meta_file} is not a version-{VERSION} sae-kit feature index; rebuild it: sae-kit index {self.path.parent} --force")
         if not self.meta.get("complete"):
             raise FeatureIndexError(f"the index in {self.path.parent} is unfinished; resume it: sae-kit index {self.path.parent}")
-        self.vocab: list[str] = read_json(self.path / "vocab.json", "vocab")
+        self.vocab: list[str] = _json(self._inside(self.path / "vocab.json"))
         self.d_sae: int = self.meta["sae"]["d_sae"]
         self.signed: bool = self.meta["sae"]["signed"]
         self._files = lru_cache(maxsize=64)(self._open)
@@ -141,7 +141,14 @@ class FeatureIndex:
     def _open(self, file: Path) -> pq.ParquetFile:
         return pq.ParquetFile(file, page_checksum_verification=True)
 
+    def _inside(self, file: Path) -> Path:
+        """`file`, or a one-line error when it resolves outside the index directory (a symlink out of it)."""
+        if not file.resolve().is_relative_to(self.path.resolve()):
+            raise FeatureIndexError(f"{file} resolves to {file.resolve()}, outside the index {self.path}; the browser reads only inside the directory it was given")
+        return file
+
     def _read(self, file: Path, how) -> pa.Table:
+        self._inside(file)
         if not file.is_file():
             raise FeatureIndexError(f"{file.relative_to(self.path.parent)} is missing; rebuild the index: sae-kit index {self.path.parent} --force")
         try:

@@ -228,6 +228,13 @@ def test_the_app_reads_only_inside_its_directory(browse_run, monkeypatch, tmp_pa
     shutil.copytree(browse_run / TOPK / "sae", run / "sae")
     (run / "index").symlink_to(outside / "index")
     one_line_error(app(run, monkeypatch, page="Feature", feature="1"), "outside", "reads only inside")
+    (run / "index").unlink()
+    shutil.copytree(outside / "index", run / "index")
+    shard = run / "index" / "shards" / "00000-00255.parquet"
+    shard.unlink()
+    shard.symlink_to(outside / "index" / "shards" / "00000-00255.parquet")
+    clean(app(run, monkeypatch, page="Feature", feature="300"))
+    one_line_error(app(run, monkeypatch, page="Feature", feature="1"), "outside the index", "reads only inside")
 
 
 def test_browse_refuses_a_missing_directory_in_one_line(tmp_path):
