@@ -419,3 +419,21 @@ def test_fold_activation_scale(architecture):
     torch.testing.assert_close(sae.encode(x), want_f, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(sae(x).x_hat, want_x, atol=1e-5, rtol=1e-4)
     assert sae.cfg.normalize_activations == "none" and sae.cfg.metadata["activation_scale_folded"] == scale
+
+
+@pytest.mark.filterwarnings("ignore:gsae")
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_nonzeros_list_exactly_the_dense_code(architecture):
+    """The indexer reads codes as (token, latent, value) entries: they must rebuild the dense code, MP-SAE's
+    repeated atoms summed, sorted by token then latent."""
+    sae = make(architecture).eval()
+    x = batch(12)
+    grad = batch(12, seed=2) if sae.sparsifier.uses_grad else None
+    codes = sae.forward_codes(x, grad)
+    token, latent, value = codes.nonzeros()
+    rebuilt = torch.zeros(12, D_SAE)
+    rebuilt[token, latent] = value.float()
+    torch.testing.assert_close(rebuilt, codes.to_dense().detach().float())
+    assert bool((value != 0).all())
+    keys = token * D_SAE + latent
+    assert bool((keys[1:] > keys[:-1]).all())
