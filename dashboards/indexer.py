@@ -128,7 +128,7 @@ def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> di
     check_pair(model, sae, hook)
     meta = {"schema": SCHEMA, "version": VERSION, "complete": False, "settings": cfg.settings(),
             "sae": {"dir": str(sae_dir.resolve()), "sha256": sae_digest(sae_dir), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
-                    "d_in": sae.cfg.d_in, "hook": hook, "model": sae.cfg.metadata.get("model_name"), "signed": sae.cfg.architecture == "abstopk",
+                    "d_in": sae.cfg.d_in, "hook": hook, "model": sae.cfg.metadata.get("model_name"),
                     "k": sae.cfg.k if "k" in sae.cfg.rule.config_fields else None},
             "corpus": hcfg.corpus, "shard_size": cfg.shard_size, "row_group": cfg.row_group}
     if _reuse(out, meta, cfg.force) == "done":
@@ -138,6 +138,7 @@ def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> di
     p = _pass(sae, model, hook, hcfg, cfg, out / ".work")
     pass_seconds = time.perf_counter() - start
     _write_vocab(model, out)
+    meta["sae"]["signed"] = bool((p.value < 0).any())  # from the codes: AbsTopK, and MP-SAE with mp_signed
     start = time.perf_counter()
     _write_features(p, sae, model, cfg, out, meta["sae"]["signed"])
     feature_seconds = time.perf_counter() - start
@@ -155,23 +156,25 @@ def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> di
 def _reuse(out: Path, meta: dict[str, Any], force: bool) -> str:
     """'done' when `out` already holds this index, 'resume'/'new' otherwise; a one-line error when it holds another."""
     file = out / "index.json"
+    if out.exists() and any(out.iterdir()) and not file.is_file():  # never delete, or write into, a folder that is not ours
+        raise FeatureIndexError(f"{out} exists and is not a feature index; pass another --out or remove it")
     if force and out.exists():
         shutil.rmtree(out)
     if not file.is_file():
-        if out.exists() and any(out.iterdir()):
-            raise FeatureIndexError(f"{out} exists and is not a feature index; pass another --out or remove it")
         return "new"
     try:
         old = json.loads(file.read_text())
     except ValueError:
         raise FeatureIndexError(f"{file} is damaged; rebuild with --force") from None
-    def identity(m: dict[str, Any]) -> tuple:  # what the content depends on (not where the run directory lives now)
-        return m.get("settings"), m.get("sae", {}).get("sha256"), m.get("corpus"), m.get("shard_size"), m.get("row_group")
-
-    if identity(old) == identity(meta):
+    if _identity(old) == _identity(meta):
         return "done" if old.get("complete") else "resume"
-    what = "the SAE changed since it was indexed" if identity(old)[1] != identity(meta)[1] else "it was built with other settings"
+    what = "the SAE changed since it was indexed" if _identity(old)[1] != _identity(meta)[1] else "it was built with other settings"
     raise FeatureIndexError(f"{out} holds an index, but {what}; rebuild it with --force")
+
+
+def _identity(meta: dict[str, Any]) -> tuple:
+    """What an index's content depends on (not where its run directory lives now)."""
+    return meta.get("settings"), meta.get("sae", {}).get("sha256"), meta.get("corpus"), meta.get("shard_size"), meta.get("row_group")
 
 
 def _pass(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass:

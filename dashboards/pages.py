@@ -413,7 +413,7 @@ def steering_playground(ws: Workspace, entry: Entry) -> None:
         unit, unit_text = 1.0, "1 (no index: strengths are absolute)"
     st.caption(f"Adds strength × {unit_text} × its decoder direction at the SAE's hook, on every position the SAE reads.")
     c1, c2 = st.columns([3, 1])
-    alpha = c1.slider("Strength", -20.0 if sae.cfg.architecture == "abstopk" else 0.0, 20.0, 4.0, 0.5, key="steer_alpha")
+    alpha = c1.slider("Strength (negative: subtract the direction)", -20.0, 20.0, 4.0, 0.5, key="steer_alpha")
     n_tokens = c2.number_input("Tokens to generate", 1, 128, 24, key="steer_tokens")
     prompt = st.text_input("Prompt", value="My favourite thing to do on the weekend is", key="steer_prompt")
     if st.button("Generate", key="steer_run", type="primary"):

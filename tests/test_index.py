@@ -157,3 +157,10 @@ def test_a_moved_run_keeps_its_index(model, browse_run, tmp_path):
     stamp = (moved / "index" / "features.parquet").stat().st_mtime_ns
     meta = build_index(IndexConfig(sae=moved, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model)[0]
     assert meta["complete"] and (moved / "index" / "features.parquet").stat().st_mtime_ns == stamp
+
+
+def test_force_never_deletes_a_folder_that_is_not_an_index(model, browse_run, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FeatureIndexError, match="exists and is not a feature index"):
+        build_index(IndexConfig(sae=member(browse_run, "topk"), out=tmp_path, tokens=500, force=True, progress=False), model=model)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
