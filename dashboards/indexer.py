@@ -185,8 +185,6 @@ def _pass(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, work: Path) -> art
         ctxs = EvalContexts(saved["tokens"], saved["keep"], saved["pad"])
     else:
         ctxs = heldout_contexts(model, hcfg, cfg.tokens)
-        n_rows = _rows_for(ctxs, cfg.tokens)
-        ctxs = EvalContexts(ctxs.tokens[:n_rows], ctxs.keep[:n_rows], ctxs.pad[:n_rows])
         save_tensors(ctx_file, {"tokens": ctxs.tokens, "keep": ctxs.keep, "pad": ctxs.pad})
     R, T = ctxs.tokens.shape
     parts = []
@@ -206,12 +204,6 @@ def _pass(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, work: Path) -> art
     bar.close()
     cat = {k: torch.cat([part[k] for part in parts]) for k in ("feature", "position", "value")}
     return artifacts.Pass.from_entries(ctxs.tokens, ~ctxs.pad, cat["feature"], cat["position"], cat["value"], ctxs.n_kept, sae.cfg.d_sae)
-
-
-def _rows_for(ctxs: EvalContexts, n_tokens: int) -> int:
-    """The fewest leading rows holding `n_tokens` kept positions (all rows if they hold fewer)."""
-    kept = ctxs.keep.sum(1).cumsum(0)
-    return min(int((kept < n_tokens).sum()) + 1, len(kept))
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ def check_pair(model, sae: SAE, hook: str) -> None:
 
 
 def heldout_contexts(model, cfg: HarvestConfig, n_tokens: int) -> EvalContexts:
-    """Held-out context rows until `n_tokens` positions are kept (fewer if the split runs out)."""
+    """The fewest held-out context rows that hold `n_tokens` kept positions (all of them if the split holds fewer)."""
     harvester = harvester_for(model, cfg)
     parts, kept = [], 0
     for ctx in contexts(model, cfg, "heldout"):
@@ -96,7 +96,9 @@ def heldout_contexts(model, cfg: HarvestConfig, n_tokens: int) -> EvalContexts:
             break
     if not parts:
         raise EvalError(f"corpus {cfg.corpus!r} has no held-out documents; raise --holdout-fraction or use another corpus")
-    return EvalContexts(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+    tokens, keep, pad = (torch.cat([p[i] for p in parts]) for i in range(3))
+    rows = min(int((keep.sum(1).cumsum(0) < n_tokens).sum()) + 1, len(keep))  # the last batch may overshoot
+    return EvalContexts(tokens[:rows], keep[:rows], pad[:rows])
 
 
 def run_lm(model, tokens: Tensor, hook: str, edit: Edit | None = None, keep: Tensor | None = None,
