@@ -7,14 +7,18 @@ cross-entropy with respect to every hooked activation; the LM weights stay froze
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
-from sae_kit.data import Contexts, PackConfig, documents, load_corpus, pack
-from sae_kit.models import DEFAULT_HOOK, stop_layer, validate_hooks
+from sae_kit.data import Contexts, HarvestError, PackConfig, documents, load_corpus, pack
+from sae_kit.models import DEFAULT_HOOK, LanguageModel, check_device, context_limit, stop_layer, validate_hooks
 from sae_kit.rows import ActivationRows
+
+Split = Literal["train", "heldout"]
 
 
 @dataclass
@@ -48,6 +52,31 @@ class HarvestConfig:
     device: str | None = None
     """Torch device for the LM (None: cuda if available, else cpu)."""
 
+    def check(self, model: LanguageModel | None = None) -> None:
+        """One-line HarvestErrors for settings that cannot work, before anything runs or is written.
+
+        Without a model only the settings themselves are checked; with one, also what the model can serve
+        (the context size against its maximum context, the hook names).
+        """
+        if self.context_size < 2:
+            raise HarvestError(f"--context-size must be at least 2 (BOS and one token), got {self.context_size}; "
+                               f"use a value in [2, {_limit_text(model)}], e.g. 128")
+        if not (math.isfinite(self.holdout_fraction) and 0 <= self.holdout_fraction < 1):
+            raise HarvestError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}; e.g. 0.05 keeps 5% of the "
+                               "documents out of training for evaluation")
+        if self.lm_batch_size < 1:
+            raise HarvestError(f"--lm-batch-size must be at least 1, got {self.lm_batch_size}; e.g. 16 contexts per LM forward pass")
+        if len(set(self.hook)) != len(self.hook):
+            raise HarvestError(f"--hook names a hook twice ({' '.join(self.hook)}); pass each hook once")
+        if self.device is not None:
+            check_device(self.device)
+        if model is not None:
+            limit = context_limit(model)
+            if limit is not None and self.context_size > limit:
+                raise HarvestError(f"--context-size {self.context_size} is longer than {getattr(model, 'sae_kit_name', 'the model')}'s "
+                                   f"maximum context of {limit} tokens; use a value in [2, {limit}], e.g. 128")
+            validate_hooks(model, list(self.hook))
+
     def pack_config(self) -> PackConfig:
         return PackConfig(context_size=self.context_size, prepend_bos=self.prepend_bos, packing=self.packing, separator=self.separator)
 
@@ -71,11 +100,16 @@ class HarvestConfig:
         }
 
 
+def _limit_text(model: LanguageModel | None) -> str:
+    limit = None if model is None else context_limit(model)
+    return "the model's maximum context" if limit is None else str(limit)
+
+
 @dataclass
 class Harvester:
     """Runs the LM over packed contexts and returns the kept positions' activations as ActivationRows."""
 
-    model: object
+    model: LanguageModel
     """A TransformerBridge (see sae_kit.load_model)."""
     hooks: list[str]
     """Validated hook names."""
@@ -160,19 +194,41 @@ class Harvester:
         )
 
 
-def harvester_for(model, cfg: HarvestConfig, with_grads: bool = False) -> Harvester:
-    """A Harvester configured from a HarvestConfig."""
+def harvester_for(model: LanguageModel, cfg: HarvestConfig, with_grads: bool = False) -> Harvester:
+    """A Harvester configured from a HarvestConfig (checked against the model first: one-line errors)."""
+    cfg.check(model)
     return Harvester(model, list(cfg.hook), cfg.exclude_special_tokens, cfg.exclude_first_position, with_grads)
 
 
-def contexts(model, cfg: HarvestConfig, split: Literal["train", "heldout"] = "train", start_row: int = 0) -> Iterator[Contexts]:
+def contexts(model: LanguageModel, cfg: HarvestConfig, split: Split = "train", start_row: int = 0) -> Iterator[Contexts]:
     """Packed context batches of one corpus split, starting at context row `start_row`."""
     ds = load_corpus(cfg.corpus, text_field=cfg.text_field)
     docs = documents(ds, split, cfg.holdout_fraction)
     return pack(docs, model.tokenizer, cfg.pack_config(), rows_per_batch=cfg.lm_batch_size, start_row=start_row)
 
 
-def stream(model, cfg: HarvestConfig, split: Literal["train", "heldout"] = "train", with_grads: bool = False, start_row: int = 0) -> Iterator[tuple[ActivationRows, int]]:
+def check_splits(model: LanguageModel, cfg: HarvestConfig, splits: tuple[Split, ...] = ("train", "heldout"), hint: str = "") -> None:
+    """Raise a one-line HarvestError when a split of the corpus gives no context at all with these settings.
+
+    A corpus whose split holds fewer tokens than one context (or, for the held-out split, no document at all) would
+    otherwise give an empty cache or an empty training stream. Costs one LM batch of tokenisation per split.
+    `hint` ends the held-out split's message (e.g. how to do without held-out data).
+    """
+    cfg.check(model)
+    for split in splits:
+        if next(contexts(model, cfg, split), None) is not None:
+            continue
+        where = f"the {'held-out' if split == 'heldout' else split} split of corpus {cfg.corpus!r}"
+        if split == "heldout" and cfg.holdout_fraction == 0:
+            raise HarvestError(f"{where} is empty because --holdout-fraction is 0; raise it, e.g. 0.05{hint}")
+        fixes = [f"raise --holdout-fraction (now {cfg.holdout_fraction})"] if split == "heldout" else []
+        fixes += ["use a larger corpus", "lower --context-size"] + ([] if cfg.packing == "doc" else ["pass --packing doc"])
+        raise HarvestError(f"{where} gives no context of {cfg.context_size} tokens (too few or too short documents); "
+                           f"{', '.join(fixes[:-1])} or {fixes[-1]}{hint if split == 'heldout' else ''}")
+
+
+def stream(model: LanguageModel, cfg: HarvestConfig, split: Split = "train", with_grads: bool = False,
+           start_row: int = 0) -> Iterator[tuple[ActivationRows, int]]:
     """Yield (rows, contexts consumed so far) over one pass of a corpus split, for training or caching."""
     harvester = harvester_for(model, cfg, with_grads)
     for ctx in contexts(model, cfg, split, start_row):

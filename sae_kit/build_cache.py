@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -10,10 +11,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from sae_kit.activations import HarvestConfig, harvester_for, stream
+from sae_kit.activations import HarvestConfig, Split, check_splits, harvester_for, stream
 from sae_kit.cache import CacheWriter
 from sae_kit.errors import SaeKitError
-from sae_kit.models import load_model
+from sae_kit.models import LanguageModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +43,54 @@ class CacheConfig:
     progress: bool = True
     """Show the live progress bar (tokens/s)."""
 
-    def targets(self) -> dict[str, int]:
+    def targets(self) -> dict[Split, int]:
+        """Rows to cache per split (held-out first)."""
         held = self.heldout_tokens if self.heldout_tokens is not None else max(2048, self.tokens // 20)
         return {"heldout": held, "train": self.tokens}
 
 
-def build_cache(cfg: CacheConfig, model=None) -> Path:
-    """Harvest `cfg.harvest` into `cfg.out`; every argument is checked before anything is written."""
-    if cfg.tokens <= 0 or (cfg.heldout_tokens is not None and cfg.heldout_tokens < 0):
-        raise SaeKitError(f"--tokens must be positive (got {cfg.tokens}) and --heldout-tokens non-negative")
+def check(cfg: CacheConfig) -> None:
+    """One-line errors for cache settings that cannot work, before the corpus or the model is loaded."""
+    if cfg.tokens <= 0:
+        raise SaeKitError(f"--tokens must be positive, got {cfg.tokens}; e.g. --tokens 1000000")
+    if cfg.heldout_tokens is not None and cfg.heldout_tokens < 0:
+        raise SaeKitError(f"--heldout-tokens must be 0 or more, got {cfg.heldout_tokens} (0: no held-out split)")
     if cfg.shard_rows <= 0:
-        raise SaeKitError(f"--shard-rows must be positive, got {cfg.shard_rows}")
+        raise SaeKitError(f"--shard-rows must be positive, got {cfg.shard_rows}; e.g. 65536")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SaeKitError(f"--out {out} is a file; pass a new directory (or an existing cache to resume)")
+    base = next((p for p in out.absolute().parents if p.exists()), None)
+    if base is not None and (not base.is_dir() or not os.access(base, os.W_OK | os.X_OK)):
+        why = "is a file, not a directory" if not base.is_dir() else "is not writable"
+        raise SaeKitError(f"--out {out}: cannot create it, {base} {why}; pass another --out")
+    cfg.harvest.check()
+
+
+def build_cache(cfg: CacheConfig, model: LanguageModel | None = None) -> Path:
+    """Harvest `cfg.harvest` into `cfg.out`; every argument is checked before anything is written."""
     from sae_kit.data import load_corpus
 
-    load_corpus(cfg.harvest.corpus, text_field=cfg.harvest.text_field)  # fail on a bad corpus before creating anything
+    check(cfg)
+    load_corpus(cfg.harvest.corpus, text_field=cfg.harvest.text_field)  # fail on a bad corpus before loading the model
     model = model or load_model(cfg.harvest.model, device=cfg.harvest.device)
-    harvester = harvester_for(model, cfg.harvest, with_grads=cfg.grads)
+    harvester = harvester_for(model, cfg.harvest, with_grads=cfg.grads)  # checks the settings against the model
     probe, _ = harvester.run(torch.full((1, 2), model.tokenizer.bos_token_id or 0))
     widths = {h: a.shape[-1] for h, a in probe.items()}
     if len(set(widths.values())) != 1:
         raise SaeKitError(f"hooks of different widths {widths} cannot share a cache: run `sae-kit cache` once per width")
-    settings = cfg.harvest.settings(model.sae_kit_name)
-    writer = CacheWriter(cfg.out, settings=settings, hooks=list(cfg.harvest.hook), d_in=next(iter(widths.values())), dtype=cfg.dtype, with_grads=cfg.grads, shard_rows=cfg.shard_rows)
     targets = cfg.targets()
+    check_splits(model, cfg.harvest, tuple(s for s, n in targets.items() if n > 0), hint=", or pass --heldout-tokens 0")
+    settings = cfg.harvest.settings(model.sae_kit_name)
+    writer = CacheWriter(cfg.out, settings=settings, hooks=list(cfg.harvest.hook), d_in=next(iter(widths.values())), dtype=cfg.dtype,
+                         with_grads=cfg.grads, shard_rows=cfg.shard_rows)
     done = {s: writer.rows_written(s) for s in targets}
     if writer.complete or all(done[s] >= targets[s] for s in targets):
         writer.close(complete=True)
         log.warning("%s is already complete (%s)", cfg.out, ", ".join(f"{s}: {n} rows" for s, n in done.items()))
         return Path(cfg.out)
-    bar = tqdm(total=sum(targets.values()), initial=sum(min(done[s], targets[s]) for s in targets), unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(targets.values()), initial=sum(min(done[s], targets[s]) for s in targets), unit="tok", unit_scale=True,
+               desc="harvest", disable=not cfg.progress, dynamic_ncols=True)
     for split, target in targets.items():
         written = done[split]
         for rows, position in stream(model, cfg.harvest, split, with_grads=cfg.grads, start_row=writer.position(split)):

@@ -23,9 +23,13 @@ class HooksArgs:
 def _hooks(args: HooksArgs) -> None:
     from sae_kit.models import hook_names, load_model
 
-    for name in hook_names(load_model(args.model, device="cpu")):
-        if args.filter in name:
-            print(name)
+    model = load_model(args.model, device="cpu")
+    names = hook_names(model)
+    shown = [name for name in names if args.filter in name]
+    if not shown:
+        raise SaeKitError(f"no hook name of {model.sae_kit_name} contains {args.filter!r}; try e.g. resid_post, hook_z or mlp_out, "
+                          f"or drop --filter to list all {len(names)}")
+    print("\n".join(shown))
 
 
 def _cache(args) -> None:

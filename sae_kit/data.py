@@ -28,6 +28,10 @@ class CorpusError(SaeKitError):
     """A corpus could not be found or is empty; the message names the fix."""
 
 
+class HarvestError(SaeKitError):
+    """Harvest settings that the model, the tokenizer or the corpus cannot serve; the message names the valid range."""
+
+
 @dataclass
 class PackConfig:
     """How documents become fixed-length context rows."""
@@ -102,10 +106,15 @@ def load_corpus(name: str = "default", *, text_field: str = "text", split: str =
                 raise CorpusError(f"corpus {name!r} is empty")
             kind = kinds.pop()
             extra = {"sample_by": "paragraph"} if kind == "text" else {}
+            bars = not datasets.are_progress_bars_disabled()
+            datasets.disable_progress_bars()  # "Generating train split" bars for local files are noise before a one-line error
             try:
                 ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming, **extra)
             except Exception as err:  # malformed files raise many types; one message says which file set failed
                 raise CorpusError(f"could not read {path} as {kind} ({err.__class__.__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from err
+            finally:
+                if bars:
+                    datasets.enable_progress_bars()
         elif name.startswith((".", "/", "~")) or name.endswith(tuple(_FILE_TYPES)):
             raise CorpusError(f"corpus file {name} does not exist: pass an existing file or directory, a hub dataset name, or one of {', '.join(BUILTIN_CORPORA)}")
         else:
@@ -119,9 +128,15 @@ def load_corpus(name: str = "default", *, text_field: str = "text", split: str =
             ds = ds.rename_column(text_field, "text")
         elif ds.column_names is not None and "text" not in ds.column_names:
             raise CorpusError(f"corpus {name!r} has no 'text' field; pass --text-field, one of {ds.column_names}")
-    if not streaming and len(ds) == 0:
-        raise CorpusError(f"corpus {name!r} is empty")
+    if not streaming and (len(ds) == 0 or not any(isinstance(t, str) and t.strip() for t in _texts(ds))):
+        raise CorpusError(f"corpus {name!r} is empty" + (" (its documents are blank)" if len(ds) else ""))
     return ds
+
+
+def _texts(ds) -> Iterator[str]:
+    """The `text` column row by row (stops as soon as the caller has seen enough; never loads the whole column)."""
+    for row in ds:
+        yield row["text"]
 
 
 def is_heldout(doc_ids: np.ndarray | list[int], fraction: float, seed: int = 0) -> np.ndarray:
@@ -178,12 +193,17 @@ def pack(docs: Iterable[tuple[int, str]], tokenizer, cfg: PackConfig, rows_per_b
     row numbering and content are exactly those of an uninterrupted run.
     """
     if cfg.context_size < 2:
-        raise ValueError(f"context_size must be at least 2, got {cfg.context_size}")
+        raise HarvestError(f"--context-size must be at least 2 (BOS and one token), got {cfg.context_size}; use a value between 2 and "
+                           "the model's maximum context, e.g. 128")
+    if rows_per_batch < 1:
+        raise HarvestError(f"--lm-batch-size must be at least 1, got {rows_per_batch}")
     bos = tokenizer.bos_token_id
     sep = bos if cfg.separator == "bos" else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if (cfg.prepend_bos or cfg.separator == "bos") and bos is None:
-        raise ValueError("this tokenizer has no BOS token: set prepend_bos=False and separator='eos'")
+        raise HarvestError("this tokenizer has no BOS token: pass --no-prepend-bos --separator eos")
+    if cfg.separator == "eos" and sep is None:
+        raise HarvestError("this tokenizer has no EOS token: pass --separator bos")
     body = cfg.context_size - int(cfg.prepend_bos)
     row_index = 0
     out_tok: list[list[int]] = []

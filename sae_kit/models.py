@@ -14,7 +14,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -38,6 +41,93 @@ class ModelError(SaeKitError):
 
 class HookError(SaeKitError):
     """A hook name does not exist on the model; the message lists the closest valid names."""
+
+
+class LanguageModelConfig(Protocol):
+    """The fields of a model's `cfg` that sae-kit reads (TransformerLens's TransformerBridgeConfig has them all)."""
+
+    @property
+    def n_layers(self) -> int:
+        """Transformer blocks (hooks are named blocks.0 .. blocks.{n_layers-1})."""
+
+    @property
+    def n_ctx(self) -> int:
+        """Maximum context length in tokens (the longest --context-size a harvest may use)."""
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream (d_in of a residual-stream SAE)."""
+
+    @property
+    def n_heads(self) -> int:
+        """Attention heads per block (attention SAEs on hook_z have d_in = n_heads * d_head)."""
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What sae-kit uses of a language model: a TransformerLens `TransformerBridge` as `load_model` returns it.
+
+    Annotate functions that take the LM with this type (`from sae_kit.models import LanguageModel`); anything with these
+    members works, e.g. a bridge booted from a hand-made HF model (the tests' tiny Llama) once it has `sae_kit_name`.
+    """
+
+    cfg: Any
+    """The model's config; see `LanguageModelConfig` for the fields read (n_layers, n_ctx, d_model, n_heads)."""
+    tokenizer: Any
+    """The Hugging Face tokenizer (a `PreTrainedTokenizerBase`): bos/eos/pad ids, all_special_ids, batch encoding."""
+    sae_kit_name: str
+    """The name the model is recorded under in caches and SAE metadata (set by `load_model`)."""
+
+    @property
+    def hook_dict(self) -> Mapping[str, Any]:
+        """Every hook point by name (aliases such as blocks.N.hook_resid_post included)."""
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding [d_model, d_vocab] (logit lens, steering)."""
+
+    @property
+    def ln_final(self) -> Any:
+        """The final norm module before the unembedding (its `weight`, if any, is read by the logit lens)."""
+
+    def __call__(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Forward pass on token ids [R, T]; `stop_at_layer=n` returns the residual stream after n blocks, else the logits."""
+
+    def hooks(self, fwd_hooks: Sequence[tuple[str, Any]] = ..., bwd_hooks: Sequence[tuple[str, Any]] = ...,
+              reset_hooks_end: bool = True, clear_contexts: bool = False) -> AbstractContextManager[Any]:
+        """A context manager during which the given (name, fn) forward/backward hooks run."""
+
+    def run_with_hooks(self, *args: Any, fwd_hooks: Sequence[tuple[str, Any]] = ..., **kwargs: Any) -> Any:
+        """One forward pass with temporary hooks."""
+
+    def to_tokens(self, text: Any, prepend_bos: bool | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Token ids [1, T] of a string (BOS first unless prepend_bos is False)."""
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        """The (frozen) LM weights; their device is where activations are computed."""
+
+
+def context_limit(model: LanguageModel) -> int | None:
+    """The longest context the model was built for (cfg.n_ctx), or None when its config does not say."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n_ctx) if isinstance(n_ctx, int) and n_ctx > 0 else None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ModelError naming what this machine offers (before any model is loaded)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps, or omit it (cuda if available, else cpu)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ModelError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu or omit --device")
+        if dev.index is not None and dev.index >= n:
+            raise ModelError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}; pick one of them")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: MPS is not available on this machine; use --device cpu or omit --device")
+    return dev
 
 
 def is_default(name: str | None) -> bool:
@@ -108,7 +198,7 @@ def resolve_model(name: str | None) -> tuple[str, str]:
     return name, name
 
 
-def load_model(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+def load_model(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> LanguageModel:
     """Load `name` (None: the embedded SmolLM2-135M-Instruct; a local HF directory; or a hub id) as a TransformerBridge.
 
     The model is put in eval mode with its parameters frozen (requires_grad False): sae-kit never trains the LM,
@@ -118,25 +208,25 @@ def load_model(name: str | None = None, device: str | torch.device | None = None
     from transformer_lens.model_bridge import TransformerBridge
 
     transformers.utils.logging.disable_progress_bar()
+    device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recorded, source = resolve_model(name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+        model = TransformerBridge.boot_transformers(source, device=str(device), dtype=dtype)
     except OSError as err:
         raise ModelError(f"could not load model {name!r} ({err.__class__.__name__}); the hub is unreachable offline: pass a local HF directory, or omit --model for the embedded default") from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     model.sae_kit_name = recorded
-    return model
+    return cast(LanguageModel, model)
 
 
-def hook_names(model) -> list[str]:
+def hook_names(model: LanguageModel) -> list[str]:
     """Every hook name the model exposes."""
     return sorted(model.hook_dict)
 
 
-def validate_hooks(model, names: list[str] | tuple[str, ...] | str) -> list[str]:
+def validate_hooks(model: LanguageModel, names: list[str] | tuple[str, ...] | str) -> list[str]:
     """Return `names` as a list, or raise HookError listing the closest valid hook names."""
     names = [names] if isinstance(names, str) else list(names)
     if not names:
@@ -152,7 +242,7 @@ def validate_hooks(model, names: list[str] | tuple[str, ...] | str) -> list[str]
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
-def stop_layer(model, names: list[str]) -> int | None:
+def stop_layer(model: LanguageModel, names: list[str]) -> int | None:
     """The `stop_at_layer` that still runs every hook in `names` (None when one sits after the last block)."""
     layers = []
     for name in names:

@@ -7,7 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from sae_kit.data import CorpusError, PackConfig, documents, fortune_documents, fortune_file, is_heldout, load_corpus, pack, pydoc_documents
+from sae_kit.data import (
+    CorpusError,
+    HarvestError,
+    PackConfig,
+    documents,
+    fortune_documents,
+    fortune_file,
+    is_heldout,
+    load_corpus,
+    pack,
+    pydoc_documents,
+)
 
 
 def test_fortunes_are_split_on_separators_and_exclude_offensive_file():
@@ -52,6 +63,20 @@ def test_bad_corpora(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"body": "hi"}\n')
     with pytest.raises(CorpusError, match="text-field"):
         load_corpus(str(tmp_path / "x.jsonl"))
+    (tmp_path / "blank.txt").write_text("  \n\n \t\n\n")
+    with pytest.raises(CorpusError, match="empty .its documents are blank"):
+        load_corpus(str(tmp_path / "blank.txt"))
+    (tmp_path / "blank.jsonl").write_text('{"text": " "}\n{"text": null}\n')
+    with pytest.raises(CorpusError, match="blank"):
+        load_corpus(str(tmp_path / "blank.jsonl"))
+
+
+def test_pack_refuses_settings_it_cannot_serve(tokenizer):
+    docs = [(0, "Some text that is long enough to fill a few tokens.")]
+    with pytest.raises(HarvestError, match="--context-size must be at least 2.*got 1"):
+        next(pack(docs, tokenizer, PackConfig(context_size=1)))
+    with pytest.raises(HarvestError, match="--lm-batch-size must be at least 1"):
+        next(pack(docs, tokenizer, PackConfig(context_size=8), rows_per_batch=0))
 
 
 def test_heldout_split_is_deterministic_and_disjoint():

@@ -106,3 +106,43 @@ def test_gradients_on_real_model_are_row_aligned(model):
     plain = harvester_for(model, cfg).rows(ctx)
     torch.testing.assert_close(rows.acts[HOOK], plain.acts[HOOK], rtol=1e-5, atol=1e-4)
     assert rows.grads[HOOK].shape == rows.acts[HOOK].shape and torch.isfinite(rows.grads[HOOK]).all()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"context_size": 1}, r"--context-size must be at least 2 .*got 1"),
+    ({"context_size": -4}, r"--context-size must be at least 2"),
+    ({"holdout_fraction": 1.0}, r"--holdout-fraction must be in \[0, 1\), got 1.0"),
+    ({"holdout_fraction": -0.1}, r"--holdout-fraction must be in \[0, 1\)"),
+    ({"holdout_fraction": float("nan")}, r"--holdout-fraction must be in \[0, 1\)"),
+    ({"lm_batch_size": 0}, r"--lm-batch-size must be at least 1"),
+    ({"hook": (HOOK, HOOK)}, r"--hook names a hook twice"),
+    ({"device": "foo"}, r"unknown --device 'foo'"),
+])
+def test_settings_that_cannot_work_are_one_line_errors(settings, message):
+    from sae_kit.errors import SaeKitError
+
+    with pytest.raises(SaeKitError, match=message) as err:
+        HarvestConfig(**settings).check()
+    assert "\n" not in str(err.value)
+
+
+def test_settings_the_model_cannot_serve(model, tmp_path):
+    from sae_kit.activations import check_splits
+    from sae_kit.data import HarvestError
+    from sae_kit.models import HookError
+
+    assert model.cfg.n_ctx == 8192
+    with pytest.raises(HarvestError, match=r"--context-size 8193 is longer than SmolLM2-135M-Instruct's maximum context of 8192 tokens; "
+                                           r"use a value in \[2, 8192\]"):
+        harvester_for(model, HarvestConfig(context_size=8193))  # before any LM pass (that one would need ~40 GB)
+    HarvestConfig(context_size=8192).check(model)
+    with pytest.raises(HookError, match="unknown hook"):
+        HarvestConfig(hook=("blocks.99.hook_resid_post",)).check(model)
+    (tmp_path / "tiny.txt").write_text("A short document.\n\nAnother one.\n")
+    tiny = HarvestConfig(corpus=str(tmp_path / "tiny.txt"), context_size=64)
+    with pytest.raises(HarvestError, match="the train split of corpus .* gives no context of 64 tokens.*--packing doc"):
+        check_splits(model, tiny, ("train",))
+    check_splits(model, HarvestConfig(corpus=str(tmp_path / "tiny.txt"), context_size=64, packing="doc", holdout_fraction=0.0), ("train",))
+    with pytest.raises(HarvestError, match="held-out split .* is empty because --holdout-fraction is 0; raise it.*--heldout-tokens 0"):
+        check_splits(model, HarvestConfig(holdout_fraction=0.0), hint=", or pass --heldout-tokens 0")
+    check_splits(model, HarvestConfig(context_size=32))

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 import sae_kit.models as models
-from sae_kit.models import HookError, ModelError, hook_names, resolve_model, stop_layer, validate_hooks
+from sae_kit.models import (
+    HookError,
+    LanguageModel,
+    ModelError,
+    check_device,
+    context_limit,
+    hook_names,
+    resolve_model,
+    stop_layer,
+    validate_hooks,
+)
 from sae_kit.paths import cache_root
 
 
@@ -38,9 +48,27 @@ def test_bad_model_names(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_bad_devices_are_one_line_errors(monkeypatch):
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelError, match="unknown --device 'gpu0'; use cpu, cuda"):
+        check_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match="sees no CUDA GPU; use --device cpu"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1").index == 1
+    with pytest.raises(ModelError, match="has 2 CUDA GPU.*cuda:0 to cuda:1"):
+        check_device("cuda:2")
+    with pytest.raises(ModelError, match="no CUDA GPU"):  # checked before the (slow) model load
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        models.load_model(device="cuda")
+
+
 @pytest.mark.slow
 def test_default_model_and_hooks(model):
     assert model.sae_kit_name == "SmolLM2-135M-Instruct"
+    assert isinstance(model, LanguageModel) and context_limit(model) == model.cfg.n_ctx == 8192
     assert model.cfg.d_model == 576 and model.cfg.n_layers == 30
     assert not any(p.requires_grad for p in model.parameters())
     names = hook_names(model)
