@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_kit.dashboards.store import INDEX_DIR
+from sae_kit import rundir
 from sae_kit.errors import SaeKitError
 
 
@@ -24,20 +24,9 @@ class BrowseError(SaeKitError):
     """The browser cannot show what was asked (not a run, a path outside it, a damaged file)."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One SAE of the workspace."""
-
-    name: str
-    """Display name: the run's (or member's) directory name."""
-    sae_dir: Path
-    """The SAE directory (cfg.json + weights)."""
-    run_dir: Path
-    """Its run directory (config.json, metrics.jsonl, eval/, index/); the SAE directory itself for a bare SAE."""
-
-    @property
-    def index_dir(self) -> Path:
-        return self.run_dir / INDEX_DIR
+Entry = rundir.Located
+"""One SAE of the workspace (name: its run's or member's directory name; run_dir: the SAE directory itself for a bare
+SAE or when the browser was given the SAE directory of a run)."""
 
 
 @dataclass(frozen=True)
@@ -77,23 +66,17 @@ class Workspace:
             raise BrowseError(f"{file.relative_to(self.root)} is unreadable ({type(err).__name__}: {str(err)[:80]})") from None
 
     def _find_saes(self) -> list[Entry]:
-        def is_sae(d: Path) -> bool:
-            return (self.file(d) / "cfg.json").is_file()
-
-        if is_sae(self.root):
-            return [Entry(self.root.name, self.root, self.root)]
-        if is_sae(self.root / "sae"):
-            return [Entry(self.root.name, self.file("sae"), self.root)]
-        members = sorted(d for d in self.root.iterdir() if d.is_dir() and is_sae(d / "sae"))
-        if members:
-            return [Entry(d.name, self.file(d / "sae"), self.file(d)) for d in members]
-        raise BrowseError(f"{self.root} is not a run: it holds no sae/cfg.json, cfg.json or <member>/sae/cfg.json; "
-                          "pass a directory written by sae-kit train")
+        found = rundir.find(self.root)
+        if not found:
+            raise BrowseError(f"{self.root} is not a run: it holds no sae/cfg.json, cfg.json or <member>/sae/cfg.json; "
+                              "pass a directory written by sae-kit train")
+        inside = lambda d: d.resolve().is_relative_to(self.root)  # noqa: E731 (the run of a given <run>/sae is outside)
+        return [Entry(f.name.split("/")[-1], self.file(f.sae_dir), self.file(f.run_dir) if inside(f.run_dir) else self.root) for f in found]
 
     def metrics(self, entry: Entry) -> list[dict[str, Any]]:
         """The training log (metrics.jsonl) of an SAE: its run's, or the sweep's shared one; [] when absent."""
         for folder in (entry.run_dir, self.root):
-            file = self.file(folder / "metrics.jsonl")
+            file = self.file(folder / rundir.METRICS)
             if file.is_file():
                 rows = []
                 for line in file.read_text().splitlines():
@@ -108,20 +91,18 @@ class Workspace:
         """The SAE's cfg.json, and the run's config.json when there is one."""
         out = {"sae": self.json(entry.sae_dir / "cfg.json")}
         for folder in (entry.run_dir, self.root):
-            if self.file(folder / "config.json").is_file():
-                out["run"] = self.json(folder / "config.json")
+            if self.file(folder / rundir.CONFIG).is_file():
+                out["run"] = self.json(folder / rundir.CONFIG)
                 break
         return out
 
     def evaluations(self) -> list[Evaluated]:
         """Every SAE record of every eval report inside the workspace (report.json at most three levels down)."""
-        from sae_kit.eval.report import load_report
-
         found = []
-        files = sorted({f for depth in ("*/", "*/*/", "*/*/*/", "") for f in self.root.glob(f"{depth}report.json")})
+        files = sorted({f for depth in ("*/", "*/*/", "*/*/*/", "") for f in self.root.glob(f"{depth}{rundir.REPORT}")})
         for file in files:
             try:
-                report = load_report(self.file(file))
+                report = rundir.load_report(self.file(file))
             except (ValueError, OSError, BrowseError):
                 continue
             rel = file.parent.relative_to(self.root)

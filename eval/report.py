@@ -10,16 +10,13 @@ Layout of an eval directory:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from sae_kit.atomic import write_bytes, write_json
-
-SCHEMA = "sae-kit/eval-report"
-SCHEMA_VERSION = 1
+from sae_kit.rundir import REPORT, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, load_report  # noqa: F401 (load_report: the reader)
 
 
 def _finite(obj: Any) -> Any:
@@ -65,22 +62,11 @@ def build_report(settings: dict[str, Any], saes: list[dict[str, Any]], compariso
     """The report.json content."""
     from sae_kit.sae import package_version
 
-    return _finite({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "sae_kit_version": package_version(),
+    return _finite({"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "sae_kit_version": package_version(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings, "saes": saes,
                     "comparison": comparison})
 
 
 def save_report(out: Path, report: dict[str, Any]) -> Path:
-    write_json(out / "report.json", report)
-    return out / "report.json"
-
-
-def load_report(path: str | Path) -> dict[str, Any]:
-    """Read a report.json, checking its schema and version (ValueError naming the problem)."""
-    path = Path(path)
-    data = json.loads(path.read_text())
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not an sae-kit eval report (schema {data.get('schema')!r})")
-    if data.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ValueError(f"{path} has report schema {data['schema_version']}; this sae-kit reads up to {SCHEMA_VERSION}: upgrade sae-kit")
-    return data
+    write_json(out / REPORT, report)
+    return out / REPORT
