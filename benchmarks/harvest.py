@@ -1,6 +1,7 @@
 """Harvest throughput with early stop vs a full forward, and ActivationCache write / shuffled-read throughput.
 
     python benchmarks/harvest.py [--tokens 16384] [--threads 2]
+    python benchmarks/harvest.py --smoke    # CI: 256 tokens in contexts of 64, 8k cache rows, 1 thread (the same code path)
 
 Everything is measured in this one run on the same contexts, so the ratios hold even on a noisy shared machine.
 """
@@ -31,12 +32,16 @@ def timed(fn, repeats: int = 2) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per timed pass")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --smoke: 1)")
     ap.add_argument("--cache-rows", type=int, default=200_000, help="rows for the cache write/read test")
+    ap.add_argument("--smoke", action="store_true", help="CI smoke run: 256 tokens in contexts of 64, 8k cache rows")
     args = ap.parse_args()
+    if args.smoke:  # one thread: a CI machine is often shared, and oversubscribed torch threads spin (10x slower)
+        args.tokens, args.cache_rows = min(args.tokens, 256), min(args.cache_rows, 8192)
+    args.threads = args.threads or (1 if args.smoke else 2)
     torch.set_num_threads(args.threads)
     model = load_model(device="cpu")
-    cfg = HarvestConfig(context_size=128, lm_batch_size=16)
+    cfg = HarvestConfig(context_size=64, lm_batch_size=4) if args.smoke else HarvestConfig(context_size=128, lm_batch_size=16)
     batches = []
     for ctx in contexts(model, cfg):
         batches.append(ctx)

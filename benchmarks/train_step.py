@@ -1,7 +1,9 @@
 """TopK SAE training step: sae-kit against SAELens and EleutherAI sparsify, and the dense floors, in one run.
 
     python benchmarks/train_step.py                 # full run: ~15 min on 2 free cores (+ one-off setup, below)
-    python benchmarks/train_step.py --quick         # smoke test: 3 timed steps, 20 quality steps (~3 min)
+    python benchmarks/train_step.py --quick         # 3 timed steps, 20 quality steps (~3 min)
+    python benchmarks/train_step.py --smoke         # CI: tiny sizes (d_sae 1024, batch 512), 2 timed and 3 quality steps,
+                                                    # 1 thread, no peers, data in a temporary directory (under a minute)
     python benchmarks/train_step.py --skip-peers    # ours and the floors only
     more: --threads 2  --steps 20  --quality-steps 200  --tokens N  --seed 0  --json out.json  --profile
           --lr-scale S (quality run at S x every library's default lr)  --contend (time next to a rival job)
@@ -176,14 +178,16 @@ def peer_quality(python: Path, peer: Peer, data: Path, threads: int, **options: 
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def activations_file(tokens: int, heldout_tokens: int, seed: int, threads: int) -> tuple[Path, int, int]:
-    """A safetensors file of real layer-6 activations (`train` shuffled with `seed`, `heldout`), built once."""
-    data_dir = cache_root() / "bench-data"
+def activations_file(tokens: int, heldout_tokens: int, seed: int, threads: int, data_dir: Path | None = None,
+                     context_size: int = 128) -> tuple[Path, int, int]:
+    """A safetensors file of real layer-6 activations (`train` shuffled with `seed`, `heldout`), built once in `data_dir`."""
+    data_dir = data_dir or cache_root() / "bench-data"
     cache_dir = data_dir / f"smollm2-l6-{tokens}-{heldout_tokens}"
     file = data_dir / f"acts-{tokens}-{heldout_tokens}-seed{seed}.safetensors"
     if not file.exists():
         cmd = [sys.executable, "-c", "import sys; from sae_kit.cli import main; sys.exit(main())", "cache",
-               "--out", str(cache_dir), "--tokens", str(tokens), "--heldout-tokens", str(heldout_tokens), "--hook", HOOK]
+               "--out", str(cache_dir), "--tokens", str(tokens), "--heldout-tokens", str(heldout_tokens), "--hook", HOOK,
+               "--context-size", str(context_size), "--no-progress"]
         print(f"[data] harvesting {tokens:,} + {heldout_tokens:,} tokens: sae-kit {' '.join(cmd[3:])}", flush=True)
         env = os.environ | {"OMP_NUM_THREADS": str(threads)}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -205,7 +209,7 @@ def our_trainer(d_in: int, tokens: int, seed: int, sample: torch.Tensor, lr_scal
     """Our TopK SAE and Trainer with every default (lr 2e-4/sqrt(d_sae/2^14), AuxK, geometric-median b_dec, ...)."""
     torch.manual_seed(seed)
     sae = SAE(SAEConfig(architecture="topk", d_in=d_in, d_sae=D_SAE, k=K))
-    cfg = TrainConfig(batch_size=BATCH, tokens=tokens, seed=seed, **train_options)
+    cfg = TrainConfig(batch_size=BATCH, tokens=tokens, **train_options)
     trainer = Trainer(sae, cfg)
     if lr_scale != 1.0:
         trainer = Trainer(sae, dataclasses.replace(cfg, lr=trainer.lr * lr_scale))
@@ -252,9 +256,13 @@ def profile_our_step(trainer: Trainer, train: torch.Tensor, steps: int = 3) -> N
 
 # ----------------------------------------------------------------------------------------------------------- main
 def main() -> None:
+    global D_SAE, BATCH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads for everyone (default 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 3 timed steps, 20 quality steps, fewer tokens")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for everyone (default 2; --smoke: 1)")
+    ap.add_argument("--quick", action="store_true", help="3 timed steps, 20 quality steps, fewer tokens")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI smoke run of the real code path: d_sae 1024, batch 512, 2 timed and 3 quality steps, no peers, "
+                         "data harvested into a temporary directory")
     ap.add_argument("--skip-peers", action="store_true", help="time ours and the floors only")
     ap.add_argument("--quality-steps", type=int, default=None, help="training steps of the quality run (default 200; 0: skip)")
     ap.add_argument("--tokens", type=int, default=None,
@@ -271,10 +279,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
     args = ap.parse_args()
-    quality_steps = args.quality_steps if args.quality_steps is not None else (20 if args.quick else 200)
-    tokens = args.tokens or max(quality_steps, 20) * BATCH
-    steps = args.steps if args.steps is not None else (3 if args.quick else 20)
-    warmup = 1 if args.quick else 3
+    smoke_dir = None
+    args.threads = args.threads or (1 if args.smoke else 2)  # --smoke: a shared CI machine, where spinning threads cost 10x
+    if args.smoke:
+        D_SAE, BATCH = 1024, 512
+        args.skip_peers = True
+        args.heldout_tokens = min(args.heldout_tokens, 1024)
+        smoke_dir = tempfile.TemporaryDirectory(prefix="sae-kit-train-step-smoke-")
+    quality_steps = args.quality_steps if args.quality_steps is not None else (3 if args.smoke else 20 if args.quick else 200)
+    tokens = args.tokens or max(quality_steps, 3 if args.smoke else 20) * BATCH
+    steps = args.steps if args.steps is not None else (2 if args.smoke else 3 if args.quick else 20)
+    warmup = 1 if args.quick or args.smoke else 3
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
                                "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
@@ -288,7 +303,8 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001  (whatever breaks a peer's install skips that peer only)
             print(f"[setup] {peer.package} skipped: {err}")
             results.setdefault("errors", {})[peer.package] = str(err)
-    data, n_train, n_heldout = activations_file(tokens, args.heldout_tokens, args.seed, args.threads)
+    data, n_train, n_heldout = activations_file(tokens, args.heldout_tokens, args.seed, args.threads,
+                                                None if smoke_dir is None else Path(smoke_dir.name), 64 if args.smoke else 128)
     tensors = load_file(str(data))
     train, heldout = tensors["train"], tensors["heldout"]
     d_in = train.shape[1]
@@ -300,6 +316,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
         print(f"\nresults written to {args.json}")
+    if smoke_dir is not None:
+        smoke_dir.cleanup()
 
 
 CONTENDER = """

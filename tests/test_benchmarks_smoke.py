@@ -1,0 +1,92 @@
+"""Every benchmark script runs end to end in its --smoke mode (tiny sizes, peers skipped), so none can rot silently.
+
+Each script runs in a subprocess as a user would run it; the checks are on what it prints: every section it reports,
+with finite, plausible numbers. The timings themselves are not checked (a shared CI machine makes them noise).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"([0-9][0-9,]*\.?[0-9]*(?:e[-+]?[0-9]+)?)"
+
+
+def smoke(script: str, tmp_path: Path, *args: str) -> str:
+    """stdout of `python benchmarks/<script> --smoke`, after asserting it exits 0."""
+    env = os.environ | {"TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # temp files land in tmp_path
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{script} --smoke exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def numbers(pattern: str, text: str) -> list[float]:
+    """The numbers that `pattern`'s NUMBER groups find in `text`; fails if absent or not finite."""
+    match = re.search(pattern, text)
+    assert match, f"no {pattern!r} in:\n{text}"
+    values = [float(g.replace(",", "")) for g in match.groups()]
+    assert all(math.isfinite(v) for v in values), (pattern, values)
+    return values
+
+
+def number(pattern: str, text: str) -> float:
+    """The one number that `pattern` finds in `text`."""
+    return numbers(pattern, text)[0]
+
+
+def test_train_step(tmp_path):
+    out = smoke("train_step.py", tmp_path)
+    assert "d_sae 1024, k 32, batch 512" in out
+    step_s, fvu = numbers(rf"\nsae-kit\s+\S+\s+{NUMBER}\s+1\.00x\s+{NUMBER}", out)
+    assert step_s > 0 and 0 < fvu < 1, out  # three steps already explain part of the variance
+    for floor in ("gemm", "topk"):
+        assert number(rf"\(floor\)\s+{floor}\s+{NUMBER}", out) > 0
+    assert "our step / encoder GEMM" in out
+    assert "[setup]" not in out and "FAILED" not in out  # no peer venv built or timed
+    assert not list(tmp_path.glob("sae-kit-train-step-smoke-*")), "the smoke data directory is left behind"
+
+
+def test_harvest(tmp_path):
+    out = smoke("harvest.py", tmp_path)
+    for what in (r"harvest, early stop \(stop_at_layer\):", "full forward to logits:", r"harvest with CE gradients \(g-SAE\):",
+                 "cache write:", r"cache shuffled read \(batch 4096, global shuffle\):"):
+        assert number(rf"{what}\s+{NUMBER}", out) > 0
+    assert number(rf"early-stop speed-up: {NUMBER}x", out) > 0
+
+
+def test_pipeline(tmp_path):
+    out = smoke("pipeline.py", tmp_path)
+    assert "1024 training tokens per run" in out and "batch 256" in out
+    for what in ("harvest alone", "train, no prefetch", "train, prefetch", "sweep of 2", "2 separate runs"):
+        assert number(rf"{what}\s+{NUMBER} s", out) > 0
+    assert number(rf"sweep costs {NUMBER}x of them", out) > 0
+    assert not list(tmp_path.glob("sae-kit-bench-*")), "the runs are left behind"
+
+
+def test_eval(tmp_path):
+    out = smoke("eval.py", tmp_path)
+    for section in ("prepare", "core", "dead", "dark_matter", "steering", "total"):
+        assert number(rf"\n  {section}\s+{NUMBER} s", out) >= 0
+    assert 0 < number(rf"core: FVU {NUMBER}", out) < 1.5
+    assert "dark matter: norm R²" in out and "steering: score" in out
+    assert not list(tmp_path.glob("sae-kit-eval-bench-*")), "the SAE and its report are left behind"
+
+
+def test_browse(tmp_path):
+    out = smoke("browse.py", tmp_path)
+    assert "index: 1,024 features on" in out
+    assert number(rf"pass\s+{NUMBER} s", out) > 0 and number(rf"features\s+{NUMBER} s", out) > 0
+    assert number(rf"index read \(FeatureIndex.feature\):\s+median\s+{NUMBER} ms", out) > 0
+    assert number(rf"app rerun \(AppTest, no browser\):\s+median\s+{NUMBER} ms", out) > 0
+    assert "switch, real browser" in out  # measured, or skipped where Chromium or playwright is missing
+    assert number(rf"open a 2,048-feature index: meta \+ vocab \+ summary {NUMBER} ms", out) >= 0
+    assert not list(tmp_path.glob("sae-kit-browse-bench-*")), "the SAE and its index are left behind"
