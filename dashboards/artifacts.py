@@ -3,7 +3,7 @@
 The pass is the list of nonzero code entries (feature, position, value) over held-out contexts, sorted by feature
 then position. From it: density and activation statistics, histograms, the top contexts (at most one per context
 row, so the windows differ), contexts sampled from activation-quantile bands, and co-firing counts. From the
-weights: logit effects (`eval.steering.logit_lens`) and the nearest decoder neighbours by cosine.
+weights: logit effects (`sae_kit.heldout.logit_lens`) and the nearest decoder neighbours by cosine.
 """
 
 from __future__ import annotations

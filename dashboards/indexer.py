@@ -23,12 +23,12 @@ import tyro
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from sae_kit import rundir
 from sae_kit.atomic import save_tensors, write_json
 from sae_kit.dashboards import artifacts
-from sae_kit.dashboards.store import INDEX_DIR, SCHEMA, SUMMARY_SCHEMA, VERSION, FeatureIndexError, shard_name, write_table
-from sae_kit.eval.evaluate import resolve, run_dir_of
-from sae_kit.eval.inputs import activations
-from sae_kit.eval.lm import EvalContexts, check_pair, harvest_config_for, heldout_contexts
+from sae_kit.dashboards.store import SCHEMA, SUMMARY_SCHEMA, VERSION, FeatureIndexError, shard_name, write_table
+from sae_kit.heldout import (HeldoutContexts, activations, check_pair, encode_chunks, fold_input_scale, harvest_config_for, heldout_contexts,
+                             logit_lens)
 from sae_kit.sae import SAE, load_sae
 
 
@@ -97,16 +97,16 @@ def build_index(cfg: IndexConfig, model=None) -> list[dict[str, Any]]:
             raise FeatureIndexError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if cfg.shard_size % cfg.row_group:
         raise FeatureIndexError(f"--shard-size ({cfg.shard_size}) must be a multiple of --row-group ({cfg.row_group})")
-    found = resolve((cfg.sae,))
+    found = rundir.resolve((cfg.sae,))
     if cfg.out is not None and len(found) > 1:
         raise FeatureIndexError(f"{cfg.sae} holds {len(found)} SAEs; drop --out (each member is indexed into <member>/index)")
     results, models = [], {}
-    for _, sae_dir in found:
-        sae = load_sae(sae_dir, device=cfg.device)
+    for loc in found:
+        sae = load_sae(loc.sae_dir, device=cfg.device)
         name = sae.cfg.metadata.get("model_name")
         if name not in models:
             models[name] = model or load_model(name, device=cfg.device)
-        results.append(index_sae(sae, sae_dir, models[name], cfg, cfg.out or run_dir_of(sae_dir) / INDEX_DIR))
+        results.append(index_sae(sae, loc.sae_dir, models[name], cfg, cfg.out or loc.index_dir))
     return results
 
 
@@ -129,13 +129,14 @@ def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> di
     meta = {"schema": SCHEMA, "version": VERSION, "complete": False, "settings": cfg.settings(),
             "sae": {"dir": str(sae_dir.resolve()), "sha256": sae_digest(sae_dir), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
                     "d_in": sae.cfg.d_in, "hook": hook, "model": sae.cfg.metadata.get("model_name"),
-                    "k": sae.cfg.k if "k" in sae.cfg.rule.config_fields else None},
+                    "k": sae.cfg.k if sae.cfg.rule.uses_k else None},
             "corpus": hcfg.corpus, "shard_size": cfg.shard_size, "row_group": cfg.row_group}
     if _reuse(out, meta, cfg.force) == "done":
         return json.loads((out / "index.json").read_text())
+    meta["sae"]["input_scale"] = fold_input_scale(model, sae.eval(), hcfg)  # SAEs that expect normalised inputs
     write_json(out / "index.json", meta)
     start = time.perf_counter()
-    p = _pass(sae, model, hook, hcfg, cfg, out / ".work")
+    p = _pass(sae, model, hcfg, cfg, out / ".work")
     pass_seconds = time.perf_counter() - start
     _write_vocab(model, out)
     meta["sae"]["signed"] = bool((p.value < 0).any())  # from the codes: AbsTopK, and MP-SAE with mp_signed
@@ -177,12 +178,12 @@ def _identity(meta: dict[str, Any]) -> tuple:
     return meta.get("settings"), meta.get("sae", {}).get("sha256"), meta.get("corpus"), meta.get("shard_size"), meta.get("row_group")
 
 
-def _pass(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass:
+def _pass(sae: SAE, model, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass:
     """The nonzero codes over the held-out contexts, chunk by chunk, reusing the chunks a killed run finished."""
     ctx_file = work / "contexts.safetensors"
     if ctx_file.is_file():
         saved = load_file(str(ctx_file))
-        ctxs = EvalContexts(saved["tokens"], saved["keep"], saved["pad"])
+        ctxs = HeldoutContexts(saved["tokens"], saved["keep"], saved["pad"])
     else:
         ctxs = heldout_contexts(model, hcfg, cfg.tokens)
         save_tensors(ctx_file, {"tokens": ctxs.tokens, "keep": ctxs.keep, "pad": ctxs.pad})
@@ -190,14 +191,14 @@ def _pass(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, work: Path) -> art
     parts = []
     bar = tqdm(total=ctxs.n_kept, unit="tok", desc="index: pass", disable=not cfg.progress)
     for c, a in enumerate(range(0, R, cfg.chunk_contexts)):
-        chunk = EvalContexts(ctxs.tokens[a : a + cfg.chunk_contexts], ctxs.keep[a : a + cfg.chunk_contexts], ctxs.pad[a : a + cfg.chunk_contexts])
+        chunk = ctxs.rows(a, a + cfg.chunk_contexts)
         file = work / f"pass-{c:05d}.safetensors"
         try:
             part = load_file(str(file)) if file.is_file() else None
         except Exception:  # a chunk file is written atomically, so this is damage from outside: recompute it
             part = None
         if part is None:
-            part = _encode_chunk(sae, model, hook, hcfg, cfg, chunk, offset=a * T)
+            part = _encode_chunk(sae, model, hcfg, chunk, offset=a * T)
             save_tensors(file, part)
         parts.append(part)
         bar.update(chunk.n_kept)
@@ -206,17 +207,13 @@ def _pass(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, work: Path) -> art
     return artifacts.Pass.from_entries(ctxs.tokens, ~ctxs.pad, cat["feature"], cat["position"], cat["value"], ctxs.n_kept, sae.cfg.d_sae)
 
 
-@torch.no_grad()
-def _encode_chunk(sae: SAE, model, hook: str, hcfg, cfg: IndexConfig, chunk: EvalContexts, offset: int) -> dict[str, torch.Tensor]:
-    x, grad = activations(model, sae, hook, chunk, cfg.lm_batch_size, hcfg)
+def _encode_chunk(sae: SAE, model, hcfg, chunk: HeldoutContexts, offset: int) -> dict[str, torch.Tensor]:
+    x, grad = activations(model, hcfg, chunk, grads=sae.sparsifier.uses_grad)
     where = chunk.keep.flatten().nonzero().squeeze(1) + offset  # flat position of each row of x
-    device = sae.W_dec.device
-    step = max(1, (1 << 25) // sae.cfg.d_sae)
     feature, position, value = [], [], []
-    for i in range(0, len(x), step):
-        g = None if grad is None else grad[i : i + step].to(device)
-        tok, lat, val = sae.forward_codes(x[i : i + step].to(device), g).nonzeros()
-        position.append(where[i + tok.cpu()])
+    for rows, codes in encode_chunks(sae, x, grad):
+        tok, lat, val = codes.nonzeros()
+        position.append(where[rows][tok.cpu()])
         feature.append(lat.cpu())
         value.append(val.float().cpu())
     return {"feature": torch.cat(feature), "position": torch.cat(position), "value": torch.cat(value)}
@@ -243,8 +240,6 @@ def token_strings(tokenizer) -> list[str]:
 
 
 def _write_features(p: artifacts.Pass, sae: SAE, model, cfg: IndexConfig, out: Path, signed: bool) -> None:
-    from sae_kit.eval.steering import logit_lens
-
     st = artifacts.stats(p)
     hist = artifacts.histograms(p, st, cfg.bins)
     picks = artifacts.Picks.choose(p, cfg, signed)

@@ -32,7 +32,6 @@ from sae_kit.errors import SaeKitError
 
 SCHEMA = "sae-kit/feature-index"
 VERSION = 1
-INDEX_DIR = "index"
 
 CONTEXT = pa.struct([
     ("row", pa.int32()), ("pos", pa.int32()), ("act", pa.float32()),

@@ -1,7 +1,7 @@
 """Attention SAEs (Kissane et al. 2024): for an SAE on `blocks.L.attn.hook_z`, which heads each feature writes from.
 
 hook_z holds the per-head mixed values [pos, n_heads, d_head] before W_O; the SAE reads them flattened (head-major) to
-n_heads·d_head, and eval.lm splices x̂ back through the same reshape, so the core metrics' CE passes work unchanged.
+n_heads·d_head, and sae_kit.heldout.run_lm splices x̂ back through the same reshape, so the core metrics' CE passes work unchanged.
 Head attribution (weight-based): w_{i,h} = ||W_dec[i, h, :]|| / Σ_h' ||W_dec[i, h', :]||, with W_dec's row i viewed as
 [n_heads, d_head]. A feature "belongs" to a head when most of its decoder norm sits there.
 """
@@ -12,8 +12,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from sae_kit.eval.inputs import EvalInputs, Section
-from sae_kit.eval.lm import EvalError
+from sae_kit.eval.inputs import EvalError, EvalInputs, Section
 
 
 def is_attention_hook(hook: str) -> bool:

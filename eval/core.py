@@ -13,9 +13,11 @@ Reconstruction (over every row of `inputs.x`, the kept positions of the held-out
 
 Downstream (the contexts holding the first `CoreConfig.ce_tokens` kept positions; `ce_tokens` reports how many
 positions were spliced, `ce_positions` how many next-token targets were scored): the LM runs clean, with x̂ spliced
-in (eval.lm.splice), with zeros (zero ablation) and with the mean of `inputs.x` (mean ablation). Only the kept
-positions are edited: BOS, position 0 and special tokens are left clean, because the SAE never trained on them
-(their activations are outliers an SAE is not asked to reconstruct) and SAELens/SAEBench exclude them the same way.
+in (sae_kit.heldout.splice), with zeros (zero ablation) and with the mean of `inputs.x` (mean ablation). x̂ is
+spliced into the kept positions only: BOS, position 0 and special tokens (by the SAE's own rule) are left clean,
+because the SAE never trained on them (their activations are outliers an SAE is not asked to reconstruct).
+`ablation_positions` (reported) says where the ablations edit: "kept" (default: the same positions as x̂, so the
+three runs differ only where the SAE acts) or "all" (every position, BOS included, as SAELens and SAEBench ablate).
 CE and KL are averaged over every position with a real next-token target (next_token_ce's mask), so the clean
 positions count in every run alike.
 - `ce_clean`, `ce_spliced`, `ce_zero_ablation`, `ce_mean_ablation`: mean next-token cross-entropy (nats).
@@ -31,8 +33,7 @@ Architecture specifics:
 - Mutual/Feature Choice: eval mode, i.e. the learned inference thresholds; `l0_mean` is the inference L0, reported
   beside `l0_training_target` (k, the batch-average L0 the training allocation enforces) and `l0_training`
   (metadata["training_l0"] when the trainer recorded it, else None).
-- MP-SAE: the main metrics use the eval-mode rule (at most mp_max_steps, default the trained k, with its adaptive
-  stopping); `mp_curve_l0`/`mp_curve_fvu` give mean L0 and FVU after each of `mp_curve_steps` (default 2k) pursuit
+- MP-SAE: the main metrics use the eval-mode rule; `mp_curve_l0`/`mp_curve_fvu` give mean L0 and FVU after each of `mp_curve_steps` (default 2k) pursuit
   steps without early stopping, on a seeded sample of `mp_curve_tokens` rows; `mp_fvu_at_k` is the curve at the
   trained k (the training rule).
 
@@ -43,14 +44,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import plotly.graph_objects as go
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from sae_kit.eval.inputs import EvalInputs, Section
-from sae_kit.eval.lm import EvalContexts, EvalError, kl_from, next_token_ce, run_lm, splice
+from sae_kit.eval.inputs import EvalError, EvalInputs, Section
+from sae_kit.heldout import fill, fvu, kl_from, next_token_ce, row_chunks, run_lm, splice
 from sae_kit.sae import SAE
 from sae_kit.sparsifiers.batch_choice import BatchChoice
 
@@ -67,6 +69,9 @@ class CoreConfig:
     reconstruction metrics use all of inputs.x. 0 skips the LM passes."""
     mean_ablation: bool = True
     """Also run the LM with the mean activation spliced in (ce_mean_ablation, ce_loss_recovered_mean, kl_mean)."""
+    ablation_positions: Literal["kept", "all"] = "kept"
+    """Where zero/mean ablation edits: "kept" (the positions x̂ is spliced into) or "all" (every position, BOS
+    included, as SAELens and SAEBench do)."""
     mp_curve_steps: int | None = None
     """MP-SAE: pursuit steps of the (L0, FVU) curve (None = 2k)."""
     mp_curve_tokens: int = 4096
@@ -79,22 +84,27 @@ class CoreConfig:
             raise EvalError(f"mp_curve_steps={self.mp_curve_steps}; use None (= 2k) or an integer >= 1")
         if self.mp_curve_tokens < 2:
             raise EvalError(f"mp_curve_tokens={self.mp_curve_tokens}; use at least 2 rows")
+        if self.ablation_positions not in ("kept", "all"):
+            raise EvalError(f"ablation_positions={self.ablation_positions!r}; use 'kept' or 'all'")
 
 
 def measure(inputs: EvalInputs, cfg: CoreConfig = CoreConfig()) -> Section:
     """Sparsity, reconstruction and downstream metrics of `inputs.sae` (see the module docstring)."""
     sae = inputs.sae.eval()
     check_grads(inputs)
-    x_hat, l0 = inputs.encode()
-    metrics: dict[str, Any] = {"architecture": sae.cfg.architecture, "tokens": len(inputs.x)}
-    metrics |= l0_stats(l0)
-    metrics |= reconstruction(inputs.x, x_hat)
-    metrics |= downstream(inputs, x_hat, cfg)
-    metrics |= training_l0(sae)
+    encoded = inputs.encoded()
+    metrics: dict[str, Any] = {"architecture": sae.cfg.architecture, "tokens": len(inputs.x), "input_scale": inputs.input_scale}
+    metrics |= l0_stats(encoded.l0)
+    metrics |= reconstruction(inputs.x, encoded.x_hat)
+    metrics |= downstream(inputs, encoded.x_hat, cfg)
     figures = {"l0_hist": l0_figure(metrics)}
-    if sae.cfg.architecture == "mpsae":
+    # ---- Architecture-specific metrics: the one place they are chosen. To be replaced by the rule's own
+    # ---- sae.sparsifier.eval_metrics(sae, x, grad, ...) (issue 11 §1); no architecture names here.
+    metrics |= training_l0(sae)
+    if getattr(sae.sparsifier, "curve", None) is not None:  # MP-SAE's pursuit curve
         metrics |= mp_metrics(inputs, cfg)
         figures["mp_curve"] = mp_figure(metrics)
+    # ---- end of the architecture-specific metrics
     return Section(metrics, figures, summary_lines(metrics))
 
 
@@ -114,15 +124,27 @@ def ratio(num: float, den: float) -> float | None:
 
 # ------------------------------------------------------------------------------------------------- sparsity
 def l0_stats(l0: Tensor) -> dict[str, Any]:
-    """Mean, std, percentiles and an integer-binned histogram of the per-token L0."""
-    l0f = l0.double()
-    out: dict[str, Any] = {"l0_mean": float(l0f.mean()), "l0_std": float(l0f.std()) if len(l0) > 1 else 0.0}
-    quantiles = torch.quantile(l0f, torch.tensor(PERCENTILES, dtype=torch.float64) / 100)
-    out |= {f"l0_p{p}": float(q) for p, q in zip(PERCENTILES, quantiles)}
-    width = max(1, math.ceil((int(l0.max()) + 1) / MAX_L0_BINS))
-    counts = torch.bincount(l0.long() // width)
-    out["l0_hist_edges"] = [i * width for i in range(len(counts) + 1)]
-    out["l0_hist_counts"] = counts.tolist()
+    """Mean, std, percentiles and an integer-binned histogram of the per-token L0, exactly, from the count of tokens
+    at each L0 (percentiles interpolate linearly between order statistics, as torch.quantile and numpy do)."""
+    counts = torch.bincount(l0.long())
+    n = int(counts.sum())
+    values, c = torch.arange(len(counts), dtype=torch.float64), counts.double()
+    mean = float((values * c).sum()) / n
+    out: dict[str, Any] = {"l0_mean": mean, "l0_std": math.sqrt(float(((values - mean).square() * c).sum()) / (n - 1)) if n > 1 else 0.0}
+    cumulative = counts.cumsum(0)
+
+    def order_statistic(i: int) -> int:  # the i-th smallest L0 (0-based)
+        return int(torch.searchsorted(cumulative, torch.tensor([i]), right=True)[0])
+
+    for p in PERCENTILES:
+        rank = p / 100 * (n - 1)
+        lo = math.floor(rank)
+        a, b = order_statistic(lo), order_statistic(min(lo + 1, n - 1))
+        out[f"l0_p{p}"] = a + (rank - lo) * (b - a)
+    width = max(1, math.ceil(len(counts) / MAX_L0_BINS))
+    binned = F.pad(counts, (0, -len(counts) % width)).view(-1, width).sum(1)
+    out["l0_hist_edges"] = [i * width for i in range(len(binned) + 1)]
+    out["l0_hist_counts"] = binned.tolist()
     return out
 
 
@@ -136,25 +158,23 @@ def training_l0(sae: SAE) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- reconstruction
 @torch.no_grad()
 def reconstruction(x: Tensor, x_hat: Tensor, chunk: int = 16384) -> dict[str, float | None]:
-    """MSE, normalised MSE, FVU, explained variance, cosine, L2 ratio and relative bias of x̂ against x."""
-    mu = sum(part.double().sum(0) for part in x.split(chunk)) / len(x)
+    """MSE, normalised MSE, FVU (sae_kit.heldout.fvu), explained variance, cosine, L2 ratio and relative bias of x̂."""
     per_token: dict[str, list[Tensor]] = {"err": [], "xx": [], "hh": [], "xh": []}
-    total = 0.0
     for xs, hs in zip(x.split(chunk), x_hat.split(chunk)):
         xs, hs = xs.double(), hs.double()
         per_token["err"].append((xs - hs).square().sum(-1))
         per_token["xx"].append(xs.square().sum(-1))
         per_token["hh"].append(hs.square().sum(-1))
         per_token["xh"].append((xs * hs).sum(-1))
-        total += float((xs - mu).square().sum())
     err, xx, hh, xh = (torch.cat(per_token[k]) for k in ("err", "xx", "hh", "xh"))
     tiny = torch.finfo(torch.float64).tiny
-    fvu = ratio(float(err.sum()), total)
+    unexplained = fvu(x, x_hat, chunk)
+    unexplained = unexplained if math.isfinite(unexplained) else None
     return {
         "mse": float(err.mean()),
         "normalized_mse": float((err / xx.clamp_min(tiny)).mean()),
-        "fvu": fvu,
-        "explained_variance": None if fvu is None else 1 - fvu,
+        "fvu": unexplained,
+        "explained_variance": None if unexplained is None else 1 - unexplained,
         "cossim": float((xh / (xx.sqrt() * hh.sqrt()).clamp_min(tiny)).mean()),
         "l2_ratio": float((hh.sqrt() / xx.sqrt().clamp_min(tiny)).mean()),
         "relative_reconstruction_bias": ratio(float(hh.mean()), float(xh.mean())),
@@ -172,28 +192,22 @@ def downstream(inputs: EvalInputs, x_hat: Tensor, cfg: CoreConfig) -> dict[str, 
     for batch, rows in inputs.batches():
         if spliced >= cfg.ce_tokens:
             break
-        batch = first_contexts(batch, cfg.ce_tokens - spliced)
+        batch = batch.first(cfg.ce_tokens - spliced)
         n = batch.n_kept
-        edits = {"spliced": x_hat[rows.start : rows.start + n], "zero": torch.zeros_like(mean).expand(n, -1),
-                 "mean": mean.expand(n, -1)}
+        edits = {"spliced": splice(x_hat[rows.start : rows.start + n]), "zero": fill(torch.zeros_like(mean)), "mean": fill(mean)}
+        ablated = batch.keep if cfg.ablation_positions == "kept" else torch.ones_like(batch.keep)
         clean, _ = run_lm(inputs.model, batch.tokens, inputs.hook)
         ce_clean, mask = next_token_ce(clean, batch.tokens, batch.pad)
         ce["clean"] += float(ce_clean[mask].sum())
         for name in runs:
-            logits, _ = run_lm(inputs.model, batch.tokens, inputs.hook, edit=splice(edits[name]), keep=batch.keep)
+            keep = batch.keep if name == "spliced" else ablated
+            logits, _ = run_lm(inputs.model, batch.tokens, inputs.hook, edit=edits[name], keep=keep)
             ce[name] += float(next_token_ce(logits, batch.tokens, batch.pad)[0][mask].sum())
             kl[name] += float(kl_from(clean, logits)[:, :-1][mask].sum())
             del logits
         positions += int(mask.sum())
         spliced += n
     return downstream_metrics(ce, kl, positions, spliced, cfg)
-
-
-def first_contexts(batch: EvalContexts, n_kept: int) -> EvalContexts:
-    """The leading contexts of `batch` that hold at least `n_kept` kept positions (all of it if it has fewer)."""
-    cumulative = batch.keep.sum(1).cumsum(0)
-    rows = int((cumulative < n_kept).sum()) + 1
-    return EvalContexts(batch.tokens[:rows], batch.keep[:rows], batch.pad[:rows])
 
 
 def downstream_metrics(ce: dict[str, float], kl: dict[str, float], positions: int, spliced: int, cfg: CoreConfig) -> dict[str, Any]:
@@ -207,7 +221,7 @@ def downstream_metrics(ce: dict[str, float], kl: dict[str, float], positions: in
 
     kl_zero, kl_sae = kl_mean.get("zero"), kl_mean.get("spliced")
     return {
-        "ce_tokens": spliced, "ce_positions": positions,
+        "ce_tokens": spliced, "ce_positions": positions, "ablation_positions": cfg.ablation_positions,
         "ce_clean": clean, "ce_spliced": sae, "ce_zero_ablation": zero, "ce_mean_ablation": mean_abl,
         "ce_loss_recovered": recovered(zero), "ce_loss_recovered_mean": recovered(mean_abl),
         "delta_ce": None if clean is None else sae - clean,
@@ -229,13 +243,13 @@ def mp_metrics(inputs: EvalInputs, cfg: CoreConfig) -> dict[str, Any]:
 
 
 def mp_curve(sae: SAE, x: Tensor, steps: int, max_cells: int = 1 << 25) -> tuple[list[float], list[float]]:
-    """sae.mp_curve over all rows of x, run in chunks of at most `max_cells` [rows × d_sae] correlations.
+    """sae.mp_curve over all rows of x, run in row_chunks of at most `max_cells` [rows × d_sae] correlations.
 
     Each chunk's FVU is relative to its own mean, so it is turned back into a residual sum of squares (times the
     chunk's Σ||x − mean||²) and divided by the total over x; chunk L0s are weighted by their rows.
     """
     x = x.to(sae.W_dec.device, sae.W_dec.dtype)
-    parts = x.tensor_split(max(1, math.ceil(len(x) * sae.cfg.d_sae / max_cells)))
+    parts = [x[rows] for rows in row_chunks(len(x), sae.cfg.d_sae, max_cells)]
     l0_sum = torch.zeros(steps, dtype=torch.float64)
     residual = torch.zeros(steps, dtype=torch.float64)
     for part in parts:
@@ -272,7 +286,8 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     cos = "n/a" if m["cossim"] is None else f"{m['cossim']:.3f}"
     line = f"core: FVU {fmt(m['fvu'])}  L0 {m['l0_mean']:.1f}  cos {cos}"
     if m["ce_clean"] is not None:
-        line += (f"  CE clean {m['ce_clean']:.3f} → SAE {m['ce_spliced']:.3f} (recovered {fmt(m['ce_loss_recovered'])}, "
+        line += (f"  CE clean {m['ce_clean']:.3f} → SAE {m['ce_spliced']:.3f} (recovered {fmt(m['ce_loss_recovered'])} against "
+                 f"ablating {'every position' if m['ablation_positions'] == 'all' else 'the kept positions'}, "
                  f"ΔCE {m['delta_ce']:.3f}, KL {m['kl_spliced']:.3f})")
     lines = [line]
     if "l0_training_target" in m:
@@ -283,6 +298,8 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
         l0, fvu = m["mp_curve_l0"], m["mp_curve_fvu"]
         lines.append(f"core: MP curve FVU {fvu[0]:.3f} at L0 {l0[0]:.1f} → {fvu[-1]:.3f} at L0 {l0[-1]:.1f} "
                      f"(at k: {fmt(m['mp_fvu_at_k'])})")
+    if m["input_scale"] is not None:
+        lines.append(f"core: the SAE expects normalised inputs; scale {m['input_scale']:.4g} = sqrt(d_in)/E||x|| on held-out tokens folded in")
     return lines
 
 

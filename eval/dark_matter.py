@@ -3,12 +3,14 @@
 Definitions, with x the clean activation at a kept position, x̂ the SAE's reconstruction and e = x − x̂:
 - `fit_linear`: least squares with an intercept column, Y ≈ [X, 1]·W, solved in float64.
 - vector R²: per error dimension R²_j = 1 − SS_res,j / SS_tot,j of predicting e from x on held-out tokens, averaged
-  over dimensions. norm R²: the same for the scalar target ||e||².
-- `decompose`: e_L = [x, 1]·W* with W* fitted on all tokens (as the paper does for the decomposition), e_NL = e − e_L.
-  With the intercept, e_NL has zero mean and is uncorrelated with x, so FVU_sae = FVU(e_L) + FVU(e_NL), where
-  FVU(v) = Σ||v||² / Σ||x − μ||².
-- CE attribution: next-token CE with x̂, x̂ + e_L and x̂ + e_NL spliced into the kept positions; the share of the CE
-  gap a component closes is (CE_sae − CE_{x̂+component}) / (CE_sae − CE_clean).
+  over dimensions; a dimension constant on the held-out tokens has no variance to explain: its R² is NaN and it is
+  left out of the mean (`vector_r2_skipped_dims` counts them). norm R²: the same for the scalar target ||e||².
+- `decompose`: e_L = [x, 1]·W* and e_NL = e − e_L, with W* fitted on the tokens outside the CE contexts
+  (`decomposition_tokens` of them; the paper fits on all tokens), so the CE attribution below measures e_L and
+  e_NL on contexts the fit never saw. With the intercept, e_NL has zero mean and is uncorrelated with x on the fit
+  tokens, so there FVU_sae = FVU(e_L) + FVU(e_NL), where FVU(v) = Σ||v||² / Σ||x − μ||² (the `fvu_*` metrics).
+- CE attribution: next-token CE with x̂, x̂ + e_L and x̂ + e_NL spliced into the kept positions of the CE contexts;
+  the share of the CE gap a component closes is (CE_sae − CE_{x̂+component}) / (CE_sae − CE_clean).
 - Across widths (`cross_width`): R² of regressing ||e_j|| on [||e_i||, 1] for consecutive widths i < j, then with
   ||e_NL,i|| added, and the % of the remaining variance explained = (R²_new − R²_old) / (1 − R²_old) · 100.
 
@@ -29,8 +31,8 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from sae_kit.eval.inputs import EvalInputs, Section
-from sae_kit.eval.lm import EvalError, next_token_ce, run_lm, splice
+from sae_kit.eval.inputs import EvalError, EvalInputs, Section
+from sae_kit.heldout import next_token_ce, run_lm, splice
 
 PAPER_HEADLINE = {"norm_r2": ">0.9", "vector_r2": "~0.5", "model": "Gemma 2 9B layer 20, Gemma Scope, L0≈60"}
 MIN_TOKENS_PER_REGRESSOR = 10
@@ -117,14 +119,17 @@ def predict(X: Tensor, W: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 def r2(Y: Tensor, Y_hat: Tensor) -> Tensor:
-    """Per-column R² = 1 − SS_res/SS_tot [k] (float64; NaN for a constant column)."""
+    """Per-column R² = 1 − SS_res/SS_tot [k] (float64; NaN for a column constant on these rows: nothing to explain)."""
     Y, Y_hat = _columns(Y).double(), _columns(Y_hat).double()
-    return 1 - (Y - Y_hat).pow(2).sum(0) / (Y - Y.mean(0)).pow(2).sum(0)
+    value = 1 - (Y - Y_hat).pow(2).sum(0) / (Y - Y.mean(0)).pow(2).sum(0)
+    return value.masked_fill(Y.amax(0) == Y.amin(0), math.nan)
 
 
-def decompose(x: Tensor, e: Tensor, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(e_L, e_NL) in e's dtype: the part of e linear in x (fitted on all tokens) and the rest, e_L + e_NL = e."""
-    e_lin = predict(x, fit_linear(x, e, ridge), e.dtype)
+def decompose(x: Tensor, e: Tensor, ridge: float = 0.0, fit: slice | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(e_L, e_NL) in e's dtype for every row: the part of e linear in x, fitted on the rows `fit` (None: all), and the
+    rest, e_L + e_NL = e."""
+    rows = slice(None) if fit is None else fit
+    e_lin = predict(x, fit_linear(x[rows], e[rows], ridge), e.dtype)
     return e_lin, e - e_lin
 
 
@@ -155,7 +160,13 @@ class Predictability:
 
     @property
     def vector_r2(self) -> float:
+        """Mean R² over the error dimensions that vary on the held-out tokens."""
         return float(self.r2_per_dim.nanmean())
+
+    @property
+    def skipped_dims(self) -> int:
+        """Error dimensions left out of vector_r2 (constant on the held-out tokens)."""
+        return int(self.r2_per_dim.isnan().sum())
 
 
 def predictability(x: Tensor, e: Tensor, fit: Tensor, held: Tensor, ridge: float = 0.0) -> Predictability:
@@ -201,6 +212,17 @@ def ce_with(inputs: EvalInputs, x_new: Tensor | None, n_tokens: int) -> float:
     return total / count
 
 
+def check(inputs: EvalInputs, cfg: DarkMatterConfig) -> tuple[Tensor, Tensor, int]:
+    """(fit rows, held rows, CE rows m) of `measure`; EvalError when the tokens cannot support the regressions."""
+    n, d_in = inputs.x.shape
+    fit, held = split_tokens(n, d_in, cfg, inputs.seed)
+    m, need = ce_rows(inputs, cfg.ce_tokens), cfg.min_fit_tokens(d_in)
+    if n - m < need:
+        raise EvalError(f"dark matter fits its linear/nonlinear split on the tokens outside the CE contexts: needs {need}, but {m} of "
+                        f"the {n} evaluation tokens are in the CE contexts; raise --tokens to {m + need} or more, or lower --dark-matter.ce-tokens")
+    return fit, held, m
+
+
 def _share(ce_sae: float, ce_variant: float, ce_clean: float) -> float | None:
     gap = ce_sae - ce_clean
     return (ce_sae - ce_variant) / gap if gap != 0 else None
@@ -210,23 +232,22 @@ def _share(ce_sae: float, ce_variant: float, ce_clean: float) -> float | None:
 def measure(inputs: EvalInputs, cfg: DarkMatterConfig = DarkMatterConfig()) -> Section:
     """Error predictability (held-out vector and norm R²), the linear/nonlinear decomposition and its CE attribution."""
     x = inputs.x
-    fit, held = split_tokens(len(x), x.shape[1], cfg, inputs.seed)
-    x_hat, _ = inputs.encode()
+    fit, held, m = check(inputs, cfg)
+    x_hat = inputs.encoded().x_hat
     e = x - x_hat
     pred = predictability(x, e, fit, held, cfg.ridge)
-    e_lin, e_nl = decompose(x, e, cfg.ridge)
-    total = _centred_energy(x)
-    m = ce_rows(inputs, cfg.ce_tokens)
+    e_lin, e_nl = decompose(x, e, cfg.ridge, fit=slice(m, None))  # fitted outside the CE contexts
+    total = _centred_energy(x[m:])
     ce = {"ce_clean": ce_with(inputs, None, cfg.ce_tokens), "ce_sae": ce_with(inputs, x_hat[:m], cfg.ce_tokens),
           "ce_sae_plus_linear": ce_with(inputs, x_hat[:m] + e_lin[:m], cfg.ce_tokens),
           "ce_sae_plus_nonlinear": ce_with(inputs, x_hat[:m] + e_nl[:m], cfg.ce_tokens)}
     metrics = {
-        "vector_r2": pred.vector_r2, "norm_r2": pred.norm_r2,
-        "fvu_sae": _energy(e) / total, "fvu_linear_error": _energy(e_lin) / total, "fvu_nonlinear_error": _energy(e_nl) / total,
+        "vector_r2": pred.vector_r2, "vector_r2_skipped_dims": pred.skipped_dims, "norm_r2": pred.norm_r2,
+        "fvu_sae": _energy(e[m:]) / total, "fvu_linear_error": _energy(e_lin[m:]) / total, "fvu_nonlinear_error": _energy(e_nl[m:]) / total,
         **ce,
         "share_of_ce_gap_closed_by_linear": _share(ce["ce_sae"], ce["ce_sae_plus_linear"], ce["ce_clean"]),
         "share_of_ce_gap_closed_by_nonlinear": _share(ce["ce_sae"], ce["ce_sae_plus_nonlinear"], ce["ce_clean"]),
-        "fit_tokens": len(fit), "held_tokens": len(held), "ce_kept_tokens": m,
+        "fit_tokens": len(fit), "held_tokens": len(held), "ce_kept_tokens": m, "decomposition_tokens": len(x) - m,
         "paper_headline": dict(PAPER_HEADLINE),
     }
     return Section(metrics, _figures(pred, inputs.seed), [_line(metrics)])
@@ -235,7 +256,8 @@ def measure(inputs: EvalInputs, cfg: DarkMatterConfig = DarkMatterConfig()) -> S
 def _line(m: dict) -> str:
     shares = "  ".join(f"CE gap closed by {name} {'n/a' if s is None else f'{s:.0%}'}" for name, s in
                        (("e_L", m["share_of_ce_gap_closed_by_linear"]), ("e_NL", m["share_of_ce_gap_closed_by_nonlinear"])))
-    return (f"dark matter: norm R² {m['norm_r2']:.2f} (paper: >0.9 on Gemma 2)  vector R² {m['vector_r2']:.2f} (paper: ~0.5)  "
+    skipped = f"; {m['vector_r2_skipped_dims']} constant dimensions skipped" if m["vector_r2_skipped_dims"] else ""
+    return (f"dark matter: norm R² {m['norm_r2']:.2f} (paper: >0.9 on Gemma 2)  vector R² {m['vector_r2']:.2f} (paper: ~0.5{skipped})  "
             f"FVU {m['fvu_sae']:.3f} = linear {m['fvu_linear_error']:.3f} + nonlinear {m['fvu_nonlinear_error']:.3f}  {shares}")
 
 
@@ -247,8 +269,10 @@ def _figures(pred: Predictability, seed: int, points: int = 2000) -> dict[str, g
                          go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dash"}, name="y = x")])
     scatter.update_layout(title=f"Dark matter: ||e||² predicted linearly from x (held-out R² {pred.norm_r2:.3f})",
                           xaxis_title="actual ||e||²", yaxis_title="predicted ||e||²")
-    hist = go.Figure([go.Histogram(x=pred.r2_per_dim.tolist(), nbinsx=50)])
-    hist.update_layout(title=f"Dark matter: held-out R² per error dimension (mean {pred.vector_r2:.3f})",
+    r2s = pred.r2_per_dim
+    hist = go.Figure([go.Histogram(x=r2s[~r2s.isnan()].tolist(), nbinsx=50)])
+    skipped = f", {pred.skipped_dims} constant dimensions skipped" if pred.skipped_dims else ""
+    hist.update_layout(title=f"Dark matter: held-out R² per error dimension (mean {pred.vector_r2:.3f}{skipped})",
                        xaxis_title="R² of e_j predicted from x", yaxis_title="dimensions")
     return {"norm_scatter": scatter, "r2_per_dim": hist}
 
@@ -275,7 +299,8 @@ def _check_group(inputs: list[EvalInputs]) -> list[EvalInputs]:
 
 def _error_norms(inputs: EvalInputs, ridge: float) -> tuple[Tensor, Tensor, float]:
     """(||e|| [n], ||e_NL|| [n], mean L0) of one SAE."""
-    x_hat, l0 = inputs.encode()
+    encoded = inputs.encoded()
+    x_hat, l0 = encoded.x_hat, encoded.l0
     e = inputs.x - x_hat
     _, e_nl = decompose(inputs.x, e, ridge)
     return e.double().norm(dim=1), e_nl.double().norm(dim=1), float(l0.float().mean())

@@ -2,7 +2,8 @@
 
 Metrics (density = fraction of the eval tokens, the rows of `inputs.x`, on which a latent's code is nonzero, in eval
 mode; g-SAE with its real gradients):
-- `tokens`, `d_sae`; `dead_count`, `dead_frac` (density 0 on the eval tokens), `alive_frac` (= 1 − dead_frac,
+- `tokens`, `d_sae`; `dead_count`, `dead_frac` (density 0 on the eval tokens), `dead_detection_floor` (= 1/tokens, the
+  lowest nonzero density these tokens can show: "dead" means rarer than about that), `alive_frac` (= 1 − dead_frac,
   SAEBench `frac_alive`); `dense_frac_1pct`, `dense_frac_10pct` (density > 1%, > 10%: SAEBench
   `freq_over_1_percent`, `freq_over_10_percent`); `density_mean`, `density_median` over latents.
 - `log10_density_edges`/`log10_density_counts`: latents per quarter-decade bin [edge_i, edge_i+1) of log10 density;
@@ -14,8 +15,8 @@ mode; g-SAE with its real gradients):
   (training log10 densities) `training_log10_density_edges`/`_counts` and `training_never_fired` (latents at the
   1e-10 floor that sae-kit's trainer and SAELens write for a latent that never fired).
 
-Codes are encoded in chunks of at most 2^25 [rows × d_sae] cells and only their per-latent counts are kept
-(Codes.feature_counts), so a 16k-latent SAE on 100k tokens never holds the dense [tokens, d_sae] code.
+The counts come from the evaluation's one encoding pass (EvalInputs.encoded, sae_kit.heldout.encode: bounded
+chunks, only per-latent counts kept), so a 16k-latent SAE on 100k tokens never holds the dense [tokens, d_sae] code.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def measure(inputs: EvalInputs) -> Section:
     """Per-latent density on the eval tokens, dead and dense fractions, and the training-time dead count."""
     check_grads(inputs)
     n = len(inputs.x)
-    density = latent_counts(inputs).double() / max(n, 1)
+    density = inputs.encoded().counts.double() / max(n, 1)
     d_sae = len(density)
     dead = int((density == 0).sum())
     metrics: dict[str, Any] = {
-        "tokens": n, "d_sae": d_sae, "dead_count": dead, "dead_frac": dead / d_sae, "alive_frac": 1 - dead / d_sae,
+        "tokens": n, "d_sae": d_sae, "dead_count": dead, "dead_frac": dead / d_sae, "dead_detection_floor": 1 / max(n, 1),
+        "alive_frac": 1 - dead / d_sae,
         "dense_frac_1pct": float((density > 0.01).double().mean()), "dense_frac_10pct": float((density > 0.1).double().mean()),
         "density_mean": float(density.mean()), "density_median": float(density.median()),
     }
@@ -53,19 +55,6 @@ def measure(inputs: EvalInputs) -> Section:
     metrics["latent_density"] = density.tolist() if d_sae <= MAX_LISTED_LATENTS else None
     metrics |= training_stats(inputs)
     return Section(metrics, {"log10_density": density_figure(metrics)}, summary_lines(metrics))
-
-
-@torch.no_grad()
-def latent_counts(inputs: EvalInputs, max_cells: int = 1 << 25) -> Tensor:
-    """How many rows of inputs.x each latent fires on [d_sae] (int64), encoding chunks of at most `max_cells` codes."""
-    sae = inputs.sae.eval()
-    device = sae.W_dec.device
-    chunk = max(1, max_cells // sae.cfg.d_sae)
-    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
-    for i in range(0, len(inputs.x), chunk):
-        grad = None if inputs.grad is None else inputs.grad[i : i + chunk].to(device)
-        counts += sae.forward_codes(inputs.x[i : i + chunk].to(device), grad).feature_counts()
-    return counts.cpu()
 
 
 def log10_histogram(log_density: Tensor, floor: float) -> dict[str, Any]:
@@ -117,6 +106,7 @@ def density_figure(m: dict[str, Any]) -> go.Figure:
 def summary_lines(m: dict[str, Any]) -> list[str]:
     """Two short lines for stdout."""
     training = "" if m["training_dead_frac"] is None else f" (training {100 * m['training_dead_frac']:.1f}%)"
-    return [f"dead: {100 * m['dead_frac']:.1f}% dead on {m['tokens']} eval tokens{training}; "
+    return [f"dead: {100 * m['dead_frac']:.1f}% dead on {m['tokens']} eval tokens (density below the detection floor "
+            f"{m['dead_detection_floor']:.1e}){training}; "
             f"dense {100 * m['dense_frac_1pct']:.1f}% >1%, {100 * m['dense_frac_10pct']:.1f}% >10%",
             f"dead: latent density mean {m['density_mean']:.2e}, median {m['density_median']:.2e}"]

@@ -8,6 +8,7 @@ dark-matter cross-width analysis, and several SAEs get the comparison table and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import time
@@ -17,11 +18,13 @@ from typing import Any, Literal
 
 import tyro
 
+from sae_kit import rundir
 from sae_kit.config_files import to_jsonable
 from sae_kit.eval import attention, compare, core, dark_matter, dead, steering
-from sae_kit.eval.inputs import EvalInputs, Section, prepare
-from sae_kit.eval.lm import EvalError
+from sae_kit.eval.inputs import EvalError, EvalInputs, Section, prepare, with_sae
 from sae_kit.eval.report import build_report, save_report, write_figures, write_plotly_js
+from sae_kit.heldout import harvest_config_for
+from sae_kit.rundir import run_dir_of  # noqa: F401 (sae_kit.cli imports it from here)
 from sae_kit.sae import SAE, load_sae
 
 SectionName = Literal["core", "dead", "dark_matter", "steering", "attention"]
@@ -66,22 +69,6 @@ class EvalConfig:
     """Torch device for the LM and SAEs (None: cuda if available, else cpu)."""
 
 
-def resolve(paths: tuple[Path, ...]) -> list[tuple[str, Path]]:
-    """(name, SAE directory) for every SAE the paths stand for; a one-line error for a path that holds none."""
-    found: list[tuple[str, Path]] = []
-    for path in map(Path, paths):
-        if (path / "cfg.json").is_file():
-            found.append((path.parent.name if path.name == "sae" else path.name, path))
-        elif (path / "sae" / "cfg.json").is_file():
-            found.append((path.name, path / "sae"))
-        elif members := sorted(p.parent.parent for p in path.glob("*/sae/cfg.json")):
-            found.extend((f"{path.name}/{m.name}", m / "sae") for m in members)
-        else:
-            raise EvalError(f"{path} holds no SAE (no cfg.json, sae/cfg.json or <member>/sae/cfg.json); pass an SAE or run directory")
-    names = [n for n, _ in found]
-    return [(n if names.count(n) == 1 else f"{n}#{i}", p) for i, (n, p) in enumerate(found)]
-
-
 def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) -> dict[str, Any]:
     """Run the evaluation, write report.json and the figures, print nothing; returns the report (with "out" set).
 
@@ -93,12 +80,13 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
         raise EvalError("name at least one SAE: sae-kit eval RUN_OR_SAE_DIR [...]")
     if cfg.tokens < 1:
         raise EvalError(f"--tokens must be positive, got {cfg.tokens}")
-    entries = [(name, path, load_sae(path, device=cfg.device)) for name, path in resolve(cfg.saes)]
-    entries += [(name, None, sae) for name, sae in (saes or {}).items()]
+    found = rundir.resolve(cfg.saes)
+    entries = [(f.name, f.sae_dir, load_sae(f.sae_dir, device=cfg.device)) for f in found]
+    # An SAE of the caller's that gets its input scale folded in is copied first, so the caller's object is unchanged.
+    entries += [(name, None, copy.deepcopy(sae) if sae.cfg.normalize_activations != "none" else sae) for name, sae in (saes or {}).items()]
     model_name = cfg.model or entries[0][2].cfg.metadata.get("model_name")
     model = model or load_model(model_name, device=cfg.device)
-    single_dir = len(entries) == 1 and entries[0][1] is not None
-    out = Path(cfg.out or (run_dir_of(entries[0][1]) / "eval" if single_dir else f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"))
+    out = Path(cfg.out or (found[0].eval_dir if len(entries) == len(found) == 1 else rundir.default_eval_dir()))
     shared: dict[tuple, EvalInputs] = {}
     evaluated, prepare_seconds = [], []
     for _, _, sae in entries:  # the cheap part first, so bad settings fail before minutes of measuring
@@ -106,7 +94,7 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
         evaluated.append(_inputs(shared, cfg, model, sae))
         prepare_seconds.append(round(time.perf_counter() - start, 2))
         if "dark_matter" in cfg.sections:
-            dark_matter.split_tokens(len(evaluated[-1].x), sae.cfg.d_in, cfg.dark_matter, cfg.seed)
+            dark_matter.check(evaluated[-1], cfg.dark_matter)
     measured = [_measure(cfg, inputs) for inputs in evaluated]
     out.mkdir(parents=True, exist_ok=True)  # nothing is written until every measurement has succeeded
     write_plotly_js(out)
@@ -117,7 +105,8 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
             paths, png = write_figures(out, _slug(name), {f"{section_name}-{k}": f for k, f in section.figures.items()}, png)
             figures |= paths
         reports.append({"name": name, "path": None if path is None else str(path), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
-                        "k": sae.cfg.k if "k" in sae.cfg.rule.config_fields else None, "hook": inputs.hook, "tokens": len(inputs.x),
+                        "k": sae.cfg.k if sae.cfg.rule.uses_k else None, "hook": inputs.hook, "tokens": len(inputs.x),
+                        "data": _data_settings(inputs), "input_scale": inputs.input_scale,
                         "sections": {k: s.metrics for k, s in sections.items()}, "figures": figures, "seconds": {"prepare": prep, **seconds},
                         "summary": [line for s in sections.values() for line in s.lines]})
     comparison = _comparison(cfg, out, reports, evaluated, png)
@@ -147,24 +136,29 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_dir_of(sae_dir: Path) -> Path:
-    """The run directory an SAE directory belongs to (its parent for <run>/sae, else itself)."""
-    return sae_dir.parent if sae_dir.name == "sae" else sae_dir
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def _inputs(shared: dict[tuple, EvalInputs], cfg: EvalConfig, model, sae: SAE) -> EvalInputs:
-    """Held-out inputs for `sae`, shared with earlier SAEs on the same hook and data settings."""
-    meta = sae.cfg.metadata
-    if not (cfg.hook or meta.get("hook_name")):
+    """Held-out inputs for `sae`, shared with earlier SAEs of the same hook and data settings (corpus, split,
+    tokenisation and position rules: every field of the SAE's harvest config) that read gradients alike."""
+    if not (cfg.hook or sae.cfg.metadata.get("hook_name")):
         raise EvalError("the SAE does not record its hook (cfg.json metadata.hook_name); pass --hook, e.g. --hook blocks.6.hook_resid_post")
-    key = (cfg.hook or meta.get("hook_name"), cfg.corpus or meta.get("dataset_path"), cfg.context_size or meta.get("context_size"), sae.sparsifier.uses_grad)
+    data = harvest_config_for(sae, hook=cfg.hook, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size)
+    key = (tuple(sorted(dataclasses.asdict(data).items())), sae.sparsifier.uses_grad)
     if key not in shared:
         shared[key] = prepare(model, sae, cfg.tokens, hook=cfg.hook, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size, seed=cfg.seed)
-    return dataclasses.replace(shared[key], sae=sae.eval())
+        return shared[key]
+    return with_sae(shared[key], sae)
+
+
+def _data_settings(inputs: EvalInputs) -> dict[str, Any]:
+    """The data settings an SAE was evaluated with (its own: corpus, held-out split, tokenisation, position rules)."""
+    d = inputs.data
+    return {"corpus": d.corpus, "holdout_fraction": d.holdout_fraction, "context_size": d.context_size, "prepend_bos": d.prepend_bos,
+            "packing": d.packing, "separator": d.separator, "exclude_special_tokens": d.exclude_special_tokens,
+            "exclude_first_position": d.exclude_first_position, "contexts": int(inputs.contexts.tokens.shape[0])}
 
 
 def _measure(cfg: EvalConfig, inputs: EvalInputs) -> tuple[dict[str, Section], dict[str, float]]:
@@ -181,6 +175,7 @@ def _measure(cfg: EvalConfig, inputs: EvalInputs) -> tuple[dict[str, Section], d
             start = time.perf_counter()
             out[name] = runs[name]()
             seconds[name] = round(time.perf_counter() - start, 2)
+    inputs._encoded = None  # the sections share one encoding; drop it (x̂ is as large as x) before the next SAE
     return out, seconds
 
 
@@ -191,13 +186,14 @@ def _comparison(cfg: EvalConfig, out: Path, reports: list[dict], evaluated: list
     section = compare.compare(reports)
     figures, png = write_figures(out, "comparison", section.figures, png)
     result: dict[str, Any] = {"table": section.metrics["table"], "figures": figures, "summary": section.lines}
-    by_hook: dict[str, list[EvalInputs]] = {}
+    same_tokens: dict[tuple[str, int], list[EvalInputs]] = {}  # SAEs sharing one hook and one set of held-out tokens
     for inputs in evaluated:
-        by_hook.setdefault(inputs.hook, []).append(inputs)
-    for hook, group in by_hook.items():
+        same_tokens.setdefault((inputs.hook, id(inputs.x)), []).append(inputs)
+    for (hook, _), group in same_tokens.items():
         if "dark_matter" in cfg.sections and len({i.sae.cfg.d_sae for i in group}) > 1:
-            cross = dark_matter.cross_width(group)
-            paths, png = write_figures(out, "comparison", {f"cross_width-{k}": f for k, f in cross.figures.items()}, png)
-            result.setdefault("cross_width", {})[hook] = cross.metrics | {"figures": paths}
+            cross = dark_matter.cross_width(group, cfg.dark_matter)
+            key = hook if hook not in result.get("cross_width", {}) else f"{hook}#{len(result['cross_width'])}"  # other data settings
+            paths, png = write_figures(out, "comparison", {f"cross_width-{key}-{k}": f for k, f in cross.figures.items()}, png)
+            result.setdefault("cross_width", {})[key] = cross.metrics | {"figures": paths}
             result["summary"] = result["summary"] + cross.lines
     return result

@@ -1,18 +1,21 @@
-"""What every measurement reads (`EvalInputs`: model, SAE, hook, held-out contexts, clean activations) and what it
-returns (`Section`: JSON metrics and plotly figures)."""
+"""What every measurement reads (`EvalInputs`: model, SAE, its held-out contexts and clean activations, from
+sae_kit.heldout) and what it returns (`Section`: JSON metrics and plotly figures)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor
 
-from sae_kit.activations import HarvestConfig, harvester_for
-from sae_kit.eval.lm import EvalContexts, check_pair, harvest_config_for, heldout_contexts, run_lm
-from sae_kit.models import stop_layer
+from sae_kit.activations import HarvestConfig
+from sae_kit.heldout import Encoded, HeldoutContexts, HeldoutError, activations, check_pair, encode, fold_input_scale, harvest_config_for, heldout_contexts
 from sae_kit.sae import SAE
+
+
+class EvalError(HeldoutError):
+    """Evaluation cannot run as asked (bad settings, too few tokens)."""
 
 
 @dataclass
@@ -22,42 +25,39 @@ class EvalInputs:
     model: Any
     """The TransformerBridge the SAE reads."""
     sae: SAE
-    """The SAE, in eval mode (learned thresholds for MC/FC, adaptive stopping for MP-SAE)."""
+    """The SAE, in eval mode (learned thresholds for MC/FC), taking raw activations (see `input_scale`)."""
     hook: str
     """The hook the SAE reads."""
-    contexts: EvalContexts
+    contexts: HeldoutContexts
     """Held-out contexts; `keep` marks the positions the SAE reads."""
     x: Tensor
     """[n_kept, d_in] clean activations at the kept positions, row-major over `contexts` (fp32, CPU)."""
     grad: Tensor | None
     """[n_kept, d_in] ∂CE/∂x at the same positions when the SAE reads gradients (g-SAE), else None."""
-    lm_batch_size: int = 16
-    """Contexts per LM forward pass."""
+    data: HarvestConfig
+    """The data settings and position rules the contexts were made with (the SAE's own, from its metadata)."""
     seed: int = 0
     """Seed of every random choice a measurement makes (splits, feature samples)."""
+    input_scale: float | None = None
+    """The scale s = sqrt(d_in)/E||x|| folded into an SAE that expected normalised inputs (None: it takes raw ones)."""
+    _encoded: Encoded | None = field(default=None, init=False, repr=False, compare=False)
 
-    def batches(self) -> Iterator[tuple[EvalContexts, slice]]:
+    @property
+    def lm_batch_size(self) -> int:
+        return self.data.lm_batch_size
+
+    def batches(self) -> Iterator[tuple[HeldoutContexts, slice]]:
         """LM batches of contexts, each with the slice of `x`/`grad` rows at its kept positions."""
         start = 0
         for batch in self.contexts.batches(self.lm_batch_size):
             yield batch, slice(start, start + batch.n_kept)
             start += batch.n_kept
 
-    @torch.no_grad()
-    def encode(self, x: Tensor | None = None, grad: Tensor | None = None, max_cells: int = 1 << 25) -> tuple[Tensor, Tensor]:
-        """(x̂ [n, d_in], L0 per row [n]) of `x` (default: all of self.x, with self.grad), in chunks of at most
-        `max_cells` code entries (dense rules materialise [chunk, d_sae]), on the SAE's device."""
-        if x is None:
-            x, grad = self.x, self.grad
-        device = self.sae.W_dec.device
-        chunk = max(1, max_cells // self.sae.cfg.d_sae)
-        x_hat, l0 = [], []
-        for i in range(0, len(x), chunk):
-            g = None if grad is None else grad[i : i + chunk].to(device)
-            out = self.sae(x[i : i + chunk].to(device), grad=g)
-            x_hat.append(out.x_hat.float().cpu())
-            l0.append(out.codes.l0().cpu())
-        return torch.cat(x_hat), torch.cat(l0)
+    def encoded(self) -> Encoded:
+        """The SAE's encoding of every row of x (x̂, L0, latent counts and max |activation|), computed once."""
+        if self._encoded is None:
+            self._encoded = encode(self.sae, self.x, self.grad)
+        return self._encoded
 
 
 @dataclass
@@ -74,26 +74,16 @@ class Section:
 
 def prepare(model, sae: SAE, n_tokens: int, *, hook: str | None = None, corpus: str | None = None, context_size: int | None = None,
             lm_batch_size: int = 16, seed: int = 0) -> EvalInputs:
-    """Held-out contexts and the clean activations (and gradients, for g-SAE) at the SAE's hook."""
+    """Held-out contexts of the SAE's own data settings and the clean activations (and gradients, for g-SAE) at its hook."""
     cfg = harvest_config_for(sae, hook=hook, corpus=corpus, context_size=context_size, lm_batch_size=lm_batch_size)
     check_pair(model, sae, cfg.hook[0])
     ctxs = heldout_contexts(model, cfg, n_tokens)
-    x, grad = activations(model, sae, cfg.hook[0], ctxs, lm_batch_size, cfg)
-    return EvalInputs(model, sae.eval(), cfg.hook[0], ctxs, x, grad, lm_batch_size, seed)
+    x, grad = activations(model, cfg, ctxs, grads=sae.sparsifier.uses_grad)
+    return EvalInputs(model, sae.eval(), cfg.hook[0], ctxs, x, grad, cfg, seed, fold_input_scale(model, sae, cfg, x))
 
 
-def activations(model, sae: SAE, hook: str, ctxs: EvalContexts, lm_batch_size: int, cfg: HarvestConfig) -> tuple[Tensor, Tensor | None]:
-    """The clean activations [n_kept, d_in] at `hook` on the kept positions of `ctxs` (row-major, fp32, CPU), and
-    ∂CE/∂x at the same positions when the SAE reads gradients (g-SAE), else None."""
-    stop = stop_layer(model, [hook])
-    xs, gs = [], []
-    grad_harvester = harvester_for(model, cfg, with_grads=True) if sae.sparsifier.uses_grad else None
-    for batch in ctxs.batches(lm_batch_size):
-        if grad_harvester is None:
-            _, acts = run_lm(model, batch.tokens, hook, capture=True, stop_at_layer=stop)
-        else:
-            acts_by_hook, grads = grad_harvester.run(batch.tokens, batch.pad)
-            acts = acts_by_hook[hook]
-            gs.append(grads[hook][batch.keep.to(grads[hook].device)].float().cpu())
-        xs.append(acts[batch.keep.to(acts.device)].float().cpu())
-    return torch.cat(xs), torch.cat(gs) if gs else None
+def with_sae(inputs: EvalInputs, sae: SAE) -> EvalInputs:
+    """`inputs` for another SAE that reads the same held-out data (its input scale folded in, in place)."""
+    check_pair(inputs.model, sae, inputs.hook)
+    scale = fold_input_scale(inputs.model, sae, inputs.data, inputs.x)
+    return dataclasses.replace(inputs, sae=sae.eval(), input_scale=scale)

@@ -8,8 +8,8 @@ choice the papers leave open is marked "our choice"):
 2. A feature's unit of α is its max |activation| over `inputs.x` times ‖d_i‖ (atoms are unit-norm in sae-kit). Our
    choice: the max, not a high percentile; over a few thousand tokens the 99.9th percentile of a feature rarer than
    0.1% is zero.
-3. Target tokens T_i: the `top_tokens` tokens of the logit lens of d_i (`logit_lens`: the final norm's weight
-   applied, its data-dependent scale not; our choice, see there).
+3. Target tokens T_i: the `top_tokens` tokens of the logit lens of d_i (sae_kit.heldout.logit_lens: the final norm's
+   weight applied, its data-dependent scale not; our choice, see there).
 4. On `contexts` held-out contexts (the first rows of `inputs.contexts`: text unrelated to the feature), add α·unit·d̂_i
    at every kept position (`positions="all"`, our choice) in one batched forward per (feature, α), and average over
    the same positions the increase of Σ_{t∈T_i} p(t) (Δmass) and KL(clean ‖ steered).
@@ -18,14 +18,15 @@ choice the papers leave open is marked "our choice"):
 6. Steering-effectiveness score (our choice): per feature, the largest Δmass over α ∈ {0} ∪ `alphas` (and both signs
    for signed SAEs) whose mean KL stays within `kl_budget`; the SAE's score is the mean over the sampled features.
    The Δmass and KL curves over α are reported too (the fixed-α view).
-7. DiM: v = mean activation over the kept positions of `contrast_positive` − that of `contrast_negative`. Its
+7. DiM: v = mean activation over the kept positions (the SAE's own rule) of `contrast_positive` − that of
+   `contrast_negative`. Its
    targets are the positive set's characteristic tokens: those in some positive prompt and in no negative one (our
    choice; at an early layer the lens tokens of v are mostly noise, and with parallel sentences this set is exactly
    the positive words). v̂ is steered with norms α·‖v‖; the feature whose atom has the highest cosine with v (highest
    |cosine| for signed SAEs, steered with that sign) is steered with the same norms toward the same tokens (our
    choice), so the two curves differ only in direction, and both get the score of step 6.
 8. Text: greedy continuations of `generate_prompt`, clean and with `generate_alpha`·unit·d̂ added at every
-   non-special position after the first (prompt and generated tokens alike).
+   position the SAE's rule keeps (prompt and generated tokens alike; by default not BOS, special tokens or position 0).
 
 Cost: one LM forward over `contexts` rows per (feature, α, sign). The defaults (16 features × 4 α × 4 contexts)
 make 64 forwards plus 8 for DiM and 48 short ones for the text: about 1.5 min for 128-token contexts of
@@ -41,10 +42,9 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from sae_kit.activations import Harvester
-from sae_kit.eval.inputs import EvalInputs, Section
-from sae_kit.eval.lm import Edit, EvalContexts, EvalError, kl_from, run_lm
-from sae_kit.models import stop_layer
+from sae_kit.activations import HarvestConfig
+from sae_kit.eval.inputs import EvalError, EvalInputs, Section
+from sae_kit.heldout import HeldoutContexts, generate, kl_from, logit_lens, mean_activation, run_lm, steer_edit
 
 POSITIVE = ("I love this movie, it was wonderful.", "What a beautiful, happy day!",
             "The food was delicious and the staff were kind.", "She was thrilled with the excellent results.",
@@ -96,32 +96,6 @@ class SteeringConfig:
 
 
 # ------------------------------------------------------------------------------------------------------ pure helpers
-def logit_lens(model, directions: Tensor) -> Tensor:
-    """Direct effect of residual directions [n, d_in] on the logits: [n, vocab] = (d ⊙ γ)·W_U (fp32, CPU).
-
-    Our choice: the final norm's linear part is applied (γ = its weight; LayerNorm models also centre d), its
-    division by the position's scale is not: that scale is a positive number per position, so it changes no
-    token ranking. The unembedding bias, the same for every direction, is left out.
-    """
-    W_U = model.W_U
-    d = directions.to(W_U.device, W_U.dtype)
-    if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
-        d = d - d.mean(-1, keepdim=True)
-    weight = getattr(model.ln_final, "weight", None)
-    if weight is not None:
-        d = d * weight
-    return (d @ W_U).float().cpu()
-
-
-def steer_edit(direction: Tensor, alpha: float) -> Edit:
-    """An edit adding alpha·direction [d_in] at the kept positions."""
-    def edit(acts: Tensor, keep: Tensor) -> Tensor:
-        delta = (alpha * direction).to(acts.device, acts.dtype)
-        return acts + keep.unsqueeze(-1).to(acts.dtype) * delta
-
-    return edit
-
-
 def token_mass_increase(model, inputs: EvalInputs, direction: Tensor, alpha: float, token_ids: Tensor,
                         contexts: int = SteeringConfig.contexts) -> tuple[float, float]:
     """(mean increase of the next-token probability mass on `token_ids`, mean KL(clean ‖ steered)) over the kept
@@ -129,23 +103,10 @@ def token_mass_increase(model, inputs: EvalInputs, direction: Tensor, alpha: flo
     return _Probe.on(model, inputs, contexts).effect(direction, alpha, token_ids)
 
 
-def feature_max_activation(inputs: EvalInputs, chunk: int = 2048) -> tuple[Tensor, bool]:
-    """(max |activation| of every feature over inputs.x [d_sae], 0 for features that never fire; whether any
-    activation is negative, i.e. the SAE is signed)."""
-    sae, device = inputs.sae, inputs.sae.W_dec.device
-    top, negative = torch.zeros(sae.cfg.d_sae), False
-    with torch.no_grad():
-        for i in range(0, len(inputs.x), chunk):
-            grad = None if inputs.grad is None else inputs.grad[i : i + chunk].to(device)
-            f = sae.forward_codes(inputs.x[i : i + chunk].to(device), grad).to_dense().float()
-            top = torch.maximum(top, f.abs().amax(0).cpu())
-            negative = negative or bool((f < 0).any())
-    return top, negative
-
-
-def dim_vector(model, hook: str, positive: tuple[str, ...], negative: tuple[str, ...]) -> Tensor:
-    """Difference in means [d_in]: mean activation at `hook` over the kept positions of `positive` minus `negative`."""
-    return _mean_activation(model, hook, positive) - _mean_activation(model, hook, negative)
+def dim_vector(model, data: HarvestConfig, positive: tuple[str, ...], negative: tuple[str, ...]) -> Tensor:
+    """Difference in means [d_in]: mean activation at the SAE's hook over the positions its rule keeps (`data`, e.g.
+    EvalInputs.data) of `positive` minus `negative`."""
+    return mean_activation(model, data, positive) - mean_activation(model, data, negative)
 
 
 def contrast_tokens(model, positive: tuple[str, ...], negative: tuple[str, ...]) -> Tensor:
@@ -159,52 +120,24 @@ def contrast_tokens(model, positive: tuple[str, ...], negative: tuple[str, ...])
     return torch.tensor(sorted(chosen))
 
 
-def generate(model, hook: str, prompt: str, n_tokens: int, edit: Edit | None = None) -> str:
-    """Greedy continuation of `prompt` (without it), with `edit` applied at every non-special position after the
-    first on each step (no KV cache: a full forward per token)."""
-    tokens = model.to_tokens(prompt).cpu()
-    start, eos = tokens.shape[1], model.tokenizer.eos_token_id
-    keep_rule = Harvester(model, [hook])
-    for _ in range(n_tokens):
-        logits, _ = run_lm(model, tokens, hook, edit=edit, keep=keep_rule.keep_positions(tokens))
-        nxt = logits[0, -1].argmax().cpu()
-        tokens = torch.cat([tokens, nxt.view(1, 1)], 1)
-        if int(nxt) == eos:
-            break
-    return model.tokenizer.decode(tokens[0, start:], skip_special_tokens=True)
-
-
 def budgeted_best(delta_mass: list[float], kl: list[float], budget: float) -> float:
     """The largest Δmass over α ∈ {0} ∪ alphas (α = 0: Δmass 0, KL 0) among those whose KL ≤ budget."""
     return max([0.0, *(m for m, k in zip(delta_mass, kl) if k <= budget)])
 
 
 # ------------------------------------------------------------------------------------------------------ internals
-def _mean_activation(model, hook: str, prompts: tuple[str, ...]) -> Tensor:
-    """Mean activation [d_in] at `hook` over the kept positions of all `prompts` pooled."""
-    stop = stop_layer(model, [hook])
-    keep_rule = Harvester(model, [hook])
-    acts = []
-    for prompt in prompts:
-        tokens = model.to_tokens(prompt).cpu()
-        _, act = run_lm(model, tokens, hook, capture=True, stop_at_layer=stop)
-        acts.append(act[keep_rule.keep_positions(tokens).to(act.device)].float().cpu())
-    return torch.cat(acts).mean(0)
-
-
 @dataclass
 class _Probe:
     """The steering contexts and their clean next-token log-probabilities at the kept positions."""
 
     model: Any
     hook: str
-    batches: list[EvalContexts]
+    batches: list[HeldoutContexts]
     clean: list[Tensor]
 
     @classmethod
     def on(cls, model, inputs: EvalInputs, contexts: int) -> _Probe:
-        c = inputs.contexts
-        rows = EvalContexts(c.tokens[:contexts], c.keep[:contexts], c.pad[:contexts])
+        rows = inputs.contexts.rows(0, contexts)
         if rows.n_kept == 0:
             raise EvalError("the steering contexts have no kept positions; raise SteeringConfig.contexts")
         batches = list(rows.batches(inputs.lm_batch_size))
@@ -212,7 +145,7 @@ class _Probe:
         return cls(model, inputs.hook, batches, clean)
 
     @staticmethod
-    def _log_probs(logits: Tensor, batch: EvalContexts) -> Tensor:
+    def _log_probs(logits: Tensor, batch: HeldoutContexts) -> Tensor:
         return logits[batch.keep.to(logits.device)].log_softmax(-1)
 
     def effect(self, direction: Tensor, alpha: float, token_ids: Tensor) -> tuple[float, float]:
@@ -237,7 +170,8 @@ class _Probe:
 # ------------------------------------------------------------------------------------------------------ measure
 def measure(inputs: EvalInputs, cfg: SteeringConfig = SteeringConfig()) -> Section:
     """Steering curves and score of a sample of live features, the DiM baseline and a text comparison."""
-    max_act, signed = feature_max_activation(inputs)
+    encoded = inputs.encoded()
+    max_act, signed = encoded.max_abs, encoded.signed
     live = (max_act > 0).nonzero().squeeze(1)
     if len(live) == 0:
         raise EvalError("no feature fires on the evaluation tokens, so none can be steered")
@@ -288,7 +222,7 @@ def _feature_curves(inputs: EvalInputs, cfg: SteeringConfig, probe: _Probe, feat
 def _dim(inputs: EvalInputs, cfg: SteeringConfig, probe: _Probe, signed: bool, max_act: Tensor) -> dict[str, Any]:
     """The DiM vector's curve and score, and those of the closest feature steered with the same norms and targets."""
     model = inputs.model
-    v = dim_vector(model, inputs.hook, cfg.contrast_positive, cfg.contrast_negative)
+    v = dim_vector(model, inputs.data, cfg.contrast_positive, cfg.contrast_negative)
     norm = float(v.norm())
     v_hat = v / norm
     targets = contrast_tokens(model, cfg.contrast_positive, cfg.contrast_negative)
@@ -315,8 +249,8 @@ def _generation(inputs: EvalInputs, cfg: SteeringConfig, features: Tensor, side_
     direction, unit = _atoms(inputs, torch.tensor([feature]), max_act)
     edit = steer_edit(direction[0], alpha * float(unit[0]))
     return {"feature": feature, "alpha": alpha, "prompt": cfg.generate_prompt,
-            "clean": generate(inputs.model, inputs.hook, cfg.generate_prompt, cfg.generate_tokens),
-            "steered": generate(inputs.model, inputs.hook, cfg.generate_prompt, cfg.generate_tokens, edit)}
+            "clean": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens),
+            "steered": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens, edit)}
 
 
 def _decode(model, ids: Tensor) -> list[str]:

@@ -14,8 +14,8 @@ import sae_kit.dashboards
 from sae_kit.dashboards.render import plain, visible
 from sae_kit.dashboards.store import FeatureIndex
 from sae_kit.dashboards.workspace import ROOT_ENV
-from sae_kit.eval.report import load_report
-from sae_kit.eval.steering import generate
+from sae_kit.heldout import generate, harvest_config_for
+from sae_kit.rundir import load_report
 from sae_kit.sae import load_sae
 
 pytestmark = pytest.mark.slow
@@ -167,8 +167,7 @@ def test_steering_playground_generates_side_by_side(browse_run, monkeypatch, mod
     at.button(key="steer_run").click().run()
     clean(at)
     plain, steered = (c.value for c in at.code)
-    hook = load_sae(browse_run / TOPK / "sae").cfg.metadata["hook_name"]
-    assert plain == prompt + generate(model, hook, prompt, 8)
+    assert plain == prompt + generate(model, harvest_config_for(load_sae(browse_run / TOPK / "sae")), prompt, 8)
     assert steered != plain
     assert f"Feature {f} at strength +20" in " ".join(m.value for m in at.markdown)
 

@@ -11,8 +11,8 @@ import torch
 
 from sae_kit.eval import core, dead
 from sae_kit.eval.core import CoreConfig
-from sae_kit.eval.inputs import prepare
-from sae_kit.eval.lm import EvalError, next_token_ce, run_lm
+from sae_kit.eval.inputs import EvalError, prepare
+from sae_kit.heldout import next_token_ce, run_lm
 from sae_kit.sae import SAE, SAEConfig
 
 HOOK = "blocks.6.hook_resid_post"
@@ -64,7 +64,21 @@ def test_identity_sae_recovers_everything(model, base):
     assert m["kl_score"] == pytest.approx(1, abs=1e-6)
     nonzero = (x != 0).sum(-1)  # ReLU(x) and ReLU(−x) together fire once per nonzero coordinate
     assert m["l0_mean"] == pytest.approx(float(nonzero.double().mean()))
+    assert m["ablation_positions"] == "kept"
     json.dumps(m)
+
+
+def test_ablating_every_position_is_an_option_and_is_reported(base):
+    """SAELens and SAEBench zero/mean-ablate every position; the default ablates only the positions x̂ is spliced into."""
+    kept = core.measure(base, CoreConfig(ce_tokens=64)).metrics
+    section = core.measure(base, CoreConfig(ce_tokens=64, ablation_positions="all"))
+    every = section.metrics
+    assert every["ablation_positions"] == "all" and "ablating every position" in section.lines[0]
+    assert every["ce_spliced"] == kept["ce_spliced"] and every["ce_clean"] == kept["ce_clean"]  # x̂ still goes to the kept positions
+    assert every["ce_zero_ablation"] > kept["ce_zero_ablation"] + 0.1 and every["kl_zero"] > kept["kl_zero"]  # BOS zeroed too
+    assert every["ce_mean_ablation"] != kept["ce_mean_ablation"]
+    with pytest.raises(EvalError, match="ablation_positions"):
+        CoreConfig(ablation_positions="some")
 
 
 def test_zero_sae_recovers_nothing(base):
@@ -145,7 +159,7 @@ def test_mutual_choice_uses_its_inference_threshold(base):
     low = core.measure(with_sae(base, sae), CoreConfig(ce_tokens=0)).metrics
     assert low["l0_mean"] == pytest.approx(float((r > 0).sum(-1).double().mean()))
     theta = float(r[r > 0].quantile(0.9))
-    sae.sparsifier.set_threshold(torch.full((256,), theta))
+    sae.sparsifier.threshold.fill_(theta)
     section = core.measure(with_sae(base, sae), CoreConfig(ce_tokens=0))
     high = section.metrics
     assert high["l0_mean"] == pytest.approx(float((r > theta).sum(-1).double().mean())) and high["l0_mean"] < low["l0_mean"] / 5
@@ -174,6 +188,7 @@ def test_dead_and_dense_latents_are_counted(base):
     expected = (sae.encode(x) > 0).double().mean(0)
     assert m["latent_density"] == pytest.approx(expected.tolist())
     assert m["dead_count"] == 32 and m["dead_frac"] == 0.5 and m["alive_frac"] == 0.5
+    assert m["dead_detection_floor"] == 1 / len(x) and "detection floor" in section.lines[0]
     assert m["dense_frac_10pct"] == 8 / 64 and m["dense_frac_1pct"] == 16 / 64
     assert all(d == 1 / len(x) for d in m["latent_density"][48:])
     assert m["density_mean"] == pytest.approx(float(expected.mean())) and m["density_median"] == 0
@@ -181,7 +196,6 @@ def test_dead_and_dense_latents_are_counted(base):
     assert m["training_dead_latents"] == 5 and m["training_dead_frac"] == 5 / 64 and m["training_tokens"] == 1000
     assert m["training_never_fired"] == 3 and sum(m["training_log10_density_counts"]) == 61
     assert "32 of 64 dead" in section.figures["log10_density"].layout.title.text
-    assert torch.equal(dead.latent_counts(inputs, max_cells=64 * 7), dead.latent_counts(inputs))  # chunking is exact
     json.dumps(m)
     bare = dead.measure(with_sae(base, make_sae("topk"))).metrics
     assert bare["training_dead_latents"] is None and bare["training_log10_density_counts"] is None

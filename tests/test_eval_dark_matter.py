@@ -10,7 +10,7 @@ import torch
 
 from sae_kit.eval.dark_matter import (DarkMatterConfig, ce_rows, ce_with, cross_width, decompose, fit_linear, measure, predict,
                                       predictability, r2, split_tokens)
-from sae_kit.eval.lm import EvalError
+from sae_kit.eval.inputs import EvalError
 from sae_kit.sae import SAE, SAEConfig
 
 HOOK = "blocks.6.hook_resid_post"
@@ -126,15 +126,30 @@ def test_measure_reports_every_metric_finite(section):
 
 
 def test_splicing_both_error_parts_back_gives_the_clean_ce(inputs, section):
-    x_hat, _ = inputs.encode()
+    x_hat = inputs.encoded().x_hat
     e_lin, e_nl = decompose(inputs.x, inputs.x - x_hat)
     m = ce_rows(inputs, SMALL_CFG.ce_tokens)
     assert abs(ce_with(inputs, x_hat[:m] + e_lin[:m] + e_nl[:m], SMALL_CFG.ce_tokens) - section.metrics["ce_clean"]) < 1e-3
 
 
+def test_the_linear_nonlinear_split_is_fitted_outside_the_ce_contexts(inputs, section):
+    """e_L on the CE contexts comes from a fit on the other tokens only, so the CE attribution is out of sample."""
+    m = section.metrics["ce_kept_tokens"]
+    x_hat = inputs.encoded().x_hat
+    e = inputs.x - x_hat
+    assert section.metrics["decomposition_tokens"] == len(inputs.x) - m
+    e_lin = predict(inputs.x, fit_linear(inputs.x[m:], e[m:])).float()
+    in_sample = predict(inputs.x, fit_linear(inputs.x, e)).float()
+    assert (e_lin[:m] - in_sample[:m]).abs().max() > 1e-3  # the in-sample fit also fits the CE rows' own error
+    ce = ce_with(inputs, x_hat[:m] + e_lin[:m], SMALL_CFG.ce_tokens)
+    assert ce == pytest.approx(section.metrics["ce_sae_plus_linear"], abs=1e-5)
+
+
 def test_measure_refuses_too_few_tokens(inputs):
     with pytest.raises(EvalError, match=r"needs 5770 fit tokens.*raise --tokens"):
         measure(inputs)
+    with pytest.raises(EvalError, match=r"outside the CE contexts: needs 1000.*lower --dark-matter.ce-tokens"):
+        measure(inputs, dataclasses.replace(SMALL_CFG, ce_tokens=1800))
 
 
 def test_cross_width_pairs_consecutive_widths(inputs):
@@ -147,6 +162,23 @@ def test_cross_width_pairs_consecutive_widths(inputs):
     assert 0 < pair["r2_norm"] <= pair["r2_norm_plus_nonlinear"] + 1e-3 <= 1 + 1e-3
     assert math.isfinite(pair["pct_remaining_variance_explained"])
     assert "256" in out.lines[0] and "norm_r2" in out.figures
+
+
+def test_cross_width_in_evaluate_uses_the_dark_matter_settings(model, tmp_path):
+    from sae_kit.eval.evaluate import EvalConfig, evaluate
+
+    other_split = _sae(512, 2)
+    other_split.cfg.metadata["holdout_fraction"] = 0.2  # its own held-out tokens: compared with no width of the others
+    saes = {"narrow": _sae(256, 0), "wide": _sae(512, 1), "other": other_split}
+    cfg = EvalConfig(out=tmp_path / "ev", tokens=2000, sections=("dark_matter",), png=False,
+                     dark_matter=DarkMatterConfig(min_tokens=1000, ce_tokens=64, fit_fraction=0.5))
+    report = evaluate(cfg, model=model, saes=saes)
+    cross = report["comparison"]["cross_width"][HOOK]
+    n = report["saes"][0]["tokens"]
+    assert cross["fit_tokens"] == n // 2 and cross["held_tokens"] == n - n // 2  # the 0.5 asked for, not the default 0.6
+    assert report["saes"][0]["sections"]["dark_matter"]["fit_tokens"] == n // 2
+    assert list(report["comparison"]["cross_width"]) == [HOOK] and cross["widths"] == [256, 512]
+    assert report["saes"][2]["data"]["holdout_fraction"] == 0.2 and report["saes"][0]["data"]["holdout_fraction"] == 0.05
 
 
 def test_cross_width_refuses_one_sae_other_hooks_or_other_tokens(inputs):

@@ -1,4 +1,4 @@
-"""The evaluation layer's LM primitives on the real SmolLM2: held-out contexts, capture, splice, CE and KL."""
+"""The held-out LM layer (sae_kit.heldout) on the real SmolLM2: held-out contexts, capture, splice, CE and KL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_kit import HarvestConfig
-from sae_kit.eval.lm import EvalError, check_pair, harvest_config_for, heldout_contexts, kl_from, next_token_ce, run_lm, splice
+from sae_kit.heldout import HeldoutError, check_pair, harvest_config_for, heldout_contexts, kl_from, next_token_ce, run_lm, splice
 from sae_kit.sae import SAE, SAEConfig
 
 HOOK = "blocks.6.hook_resid_post"
@@ -39,9 +39,9 @@ def test_identity_splice_changes_nothing_and_zeroing_hurts(model, ctxs):
 
 
 def test_bad_pairs_give_one_line_errors(model):
-    with pytest.raises(EvalError, match="blocks.6.hook_resid_post"):
+    with pytest.raises(HeldoutError, match="blocks.6.hook_resid_post"):
         check_pair(model, SAE(SAEConfig(d_in=576, d_sae=8, k=2)), "blocks.6.hook_resid_pots")
-    with pytest.raises(EvalError, match="d_in=512.*width 576"):
+    with pytest.raises(HeldoutError, match="d_in=512.*width 576"):
         check_pair(model, SAE(SAEConfig(d_in=512, d_sae=8, k=2)), HOOK)
 
 
@@ -63,8 +63,8 @@ def test_prepare_captures_the_kept_activations_in_order(model):
     first, rows = next(inputs.batches())
     _, acts = run_lm(model, first.tokens, HOOK, capture=True)
     assert torch.allclose(acts[first.keep], inputs.x[rows], atol=1e-4)
-    x_hat, l0 = inputs.encode()
-    assert x_hat.shape == inputs.x.shape and (l0 == 4).all()
+    encoded = inputs.encoded()
+    assert encoded.x_hat.shape == inputs.x.shape and (encoded.l0 == 4).all() and inputs.encoded() is encoded  # encoded once
     gsae = SAE(SAEConfig(architecture="gsae", d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "context_size": 32}))
     with_grads = prepare(model, gsae, 50, lm_batch_size=2)
     assert with_grads.grad is not None and with_grads.grad.shape == with_grads.x.shape and with_grads.grad.abs().sum() > 0

@@ -10,8 +10,9 @@ import torch
 
 from sae_kit.eval.attention import head_attribution
 from sae_kit.eval.compare import compare
-from sae_kit.eval.lm import EvalError, heldout_contexts, next_token_ce, run_lm, splice
+from sae_kit.eval.inputs import EvalError
 from sae_kit.eval.report import build_report, load_report, save_report, write_figures, write_plotly_js
+from sae_kit.heldout import heldout_contexts, next_token_ce, run_lm, splice
 from sae_kit.sae import SAE, SAEConfig
 from sae_kit import HarvestConfig
 
@@ -65,16 +66,17 @@ def test_figures_and_report_files(tmp_path):
 
 
 def test_resolve_finds_sae_run_and_sweep_dirs(tmp_path):
-    from sae_kit.eval.evaluate import resolve
+    from sae_kit.rundir import RunDirError, resolve
 
     sae = SAE(SAEConfig(d_in=4, d_sae=8, k=2))
     sae.save(tmp_path / "run" / "sae")
     sae.save(tmp_path / "sweep" / "topk-k2-8-s0" / "sae")
     sae.save(tmp_path / "sweep" / "topk-k2-8-s1" / "sae")
     found = resolve((tmp_path / "run", tmp_path / "run" / "sae", tmp_path / "sweep"))
-    assert [n for n, _ in found] == ["run#0", "run#1", "sweep/topk-k2-8-s0", "sweep/topk-k2-8-s1"]
+    assert [f.name for f in found] == ["run#0", "run#1", "sweep/topk-k2-8-s0", "sweep/topk-k2-8-s1"]
+    assert [f.run_dir for f in found] == [tmp_path / "run", tmp_path / "run", tmp_path / "sweep" / "topk-k2-8-s0", tmp_path / "sweep" / "topk-k2-8-s1"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EvalError, match="holds no SAE"):
+    with pytest.raises(RunDirError, match="holds no SAE"):
         resolve((tmp_path / "empty",))
 
 

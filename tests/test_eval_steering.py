@@ -10,10 +10,9 @@ import math
 import pytest
 import torch
 
-from sae_kit.eval.inputs import prepare
-from sae_kit.eval.lm import EvalError
-from sae_kit.eval.steering import (NEGATIVE, POSITIVE, SteeringConfig, budgeted_best, dim_vector, logit_lens, measure,
-                                   token_mass_increase)
+from sae_kit.eval.inputs import EvalError, prepare
+from sae_kit.eval.steering import NEGATIVE, POSITIVE, SteeringConfig, budgeted_best, dim_vector, measure, token_mass_increase
+from sae_kit.heldout import logit_lens
 from sae_kit.sae import SAE, SAEConfig
 
 HOOK = "blocks.6.hook_resid_post"
@@ -32,8 +31,8 @@ def inputs(model):
 
 
 @pytest.fixture(scope="module")
-def v(model):
-    return dim_vector(model, HOOK, SMALL.contrast_positive, SMALL.contrast_negative)
+def v(model, inputs):
+    return dim_vector(model, inputs.data, SMALL.contrast_positive, SMALL.contrast_negative)
 
 
 def plant(inputs, architecture: str, atom: torch.Tensor, feature: int = 5):

@@ -1,0 +1,325 @@
+"""The held-out LM layer: how every consumer of a trained SAE (eval, the feature index, the browser, notebooks) runs the
+language model for it.
+
+- The SAE's data settings (`harvest_config_for`: corpus, tokenisation, held-out split and position rules, read from
+  its cfg.json metadata) and a check that it can read the model's hook (`check_pair`).
+- Its held-out contexts (`heldout_contexts`: documents it never trained on) and their activations at the hook
+  (`activations`, with ∂CE/∂x for SAEs that read gradients); a prompt with the SAE's keep rule (`prompt_tokens`).
+- Forward passes that capture or edit the hook (`run_lm` with the edits `splice`, `fill`, `steer_edit`), next-token
+  CE and KL, the logit lens, greedy generation and mean activations over prompts, all under the SAE's rules.
+- Encoding in bounded chunks (`encode_chunks`, `encode`) and the one held-out FVU (`fvu`, float64 sums).
+- The input scale of SAEs that expect normalised activations (`fold_input_scale`).
+
+A multi-dimensional hook (attn.hook_z: [R, T, heads, d_head]) is seen flattened to [R, T, d_in] and reshaped back when
+edited. Positions the SAE does not read (its recorded rule: by default position 0, special tokens and padding) are
+never edited; `keep` marks the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_kit.activations import HarvestConfig, contexts, harvester_for
+from sae_kit.errors import SaeKitError
+from sae_kit.sae import SAE
+from sae_kit.sparsifiers.base import Codes
+
+Edit = Callable[[Tensor, Tensor], Tensor]
+"""edit(acts [R, T, d_in], keep [R, T]) -> new acts [R, T, d_in] (keep: positions the edit may change)."""
+MAX_CELLS = 1 << 25
+"""Code entries [rows × d_sae] one encode chunk may hold (dense rules materialise them)."""
+SCALE_TOKENS = 8192
+"""Leading held-out positions the input scale of a normalising SAE is estimated on."""
+_DATA_KEYS = ("context_size", "prepend_bos", "dataset_path", "text_field", "packing", "separator", "exclude_special_tokens",
+              "exclude_first_position", "holdout_fraction")
+
+
+class HeldoutError(SaeKitError):
+    """The SAE cannot be run on its held-out data as asked (mismatched SAE and model, unknown hook, no held-out documents)."""
+
+
+@dataclass
+class HeldoutContexts:
+    """Held-out context rows and which of their positions the SAE reads."""
+
+    tokens: Tensor
+    """[R, T] token ids."""
+    keep: Tensor
+    """[R, T] bool: positions whose activations the SAE encodes (and edits may change)."""
+    pad: Tensor
+    """[R, T] bool: padding (never a prediction target)."""
+
+    def rows(self, a: int, b: int | None = None) -> HeldoutContexts:
+        """Context rows a:b."""
+        return HeldoutContexts(self.tokens[a:b], self.keep[a:b], self.pad[a:b])
+
+    def batches(self, size: int) -> Iterator[HeldoutContexts]:
+        """Row batches of at most `size` contexts."""
+        for i in range(0, len(self.tokens), size):
+            yield self.rows(i, i + size)
+
+    def first(self, n_kept: int) -> HeldoutContexts:
+        """The fewest leading rows that hold at least `n_kept` kept positions (all rows if they hold fewer)."""
+        return self.rows(0, min(int((self.keep.sum(1).cumsum(0) < n_kept).sum()) + 1, len(self.keep)))
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.keep.sum())
+
+
+# ------------------------------------------------------------------------------------------------ data settings
+def harvest_config_for(sae: SAE, **overrides) -> HarvestConfig:
+    """The tokenisation, held-out split and position rules the SAE was trained with (its metadata), with `overrides`."""
+    meta = sae.cfg.metadata
+    settings = {"hook": (meta["hook_name"],)} if meta.get("hook_name") else {}
+    for key in _DATA_KEYS:
+        if meta.get(key) is not None:
+            settings["corpus" if key == "dataset_path" else key] = meta[key]
+    settings |= {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(settings) - {f.name for f in dataclasses.fields(HarvestConfig)}
+    if unknown:
+        raise HeldoutError(f"unknown harvest setting(s) {sorted(unknown)}; use fields of HarvestConfig")
+    if isinstance(settings.get("hook"), str):
+        settings["hook"] = (settings["hook"],)
+    return HarvestConfig(**settings)
+
+
+def check_pair(model, sae: SAE, hook: str) -> None:
+    """One-line errors when the SAE cannot read `hook` of `model` (unknown hook, different width)."""
+    from sae_kit.models import validate_hooks
+
+    try:
+        validate_hooks(model, [hook])
+    except SaeKitError as err:
+        raise HeldoutError(str(err)) from None
+    probe, _ = harvester_for(model, HarvestConfig(hook=(hook,))).run(torch.full((1, 2), model.tokenizer.bos_token_id or 0))
+    width = probe[hook].shape[-1]
+    if width != sae.cfg.d_in:
+        raise HeldoutError(f"the SAE reads d_in={sae.cfg.d_in}, but {hook} of {getattr(model, 'sae_kit_name', 'the model')} has width {width}; "
+                           "pick the hook the SAE was trained on (cfg.json metadata.hook_name) or the matching model")
+
+
+# ------------------------------------------------------------------------------------------------ held-out data
+def heldout_contexts(model, cfg: HarvestConfig, n_tokens: int) -> HeldoutContexts:
+    """The fewest held-out context rows that hold `n_tokens` kept positions (all of them if the split holds fewer)."""
+    harvester = harvester_for(model, cfg)
+    parts, kept = [], 0
+    for ctx in contexts(model, cfg, "heldout"):
+        keep = harvester.keep_mask(ctx)
+        parts.append((ctx.tokens, keep, ctx.pad if ctx.pad.numel() else torch.zeros_like(keep)))
+        kept += int(keep.sum())
+        if kept >= n_tokens:
+            break
+    if not parts:
+        raise HeldoutError(f"corpus {cfg.corpus!r} has no held-out documents; raise --holdout-fraction or use another corpus")
+    return HeldoutContexts(*(torch.cat([p[i] for p in parts]) for i in range(3))).first(n_tokens)
+
+
+def activations(model, cfg: HarvestConfig, ctxs: HeldoutContexts, grads: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The activations [n_kept, d_in] at cfg's hook on the kept positions of `ctxs` (row-major, fp32, CPU), and ∂CE/∂x
+    at the same positions when `grads` (for SAEs that read gradients), else None."""
+    hook = cfg.hook[0]
+    harvester = harvester_for(model, dataclasses.replace(cfg, hook=(hook,)), with_grads=grads)
+    xs, gs = [], []
+    for batch in ctxs.batches(cfg.lm_batch_size):
+        acts, grad = harvester.run(batch.tokens, batch.pad)
+        xs.append(acts[hook][batch.keep.to(acts[hook].device)].float().cpu())
+        if grad is not None:
+            gs.append(grad[hook][batch.keep.to(grad[hook].device)].float().cpu())
+    return torch.cat(xs), torch.cat(gs) if gs else None
+
+
+def prompt_tokens(model, cfg: HarvestConfig, text: str) -> tuple[Tensor, Tensor]:
+    """(tokens [1, T], keep [1, T]) of a prompt, tokenised with the SAE's BOS setting and its position rule."""
+    tokens = model.to_tokens(text, prepend_bos=cfg.prepend_bos).cpu()
+    return tokens, harvester_for(model, cfg).keep_positions(tokens)
+
+
+# ------------------------------------------------------------------------------------------------ the LM runner
+def run_lm(model, tokens: Tensor, hook: str, edit: Edit | None = None, keep: Tensor | None = None,
+           capture: bool = False, stop_at_layer: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """One forward pass: (logits [R, T, vocab] in fp32, or None when stopped early; the hook's activations [R, T, d_in]
+    before any edit, when `capture`). `edit` replaces the activations at `hook` (see `Edit`)."""
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    keep = keep.to(device) if keep is not None else torch.ones_like(tokens, dtype=torch.bool)
+    captured: dict[str, Tensor] = {}
+
+    def fn(act: Tensor, hook) -> Tensor:  # noqa: ARG001 (TransformerLens passes the hook point by this name)
+        flat = act.flatten(2)
+        if capture:
+            captured["acts"] = flat.detach().clone()
+        if edit is None:
+            return act
+        return edit(flat, keep).to(act.dtype).reshape(act.shape)
+
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, fn)]):
+        out = model(tokens, stop_at_layer=stop_at_layer) if stop_at_layer is not None else model(tokens)
+    logits = None if stop_at_layer is not None else out.float()
+    return logits, captured.get("acts")
+
+
+def splice(x_new: Tensor) -> Edit:
+    """An edit that writes the rows of `x_new` [n_kept, d_in] into the kept positions (in row-major order)."""
+    def edit(acts: Tensor, keep: Tensor) -> Tensor:
+        out = acts.clone()
+        out[keep] = x_new.to(out.device, out.dtype)
+        return out
+
+    return edit
+
+
+def fill(value: Tensor) -> Edit:
+    """An edit that sets every kept position to `value` [d_in] (zero and mean ablation)."""
+    def edit(acts: Tensor, keep: Tensor) -> Tensor:
+        return torch.where(keep.unsqueeze(-1), value.to(acts.device, acts.dtype), acts)
+
+    return edit
+
+
+def steer_edit(direction: Tensor, alpha: float) -> Edit:
+    """An edit adding alpha·direction [d_in] at the kept positions."""
+    def edit(acts: Tensor, keep: Tensor) -> Tensor:
+        return acts + keep.unsqueeze(-1).to(acts.dtype) * (alpha * direction).to(acts.device, acts.dtype)
+
+    return edit
+
+
+def next_token_ce(logits: Tensor, tokens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+    """(per-position next-token cross-entropy [R, T-1], mask [R, T-1] of positions with a real target)."""
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().to(logits.device), reduction="none")
+    return ce.view(tokens.shape[0], -1), ~pad[:, 1:].to(logits.device)
+
+
+def kl_from(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
+    """KL(p_clean ‖ p_other) per position [R, T], summed over the vocabulary."""
+    p = clean_logits.log_softmax(-1)
+    return (p.exp() * (p - other_logits.log_softmax(-1))).sum(-1)
+
+
+def logit_lens(model, directions: Tensor) -> Tensor:
+    """Direct effect of residual directions [n, d_in] on the logits: [n, vocab] = (d ⊙ γ)·W_U (fp32, CPU).
+
+    The final norm's linear part is applied (γ = its weight; LayerNorm models also centre d), its division by the
+    position's scale is not: that scale is a positive number per position, so it changes no token ranking. The
+    unembedding bias, the same for every direction, is left out.
+    """
+    W_U = model.W_U
+    d = directions.to(W_U.device, W_U.dtype)
+    if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
+        d = d - d.mean(-1, keepdim=True)
+    weight = getattr(model.ln_final, "weight", None)
+    if weight is not None:
+        d = d * weight
+    return (d @ W_U).float().cpu()
+
+
+def generate(model, cfg: HarvestConfig, prompt: str, n_tokens: int, edit: Edit | None = None) -> str:
+    """Greedy continuation of `prompt` (without it), with `edit` at cfg's hook applied on every step to the positions
+    the SAE's rule keeps, prompt and generated tokens alike (no KV cache: a full forward per token)."""
+    tokens, _ = prompt_tokens(model, cfg, prompt)
+    start, eos = tokens.shape[1], model.tokenizer.eos_token_id
+    keep_rule = harvester_for(model, cfg)
+    for _ in range(n_tokens):
+        logits, _ = run_lm(model, tokens, cfg.hook[0], edit=edit, keep=keep_rule.keep_positions(tokens))
+        nxt = logits[0, -1].argmax().cpu()
+        tokens = torch.cat([tokens, nxt.view(1, 1)], 1)
+        if int(nxt) == eos:
+            break
+    return model.tokenizer.decode(tokens[0, start:], skip_special_tokens=True)
+
+
+def mean_activation(model, cfg: HarvestConfig, prompts: tuple[str, ...]) -> Tensor:
+    """Mean activation [d_in] at cfg's hook over the positions of all `prompts` pooled that the SAE's rule keeps."""
+    from sae_kit.models import stop_layer
+
+    stop = stop_layer(model, [cfg.hook[0]])
+    acts = []
+    for prompt in prompts:
+        tokens, keep = prompt_tokens(model, cfg, prompt)
+        _, act = run_lm(model, tokens, cfg.hook[0], capture=True, stop_at_layer=stop)
+        acts.append(act[keep.to(act.device)].float().cpu())
+    return torch.cat(acts).mean(0)
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def row_chunks(n: int, d_sae: int, max_cells: int = MAX_CELLS) -> list[slice]:
+    """Consecutive slices of n rows whose [rows × d_sae] codes hold at most `max_cells` entries (at least one row each)."""
+    step = max(1, max_cells // d_sae)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+@torch.no_grad()
+def encode_chunks(sae: SAE, x: Tensor, grad: Tensor | None = None, max_cells: int = MAX_CELLS) -> Iterator[tuple[slice, Codes]]:
+    """(rows, codes) for the `row_chunks` of x [n, d_in], encoded on the SAE's device in its current mode (callers
+    put it in eval mode), with the matching rows of `grad`."""
+    device = sae.W_dec.device
+    for rows in row_chunks(len(x), sae.cfg.d_sae, max_cells):
+        yield rows, sae.forward_codes(x[rows].to(device), None if grad is None else grad[rows].to(device))
+
+
+@dataclass
+class Encoded:
+    """One encoding pass over held-out rows: what eval, training's summary and the browser read from it."""
+
+    x_hat: Tensor
+    """[n, d_in] reconstruction (fp32, CPU)."""
+    l0: Tensor
+    """[n] active latents per row (int64)."""
+    counts: Tensor
+    """[d_sae] rows each latent fires on (int64)."""
+    max_abs: Tensor
+    """[d_sae] max |code value| of each latent (fp32; 0 for a latent that never fires)."""
+    signed: bool
+    """Whether any code value is negative (AbsTopK, MP-SAE with mp_signed)."""
+
+
+@torch.no_grad()
+def encode(sae: SAE, x: Tensor, grad: Tensor | None = None, max_cells: int = MAX_CELLS) -> Encoded:
+    """Encode and decode every row of x (with grad for SAEs that read it) in bounded chunks, in eval mode."""
+    sae.eval()
+    d_sae, device = sae.cfg.d_sae, sae.W_dec.device
+    x_hat, l0 = [], []
+    counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    max_abs = torch.zeros(d_sae, device=device)
+    signed = torch.zeros((), dtype=torch.bool, device=device)
+    for _, codes in encode_chunks(sae, x, grad, max_cells):
+        x_hat.append(sae.decode_codes(codes).float().cpu())
+        l0.append(codes.l0().cpu())
+        counts += codes.feature_counts()
+        _, latent, value = codes.nonzeros()
+        max_abs.scatter_reduce_(0, latent, value.abs().float(), "amax")
+        signed |= (value < 0).any()
+    empty = torch.zeros(0, sae.cfg.d_in)
+    return Encoded(torch.cat(x_hat) if x_hat else empty, torch.cat(l0) if l0 else torch.zeros(0, dtype=torch.int64),
+                   counts.cpu(), max_abs.cpu(), bool(signed))
+
+
+def fvu(x: Tensor, x_hat: Tensor, chunk: int = 16384) -> float:
+    """The held-out FVU: Σ_t ||x_t − x̂_t||² / Σ_t ||x_t − μ||² (μ the row mean of x), summed in float64 chunks."""
+    mu = sum(part.double().sum(0) for part in x.split(chunk)) / len(x)
+    err = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(x.split(chunk), x_hat.split(chunk)))
+    total = sum(float((part.double() - mu).square().sum()) for part in x.split(chunk))
+    return err / total if total > 0 else math.nan
+
+
+# ------------------------------------------------------------------------------------------------ input scale
+def fold_input_scale(model, sae: SAE, cfg: HarvestConfig, x: Tensor | None = None) -> float | None:
+    """For an SAE that expects normalised inputs (normalize_activations="expected_average_only_in"): estimate
+    s = sqrt(d_in)/E||x|| on the first SCALE_TOKENS kept positions of its held-out split (from `x` when it holds them,
+    else harvested) and fold s into the SAE in place, so it takes raw activations like every other; returns s.
+    None for an SAE that already takes raw activations."""
+    if sae.cfg.normalize_activations == "none":
+        return None
+    if x is None or len(x) < SCALE_TOKENS:
+        x, _ = activations(model, cfg, heldout_contexts(model, cfg, SCALE_TOKENS))
+    scale = math.sqrt(sae.cfg.d_in) / float(x[:SCALE_TOKENS].double().norm(dim=1).mean())
+    sae.fold_activation_scale(scale)
+    return scale
