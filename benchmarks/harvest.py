@@ -41,7 +41,11 @@ def main() -> None:
     args.threads = args.threads or (1 if args.smoke else 2)
     torch.set_num_threads(args.threads)
     model = load_model(device="cpu")
-    cfg = HarvestConfig(context_size=64, lm_batch_size=4) if args.smoke else HarvestConfig(context_size=128, lm_batch_size=16)
+    cfg = (
+        HarvestConfig(context_size=64, lm_batch_size=4)
+        if args.smoke
+        else HarvestConfig(context_size=128, lm_batch_size=16)
+    )
     batches = []
     for ctx in contexts(model, cfg):
         batches.append(ctx)
@@ -79,7 +83,11 @@ def main() -> None:
         writer = CacheWriter(tmp + "/c", settings={"bench": True}, hooks=["h"], d_in=d, dtype="float32")
         for i in range(0, args.cache_rows, chunk):
             sl = slice(i, i + chunk)
-            writer.add("train", ActivationRows(acts={"h": rows[sl]}, **{k: v[sl] for k, v in meta.items()}), position=i // chunk + 1)
+            writer.add(
+                "train",
+                ActivationRows(acts={"h": rows[sl]}, **{k: v[sl] for k, v in meta.items()}),
+                position=i // chunk + 1,
+            )
         writer.close()
         t_write = time.perf_counter() - t
         cache = ActivationCache(tmp + "/c")

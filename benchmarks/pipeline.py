@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=3, help="sweep members (and separate runs); 0 skips the sweep part")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --smoke: 1)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--smoke", action="store_true", help="CI smoke run: batch 256, 4 steps a run, 2 members, contexts of 64")
+    ap.add_argument(
+        "--smoke", action="store_true", help="CI smoke run: batch 256, 4 steps a run, 2 members, contexts of 64"
+    )
     args = ap.parse_args()
     batch, buffer, expansion = 4096, 65536, 8
     harvest = HarvestConfig()
@@ -52,8 +54,17 @@ def main() -> None:
     runs = itertools.count()
 
     def run(tokens: int = args.tokens, **kw) -> float:
-        cfg = TrainRunConfig(out=tmp / f"run{next(runs)}", harvest=harvest, k=32, expansion_factor=expansion, eval_tokens=args.eval_tokens,
-                             buffer_tokens=buffer, progress=False, train=TrainConfig(batch_size=batch, tokens=tokens), **kw)
+        cfg = TrainRunConfig(
+            out=tmp / f"run{next(runs)}",
+            harvest=harvest,
+            k=32,
+            expansion_factor=expansion,
+            eval_tokens=args.eval_tokens,
+            buffer_tokens=buffer,
+            progress=False,
+            train=TrainConfig(batch_size=batch, tokens=tokens),
+            **kw,
+        )
         t = time.perf_counter()
         train(cfg, model=model)
         return time.perf_counter() - t
@@ -76,18 +87,30 @@ def main() -> None:
 
     shutil.rmtree(tmp, ignore_errors=True)
     n = args.tokens
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; {n} training tokens per run, "
-          f"TopK k 32, d_sae {expansion * model.cfg.d_model}, batch {batch}, + {args.eval_tokens} held-out tokens")
+    print(
+        f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; {n} training tokens per run, "
+        f"TopK k 32, d_sae {expansion * model.cfg.d_model}, batch {batch}, + {args.eval_tokens} held-out tokens"
+    )
     print(f"harvest alone            {t_harvest:7.1f} s  {n / t_harvest:7.0f} tok/s")
-    print(f"train, no prefetch       {t_serial:7.1f} s  {n / t_serial:7.0f} tok/s  {t_serial / t_harvest:5.2f}x the harvest alone")
-    print(f"train, prefetch          {t_prefetch:7.1f} s  {n / t_prefetch:7.0f} tok/s  {t_prefetch / t_harvest:5.2f}x the harvest alone "
-          f"({t_serial / t_prefetch:.2f}x faster than no prefetch)")
-    print(f"prefetch=auto chooses {auto} here ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); the sweep and separate runs use it")
+    print(
+        f"train, no prefetch       {t_serial:7.1f} s  {n / t_serial:7.0f} tok/s  {t_serial / t_harvest:5.2f}x the harvest alone"
+    )
+    print(
+        f"train, prefetch          {t_prefetch:7.1f} s  {n / t_prefetch:7.0f} tok/s  {t_prefetch / t_harvest:5.2f}x the harvest alone "
+        f"({t_serial / t_prefetch:.2f}x faster than no prefetch)"
+    )
+    print(
+        f"prefetch=auto chooses {auto} here ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); the sweep and separate runs use it"
+    )
     if not args.members:
         return
-    print(f"sweep of {args.members}               {t_sweep:7.1f} s  {t_sweep / (t_prefetch if auto == 'on' else t_serial):5.2f}x one run")
-    print(f"{args.members} separate runs          {sum(t_separate):7.1f} s  ({', '.join(f'{t:.1f}' for t in t_separate)})  "
-          f"sweep costs {t_sweep / sum(t_separate):.2f}x of them ({sum(t_separate) / t_sweep:.2f}x faster)")
+    print(
+        f"sweep of {args.members}               {t_sweep:7.1f} s  {t_sweep / (t_prefetch if auto == 'on' else t_serial):5.2f}x one run"
+    )
+    print(
+        f"{args.members} separate runs          {sum(t_separate):7.1f} s  ({', '.join(f'{t:.1f}' for t in t_separate)})  "
+        f"sweep costs {t_sweep / sum(t_separate):.2f}x of them ({sum(t_separate) / t_sweep:.2f}x faster)"
+    )
 
 
 if __name__ == "__main__":

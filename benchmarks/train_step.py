@@ -122,8 +122,22 @@ def ensure_venv(peer: Peer) -> Path:
 
 
 def peer_command(python: Path, peer: Peer, mode: str, data: Path, threads: int, **options: Any) -> list[str]:
-    cmd = [str(python), str(HERE / "peers" / peer.script), "--mode", mode, "--data", str(data), "--threads", str(threads),
-           "--d-sae", str(D_SAE), "--k", str(K), "--batch", str(BATCH)]
+    cmd = [
+        str(python),
+        str(HERE / "peers" / peer.script),
+        "--mode",
+        mode,
+        "--data",
+        str(data),
+        "--threads",
+        str(threads),
+        "--d-sae",
+        str(D_SAE),
+        "--k",
+        str(K),
+        "--batch",
+        str(BATCH),
+    ]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     return cmd
@@ -139,8 +153,14 @@ class PeerServer:
     def __init__(self, python: Path, peer: Peer, data: Path, threads: int, **options: Any) -> None:
         self.script = peer.script
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(peer_command(python, peer, "serve", data, threads, **options), text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=peer_env(threads))
+        self.proc = subprocess.Popen(
+            peer_command(python, peer, "serve", data, threads, **options),
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=peer_env(threads),
+        )
         self.info = self._reply()
 
     def _reply(self) -> dict[str, Any]:
@@ -178,16 +198,31 @@ def peer_quality(python: Path, peer: Peer, data: Path, threads: int, **options: 
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def activations_file(tokens: int, heldout_tokens: int, seed: int, threads: int, data_dir: Path | None = None,
-                     context_size: int = 128) -> tuple[Path, int, int]:
+def activations_file(
+    tokens: int, heldout_tokens: int, seed: int, threads: int, data_dir: Path | None = None, context_size: int = 128
+) -> tuple[Path, int, int]:
     """A safetensors file of real layer-6 activations (`train` shuffled with `seed`, `heldout`), built once in `data_dir`."""
     data_dir = data_dir or cache_root() / "bench-data"
     cache_dir = data_dir / f"smollm2-l6-{tokens}-{heldout_tokens}"
     file = data_dir / f"acts-{tokens}-{heldout_tokens}-seed{seed}.safetensors"
     if not file.exists():
-        cmd = [sys.executable, "-c", "import sys; from sae_kit.cli import main; sys.exit(main())", "cache",
-               "--out", str(cache_dir), "--tokens", str(tokens), "--heldout-tokens", str(heldout_tokens), "--hook", HOOK,
-               "--context-size", str(context_size), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from sae_kit.cli import main; sys.exit(main())",
+            "cache",
+            "--out",
+            str(cache_dir),
+            "--tokens",
+            str(tokens),
+            "--heldout-tokens",
+            str(heldout_tokens),
+            "--hook",
+            HOOK,
+            "--context-size",
+            str(context_size),
+            "--no-progress",
+        ]
         print(f"[data] harvesting {tokens:,} + {heldout_tokens:,} tokens: sae-kit {' '.join(cmd[3:])}", flush=True)
         env = os.environ | {"OMP_NUM_THREADS": str(threads)}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -195,8 +230,11 @@ def activations_file(tokens: int, heldout_tokens: int, seed: int, threads: int, 
         train = cache.read("train").acts[HOOK].float()
         order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
         tmp = file.with_suffix(".tmp")
-        save_file({"train": train[order].contiguous(), "heldout": cache.read("heldout").acts[HOOK].float().contiguous()},
-                  str(tmp), metadata={"hook": HOOK, "seed": str(seed), "source": str(cache_dir)})
+        save_file(
+            {"train": train[order].contiguous(), "heldout": cache.read("heldout").acts[HOOK].float().contiguous()},
+            str(tmp),
+            metadata={"hook": HOOK, "seed": str(seed), "source": str(cache_dir)},
+        )
         tmp.rename(file)
     with safe_open(str(file), "pt") as f:
         n_train, n_heldout = f.get_slice("train").get_shape()[0], f.get_slice("heldout").get_shape()[0]
@@ -204,8 +242,9 @@ def activations_file(tokens: int, heldout_tokens: int, seed: int, threads: int, 
 
 
 # ------------------------------------------------------------------------------------------- ours, in this process
-def our_trainer(d_in: int, tokens: int, seed: int, sample: torch.Tensor, lr_scale: float = 1.0,
-                **train_options: Any) -> Trainer:
+def our_trainer(
+    d_in: int, tokens: int, seed: int, sample: torch.Tensor, lr_scale: float = 1.0, **train_options: Any
+) -> Trainer:
     """Our TopK SAE and Trainer with every default (lr 2e-4/sqrt(d_sae/2^14), AuxK, geometric-median b_dec, ...)."""
     torch.manual_seed(seed)
     sae = SAE(SAEConfig(architecture="topk", d_in=d_in, d_sae=D_SAE, k=K))
@@ -219,6 +258,7 @@ def our_trainer(d_in: int, tokens: int, seed: int, sample: torch.Tensor, lr_scal
 
 def busy_cores(seconds: float = 1.0) -> float:
     """How many cores other processes kept busy over `seconds` while this one slept (from /proc/stat; 0 if unknown)."""
+
     def sample() -> tuple[int, int]:
         values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
         idle = values[3] + values[4]
@@ -235,6 +275,7 @@ def busy_cores(seconds: float = 1.0) -> float:
 
 def timed(fn: Callable[[int], Any]) -> Callable[[int], float]:
     """fn(i) turned into a function that returns the seconds it took."""
+
     def run(i: int) -> float:
         t = time.perf_counter()
         fn(i)
@@ -260,40 +301,72 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for everyone (default 2; --smoke: 1)")
     ap.add_argument("--quick", action="store_true", help="3 timed steps, 20 quality steps, fewer tokens")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CI smoke run of the real code path: d_sae 1024, batch 512, 2 timed and 3 quality steps, no peers, "
-                         "data harvested into a temporary directory")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI smoke run of the real code path: d_sae 1024, batch 512, 2 timed and 3 quality steps, no peers, "
+        "data harvested into a temporary directory",
+    )
     ap.add_argument("--skip-peers", action="store_true", help="time ours and the floors only")
-    ap.add_argument("--quality-steps", type=int, default=None, help="training steps of the quality run (default 200; 0: skip)")
-    ap.add_argument("--tokens", type=int, default=None,
-                    help="training tokens to harvest (default quality steps x 4096; the built-in corpus holds ~650k)")
-    ap.add_argument("--heldout-tokens", type=int, default=28672,
-                    help="held-out tokens (the built-in corpus's held-out documents hold ~31k)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per library (default 20, quick 3; 0: no timing)")
-    ap.add_argument("--lr-scale", type=float, default=1.0,
-                    help="quality run: multiply every library's default learning rate by this (default 1)")
-    ap.add_argument("--contend", action="store_true",
-                    help="time next to a competing 2-thread torch process (a loop of small elementwise ops), "
-                         "as when two jobs share the cores")
+    ap.add_argument(
+        "--quality-steps", type=int, default=None, help="training steps of the quality run (default 200; 0: skip)"
+    )
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="training tokens to harvest (default quality steps x 4096; the built-in corpus holds ~650k)",
+    )
+    ap.add_argument(
+        "--heldout-tokens",
+        type=int,
+        default=28672,
+        help="held-out tokens (the built-in corpus's held-out documents hold ~31k)",
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed steps per library (default 20, quick 3; 0: no timing)"
+    )
+    ap.add_argument(
+        "--lr-scale",
+        type=float,
+        default=1.0,
+        help="quality run: multiply every library's default learning rate by this (default 1)",
+    )
+    ap.add_argument(
+        "--contend",
+        action="store_true",
+        help="time next to a competing 2-thread torch process (a loop of small elementwise ops), "
+        "as when two jobs share the cores",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
     args = ap.parse_args()
     smoke_dir = None
-    args.threads = args.threads or (1 if args.smoke else 2)  # --smoke: a shared CI machine, where spinning threads cost 10x
+    args.threads = args.threads or (
+        1 if args.smoke else 2
+    )  # --smoke: a shared CI machine, where spinning threads cost 10x
     if args.smoke:
         D_SAE, BATCH = 1024, 512
         args.skip_peers = True
         args.heldout_tokens = min(args.heldout_tokens, 1024)
         smoke_dir = tempfile.TemporaryDirectory(prefix="sae-kit-train-step-smoke-")
-    quality_steps = args.quality_steps if args.quality_steps is not None else (3 if args.smoke else 20 if args.quick else 200)
+    quality_steps = (
+        args.quality_steps if args.quality_steps is not None else (3 if args.smoke else 20 if args.quick else 200)
+    )
     tokens = args.tokens or max(quality_steps, 3 if args.smoke else 20) * BATCH
     steps = args.steps if args.steps is not None else (2 if args.smoke else 3 if args.quick else 20)
     warmup = 1 if args.quick or args.smoke else 3
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-                               "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                               "sae_kit": sae_kit.__version__, "setting": {"d_sae": D_SAE, "k": K, "batch": BATCH}}
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "sae_kit": sae_kit.__version__,
+        "setting": {"d_sae": D_SAE, "k": K, "batch": BATCH},
+    }
 
     # Setup: the peer venvs (a peer that fails to install is skipped), then the activations.
     pythons: dict[str, Path] = {}
@@ -303,8 +376,14 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001  (whatever breaks a peer's install skips that peer only)
             print(f"[setup] {peer.package} skipped: {err}")
             results.setdefault("errors", {})[peer.package] = str(err)
-    data, n_train, n_heldout = activations_file(tokens, args.heldout_tokens, args.seed, args.threads,
-                                                None if smoke_dir is None else Path(smoke_dir.name), 64 if args.smoke else 128)
+    data, n_train, n_heldout = activations_file(
+        tokens,
+        args.heldout_tokens,
+        args.seed,
+        args.threads,
+        None if smoke_dir is None else Path(smoke_dir.name),
+        64 if args.smoke else 128,
+    )
     tensors = load_file(str(data))
     train, heldout = tensors["train"], tensors["heldout"]
     d_in = train.shape[1]
@@ -330,8 +409,15 @@ while True:
 """--contend: another 2-thread torch job sharing the cores (many small parallel regions, like a training loop)."""
 
 
-def time_steps(train: torch.Tensor, data: Path, pythons: dict[str, Path], args: argparse.Namespace, steps: int,
-               warmup: int, results: dict[str, Any]) -> dict[str, float]:
+def time_steps(
+    train: torch.Tensor,
+    data: Path,
+    pythons: dict[str, Path],
+    args: argparse.Namespace,
+    steps: int,
+    warmup: int,
+    results: dict[str, Any],
+) -> dict[str, float]:
     """Median seconds per step of every contender; they take turns (rotating), each turn 1 untimed + PER_TURN timed."""
     d_in = train.shape[1]
     x, w_enc = train[:BATCH].contiguous(), torch.randn(d_in, D_SAE) / d_in**0.5
@@ -349,30 +435,43 @@ def time_steps(train: torch.Tensor, data: Path, pythons: dict[str, Path], args: 
         for variant in peer.variants if peer.name in pythons else ():
             key = f"{peer.name}:{variant}"
             try:
-                servers[key] = PeerServer(pythons[peer.name], peer, data, args.threads, variant=variant,
-                                          steps=warmup + 2 * steps, seed=args.seed)
+                servers[key] = PeerServer(
+                    pythons[peer.name],
+                    peer,
+                    data,
+                    args.threads,
+                    variant=variant,
+                    steps=warmup + 2 * steps,
+                    seed=args.seed,
+                )
                 contenders[key] = servers[key].step
             except (RuntimeError, OSError) as err:
                 print(f"[time] {key} failed to start: {err}")
                 results.setdefault("errors", {})[key] = str(err)
     busy = busy_cores()
     results["busy_cores_before"] = busy
-    print(f"timing: {len(contenders)} contenders x {steps} steps, in turns of {PER_TURN} after an untimed one; "
-          f"{args.threads} threads, torch {torch.__version__}; cores busy with other work: {busy:.1f} of {os.cpu_count()}",
-          flush=True)
+    print(
+        f"timing: {len(contenders)} contenders x {steps} steps, in turns of {PER_TURN} after an untimed one; "
+        f"{args.threads} threads, torch {torch.__version__}; cores busy with other work: {busy:.1f} of {os.cpu_count()}",
+        flush=True,
+    )
     if busy > 0.3:
-        print("  note: other processes hold CPU, so absolute times are inflated; code that synchronises its threads "
-              "often (many small parallel regions) suffers most, so ratios shift too")
+        print(
+            "  note: other processes hold CPU, so absolute times are inflated; code that synchronises its threads "
+            "often (many small parallel regions) suffers most, so ratios shift too"
+        )
     rival = None
     if args.contend:
         print(f"  --contend: a {args.threads}-thread torch loop of small elementwise ops runs alongside")
-        rival = subprocess.Popen([sys.executable, "-c", CONTENDER.format(threads=args.threads)], env=peer_env(args.threads))
+        rival = subprocess.Popen(
+            [sys.executable, "-c", CONTENDER.format(threads=args.threads)], env=peer_env(args.threads)
+        )
     times: dict[str, list[float]] = {key: [] for key in contenders}
     done = dict.fromkeys(contenders, 0)
     try:
         for turn in range(math.ceil(steps / PER_TURN)):
             names = list(contenders)
-            for key in names[turn % len(names):] + names[: turn % len(names)]:
+            for key in names[turn % len(names) :] + names[: turn % len(names)]:
                 untimed = warmup if turn == 0 else 1
                 try:
                     for _ in range(untimed + min(PER_TURN, steps - len(times[key]))):
@@ -394,20 +493,34 @@ def time_steps(train: torch.Tensor, data: Path, pythons: dict[str, Path], args: 
             server.close()
     results["busy_cores_after"] = busy_cores()
     median = {key: statistics.median(v) for key, v in times.items() if v}
-    results |= {"contend": args.contend, "step_s": median, "step_times": times,
-                "peers": {key: server.info for key, server in servers.items()}}
+    results |= {
+        "contend": args.contend,
+        "step_s": median,
+        "step_times": times,
+        "peers": {key: server.info for key, server in servers.items()},
+    }
     if args.profile:
         profile_our_step(ours, train)
     return median
 
 
-def quality(train: torch.Tensor, heldout: torch.Tensor, data: Path, pythons: dict[str, Path], args: argparse.Namespace,
-            quality_steps: int, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def quality(
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    data: Path,
+    pythons: dict[str, Path],
+    args: argparse.Namespace,
+    quality_steps: int,
+    results: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
     """Held-out FVU of each library after `quality_steps` steps on the same rows, in the same order, one after another."""
     epochs = quality_steps * BATCH / train.shape[0]
     scale = f" (learning rates x{args.lr_scale:g})" if args.lr_scale != 1 else ""
-    print(f"[quality] {quality_steps} steps x {BATCH} ({epochs:.2f} epochs of the same rows), each library's "
-          f"defaults{scale}", flush=True)
+    print(
+        f"[quality] {quality_steps} steps x {BATCH} ({epochs:.2f} epochs of the same rows), each library's "
+        f"defaults{scale}",
+        flush=True,
+    )
     t = time.perf_counter()
     trainer = our_trainer(train.shape[1], quality_steps * BATCH, args.seed, batch_at(train, 0, BATCH), args.lr_scale)
     for i in range(quality_steps):
@@ -423,13 +536,27 @@ def quality(train: torch.Tensor, heldout: torch.Tensor, data: Path, pythons: dic
     for peer in PEERS:
         if peer.name in pythons:
             t = time.perf_counter()
-            res = peer_quality(pythons[peer.name], peer, data, args.threads, steps=quality_steps,
-                               variant=peer.variants[0], seed=args.seed, lr_scale=args.lr_scale)
+            res = peer_quality(
+                pythons[peer.name],
+                peer,
+                data,
+                args.threads,
+                steps=quality_steps,
+                variant=peer.variants[0],
+                seed=args.seed,
+                lr_scale=args.lr_scale,
+            )
             fvu[peer.name] = res
             shown = res.get("error") or f"FVU {res['fvu']:.4f}"
             print(f"[quality] {peer.package}: {shown} ({time.perf_counter() - t:.0f}s)", flush=True)
-    results["quality"] = {"steps": quality_steps, "batch": BATCH, "lr_scale": args.lr_scale,
-                          "train_rows": train.shape[0], "heldout_rows": heldout.shape[0], **fvu}
+    results["quality"] = {
+        "steps": quality_steps,
+        "batch": BATCH,
+        "lr_scale": args.lr_scale,
+        "train_rows": train.shape[0],
+        "heldout_rows": heldout.shape[0],
+        **fvu,
+    }
     return fvu
 
 
@@ -442,11 +569,21 @@ STEP_NOTES = {
 }
 
 
-def report(results: dict[str, Any], median: dict[str, float], fvu: dict[str, dict[str, Any]], d_in: int, steps: int,
-           quality_steps: int, threads: int) -> None:
+def report(
+    results: dict[str, Any],
+    median: dict[str, float],
+    fvu: dict[str, dict[str, Any]],
+    d_in: int,
+    steps: int,
+    quality_steps: int,
+    threads: int,
+) -> None:
     """The table, then each target marked met or SHORT."""
     ours_s = median.get("ours")
-    rows = [("sae-kit", sae_kit.__version__, "ours", fvu.get("ours")), ("sae-kit", sae_kit.__version__, "ours_aux", None)]
+    rows = [
+        ("sae-kit", sae_kit.__version__, "ours", fvu.get("ours")),
+        ("sae-kit", sae_kit.__version__, "ours_aux", None),
+    ]
     for peer in PEERS:
         for variant in peer.variants:
             key = f"{peer.name}:{variant}"
@@ -454,10 +591,14 @@ def report(results: dict[str, Any], median: dict[str, float], fvu: dict[str, dic
             version = results.get("peers", {}).get(key, {}).get("version") or (q or {}).get("version", peer.version)
             rows.append((peer.package, version, key, q))
     timing = f"median of {steps} steps taken in turns" + (" next to a competing job" if results.get("contend") else "")
-    scale = f" at x{results['quality']['lr_scale']:g} the default lr" if fvu and results["quality"]["lr_scale"] != 1 else ""
+    scale = (
+        f" at x{results['quality']['lr_scale']:g} the default lr" if fvu and results["quality"]["lr_scale"] != 1 else ""
+    )
     quality_text = f"held-out FVU after {quality_steps} steps on the same rows{scale}"
-    print(f"\nTopK training step, d_in {d_in}, d_sae {D_SAE}, k {K}, batch {BATCH}, fp32, {threads} threads: "
-          + "; ".join(text for text, on in ((timing, median), (quality_text, fvu)) if on))
+    print(
+        f"\nTopK training step, d_in {d_in}, d_sae {D_SAE}, k {K}, batch {BATCH}, fp32, {threads} threads: "
+        + "; ".join(text for text, on in ((timing, median), (quality_text, fvu)) if on)
+    )
     print(f"{'library':<14}{'version':<10}{'s/step':>8}{'ours is':>9}{'held-out FVU':>14}{'dead':>7}{'lr':>10}  step")
     errors = results.get("errors", {})
     for name, version, key, q in rows:
@@ -473,8 +614,10 @@ def report(results: dict[str, Any], median: dict[str, float], fvu: dict[str, dic
         q_dead = f"{100 * q['dead_frac']:.1f}%" if q and "dead_frac" in q else ""
         q_lr = f"{q['lr']:.2e}" if q and "lr" in q else ""
         print(f"{name:<14}{version:<10}{step_s:>8}{speed:>9}{q_fvu:>14}{q_dead:>7}{q_lr:>10}  {note}")
-    for key, note in (("gemm", f"the dense encoder GEMM [{BATCH}, {d_in}] x [{d_in}, {D_SAE}] alone"),
-                      ("topk", f"torch.topk(k={K}) over [{BATCH}, {D_SAE}] alone")):
+    for key, note in (
+        ("gemm", f"the dense encoder GEMM [{BATCH}, {d_in}] x [{d_in}, {D_SAE}] alone"),
+        ("topk", f"torch.topk(k={K}) over [{BATCH}, {D_SAE}] alone"),
+    ):
         if key in median and ours_s:
             print(f"{'(floor)':<14}{key:<10}{median[key]:>8.3f}{median[key] / ours_s:>8.2f}x{'':>31}  {note}")
 
@@ -487,16 +630,28 @@ def report(results: dict[str, Any], median: dict[str, float], fvu: dict[str, dic
     if ours_s and sparsify:
         fastest = min(sparsify, key=median.get)
         ratio = median[fastest] / ours_s
-        checks.append((f"steps/s vs sparsify ({fastest.split(':')[1]}, its fastest)", f"{ratio:.2f}x",
-                       f">= {TARGET_VS_SPARSIFY}x", ratio >= TARGET_VS_SPARSIFY))
+        checks.append(
+            (
+                f"steps/s vs sparsify ({fastest.split(':')[1]}, its fastest)",
+                f"{ratio:.2f}x",
+                f">= {TARGET_VS_SPARSIFY}x",
+                ratio >= TARGET_VS_SPARSIFY,
+            )
+        )
     if ours_s:
         ratio = ours_s / median["gemm"]
         checks.append(("our step / encoder GEMM", f"{ratio:.2f}x", f"<= {TARGET_VS_GEMM}x", ratio <= TARGET_VS_GEMM))
     for peer in PEERS:
         q = fvu.get(peer.name, {})
         if "fvu" in q and "ours" in fvu:
-            checks.append((f"held-out FVU vs {peer.package}", f"{fvu['ours']['fvu']:.4f} vs {q['fvu']:.4f}", "no worse",
-                           fvu["ours"]["fvu"] <= q["fvu"]))
+            checks.append(
+                (
+                    f"held-out FVU vs {peer.package}",
+                    f"{fvu['ours']['fvu']:.4f} vs {q['fvu']:.4f}",
+                    "no worse",
+                    fvu["ours"]["fvu"] <= q["fvu"],
+                )
+            )
     for what, value, target, met in checks:
         print(f"  {what:<42}{value:>17}  (target {target})  {'met' if met else 'SHORT'}")
     results["targets"] = [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in checks]

@@ -59,13 +59,19 @@ class HarvestConfig:
         (the context size against its maximum context, the hook names).
         """
         if self.context_size < 2:
-            raise HarvestError(f"--context-size must be at least 2 (BOS and one token), got {self.context_size}; "
-                               f"use a value in [2, {_limit_text(model)}], e.g. 128")
+            raise HarvestError(
+                f"--context-size must be at least 2 (BOS and one token), got {self.context_size}; "
+                f"use a value in [2, {_limit_text(model)}], e.g. 128"
+            )
         if not (math.isfinite(self.holdout_fraction) and 0 <= self.holdout_fraction < 1):
-            raise HarvestError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}; e.g. 0.05 keeps 5% of the "
-                               "documents out of training for evaluation")
+            raise HarvestError(
+                f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}; e.g. 0.05 keeps 5% of the "
+                "documents out of training for evaluation"
+            )
         if self.lm_batch_size < 1:
-            raise HarvestError(f"--lm-batch-size must be at least 1, got {self.lm_batch_size}; e.g. 16 contexts per LM forward pass")
+            raise HarvestError(
+                f"--lm-batch-size must be at least 1, got {self.lm_batch_size}; e.g. 16 contexts per LM forward pass"
+            )
         if len(set(self.hook)) != len(self.hook):
             raise HarvestError(f"--hook names a hook twice ({' '.join(self.hook)}); pass each hook once")
         if self.device is not None:
@@ -73,12 +79,16 @@ class HarvestConfig:
         if model is not None:
             limit = context_limit(model)
             if limit is not None and self.context_size > limit:
-                raise HarvestError(f"--context-size {self.context_size} is longer than {getattr(model, 'sae_kit_name', 'the model')}'s "
-                                   f"maximum context of {limit} tokens; use a value in [2, {limit}], e.g. 128")
+                raise HarvestError(
+                    f"--context-size {self.context_size} is longer than {getattr(model, 'sae_kit_name', 'the model')}'s "
+                    f"maximum context of {limit} tokens; use a value in [2, {limit}], e.g. 128"
+                )
             validate_hooks(model, list(self.hook))
 
     def pack_config(self) -> PackConfig:
-        return PackConfig(context_size=self.context_size, prepend_bos=self.prepend_bos, packing=self.packing, separator=self.separator)
+        return PackConfig(
+            context_size=self.context_size, prepend_bos=self.prepend_bos, packing=self.packing, separator=self.separator
+        )
 
     def settings(self, model_name: str) -> dict:
         """The tokenisation and data settings as JSON, recorded in caches and SAE metadata."""
@@ -124,7 +134,9 @@ class Harvester:
     def __post_init__(self) -> None:
         self.hooks = validate_hooks(self.model, self.hooks)
         tok = self.model.tokenizer
-        ids = set(tok.all_special_ids) | {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+        ids = set(tok.all_special_ids) | {
+            i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None
+        }
         self._special = torch.tensor(sorted(ids), dtype=torch.int64)
         self._stop = None if self.with_grads else stop_layer(self.model, self.hooks)
 
@@ -143,7 +155,9 @@ class Harvester:
             keep[:, 0] = False
         return keep
 
-    def run(self, tokens: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    def run(
+        self, tokens: torch.Tensor, pad: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """Activations [R, T, d] (and gradients) at every hook for a token batch, multi-dim hooks flattened to d."""
         store: dict[str, torch.Tensor] = {}
 
@@ -172,7 +186,12 @@ class Harvester:
             targets[:, -1] = -100
             if pad is not None and pad.numel():
                 targets = targets.masked_fill(pad.to(device).roll(-1, dims=1), -100)
-            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), targets.flatten(), ignore_index=-100, reduction="sum")
+            ce = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+                targets.flatten(),
+                ignore_index=-100,
+                reduction="sum",
+            )
             grads = torch.autograd.grad(ce, [store[h] for h in self.hooks])
         acts = {h: store[h].detach().flatten(2) for h in self.hooks}
         return acts, {h: g.flatten(2) for h, g in zip(self.hooks, grads)}
@@ -200,14 +219,18 @@ def harvester_for(model: LanguageModel, cfg: HarvestConfig, with_grads: bool = F
     return Harvester(model, list(cfg.hook), cfg.exclude_special_tokens, cfg.exclude_first_position, with_grads)
 
 
-def contexts(model: LanguageModel, cfg: HarvestConfig, split: Split = "train", start_row: int = 0) -> Iterator[Contexts]:
+def contexts(
+    model: LanguageModel, cfg: HarvestConfig, split: Split = "train", start_row: int = 0
+) -> Iterator[Contexts]:
     """Packed context batches of one corpus split, starting at context row `start_row`."""
     ds = load_corpus(cfg.corpus, text_field=cfg.text_field)
     docs = documents(ds, split, cfg.holdout_fraction)
     return pack(docs, model.tokenizer, cfg.pack_config(), rows_per_batch=cfg.lm_batch_size, start_row=start_row)
 
 
-def check_splits(model: LanguageModel, cfg: HarvestConfig, splits: tuple[Split, ...] = ("train", "heldout"), hint: str = "") -> None:
+def check_splits(
+    model: LanguageModel, cfg: HarvestConfig, splits: tuple[Split, ...] = ("train", "heldout"), hint: str = ""
+) -> None:
     """Raise a one-line HarvestError when a split of the corpus gives no context at all with these settings.
 
     A corpus whose split holds fewer tokens than one context (or, for the held-out split, no document at all) would
@@ -222,13 +245,18 @@ def check_splits(model: LanguageModel, cfg: HarvestConfig, splits: tuple[Split, 
         if split == "heldout" and cfg.holdout_fraction == 0:
             raise HarvestError(f"{where} is empty because --holdout-fraction is 0; raise it, e.g. 0.05{hint}")
         fixes = [f"raise --holdout-fraction (now {cfg.holdout_fraction})"] if split == "heldout" else []
-        fixes += ["use a larger corpus", "lower --context-size"] + ([] if cfg.packing == "doc" else ["pass --packing doc"])
-        raise HarvestError(f"{where} gives no context of {cfg.context_size} tokens (too few or too short documents); "
-                           f"{', '.join(fixes[:-1])} or {fixes[-1]}{hint if split == 'heldout' else ''}")
+        fixes += ["use a larger corpus", "lower --context-size"] + (
+            [] if cfg.packing == "doc" else ["pass --packing doc"]
+        )
+        raise HarvestError(
+            f"{where} gives no context of {cfg.context_size} tokens (too few or too short documents); "
+            f"{', '.join(fixes[:-1])} or {fixes[-1]}{hint if split == 'heldout' else ''}"
+        )
 
 
-def stream(model: LanguageModel, cfg: HarvestConfig, split: Split = "train", with_grads: bool = False,
-           start_row: int = 0) -> Iterator[tuple[ActivationRows, int]]:
+def stream(
+    model: LanguageModel, cfg: HarvestConfig, split: Split = "train", with_grads: bool = False, start_row: int = 0
+) -> Iterator[tuple[ActivationRows, int]]:
     """Yield (rows, contexts consumed so far) over one pass of a corpus split, for training or caching."""
     harvester = harvester_for(model, cfg, with_grads)
     for ctx in contexts(model, cfg, split, start_row):

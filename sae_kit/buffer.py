@@ -12,8 +12,9 @@ the source and goes on with the next batch, so a resumed run sees exactly the ba
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,13 @@ class ShuffleBuffer:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if capacity < batch_size:
             raise ValueError(f"capacity ({capacity}) must be at least batch_size ({batch_size}); raise the buffer size")
-        self.source, self.capacity, self.batch_size, self.seed, self.drop_last = source, capacity, batch_size, seed, drop_last
+        self.source, self.capacity, self.batch_size, self.seed, self.drop_last = (
+            source,
+            capacity,
+            batch_size,
+            seed,
+            drop_last,
+        )
 
     def __iter__(self) -> Iterator[ActivationRows]:
         return (batch for batch, _ in self.batches())
@@ -101,12 +108,15 @@ class ShuffleBuffer:
             chunk, skip = chunk + 1, 0
 
 
-
 def _check_layout(rows: ActivationRows, first: ActivationRows | None) -> None:
     """Every part of a chunk must carry the same hooks, widths and gradient presence."""
     if first is None:
         return
-    same = rows.acts.keys() == first.acts.keys() and all(rows.acts[h].shape[1:] == a.shape[1:] for h, a in first.acts.items())
+    same = rows.acts.keys() == first.acts.keys() and all(
+        rows.acts[h].shape[1:] == a.shape[1:] for h, a in first.acts.items()
+    )
     if not same or (rows.grads is None) != (first.grads is None):
-        raise ValueError(f"ShuffleBuffer source changed shape: got hooks {rows.hooks} (gradients: {rows.grads is not None}), "
-                         f"earlier rows had {first.hooks} (gradients: {first.grads is not None})")
+        raise ValueError(
+            f"ShuffleBuffer source changed shape: got hooks {rows.hooks} (gradients: {rows.grads is not None}), "
+            f"earlier rows had {first.hooks} (gradients: {first.grads is not None})"
+        )

@@ -78,19 +78,35 @@ def build_cache(cfg: CacheConfig, model: LanguageModel | None = None) -> Path:
     probe, _ = harvester.run(torch.full((1, 2), model.tokenizer.bos_token_id or 0))
     widths = {h: a.shape[-1] for h, a in probe.items()}
     if len(set(widths.values())) != 1:
-        raise SaeKitError(f"hooks of different widths {widths} cannot share a cache: run `sae-kit cache` once per width")
+        raise SaeKitError(
+            f"hooks of different widths {widths} cannot share a cache: run `sae-kit cache` once per width"
+        )
     targets = cfg.targets()
     check_splits(model, cfg.harvest, tuple(s for s, n in targets.items() if n > 0), hint=", or pass --heldout-tokens 0")
     settings = cfg.harvest.settings(model.sae_kit_name)
-    writer = CacheWriter(cfg.out, settings=settings, hooks=list(cfg.harvest.hook), d_in=next(iter(widths.values())), dtype=cfg.dtype,
-                         with_grads=cfg.grads, shard_rows=cfg.shard_rows)
+    writer = CacheWriter(
+        cfg.out,
+        settings=settings,
+        hooks=list(cfg.harvest.hook),
+        d_in=next(iter(widths.values())),
+        dtype=cfg.dtype,
+        with_grads=cfg.grads,
+        shard_rows=cfg.shard_rows,
+    )
     done = {s: writer.rows_written(s) for s in targets}
     if writer.complete or all(done[s] >= targets[s] for s in targets):
         writer.close(complete=True)
         log.warning("%s is already complete (%s)", cfg.out, ", ".join(f"{s}: {n} rows" for s, n in done.items()))
         return Path(cfg.out)
-    bar = tqdm(total=sum(targets.values()), initial=sum(min(done[s], targets[s]) for s in targets), unit="tok", unit_scale=True,
-               desc="harvest", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(targets.values()),
+        initial=sum(min(done[s], targets[s]) for s in targets),
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     for split, target in targets.items():
         written = done[split]
         for rows, position in stream(model, cfg.harvest, split, with_grads=cfg.grads, start_row=writer.position(split)):
@@ -101,7 +117,9 @@ def build_cache(cfg: CacheConfig, model: LanguageModel | None = None) -> Path:
             written += len(rows)
             bar.update(len(rows))
         if written < target:
-            log.warning("the %s split of corpus %r ran out at %d of %d tokens", split, cfg.harvest.corpus, written, target)
+            log.warning(
+                "the %s split of corpus %r ran out at %d of %d tokens", split, cfg.harvest.corpus, written, target
+            )
     bar.close()
     writer.close(complete=True)
     return Path(cfg.out)

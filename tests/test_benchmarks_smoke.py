@@ -22,9 +22,19 @@ NUMBER = r"([0-9][0-9,]*\.?[0-9]*(?:e[-+]?[0-9]+)?)"
 
 def smoke(script: str, tmp_path: Path, *args: str) -> str:
     """stdout of `python benchmarks/<script> --smoke`, after asserting it exits 0."""
-    env = os.environ | {"TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # temp files land in tmp_path
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    env = os.environ | {
+        "TMPDIR": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }  # temp files land in tmp_path
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, f"{script} --smoke exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout
 
@@ -57,8 +67,13 @@ def test_train_step(tmp_path):
 
 def test_harvest(tmp_path):
     out = smoke("harvest.py", tmp_path)
-    for what in (r"harvest, early stop \(stop_at_layer\):", "full forward to logits:", r"harvest with CE gradients \(g-SAE\):",
-                 "cache write:", r"cache shuffled read \(batch 4096, global shuffle\):"):
+    for what in (
+        r"harvest, early stop \(stop_at_layer\):",
+        "full forward to logits:",
+        r"harvest with CE gradients \(g-SAE\):",
+        "cache write:",
+        r"cache shuffled read \(batch 4096, global shuffle\):",
+    ):
         assert number(rf"{what}\s+{NUMBER}", out) > 0
     assert number(rf"early-stop speed-up: {NUMBER}x", out) > 0
 

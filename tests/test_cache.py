@@ -16,7 +16,9 @@ D = 6
 SETTINGS = {"model": "tiny", "hooks": HOOKS, "context_size": 4, "prepend_bos": True, "holdout": 0.2}
 
 
-def make_batches(n_batches: int, *, with_grads: bool = True, seed: int = 0, first_token: int = 0) -> list[ActivationRows]:
+def make_batches(
+    n_batches: int, *, with_grads: bool = True, seed: int = 0, first_token: int = 0
+) -> list[ActivationRows]:
     """Batches of 1..7 rows; each row has a unique token id, so it can be recognised after shuffling."""
     g = torch.Generator().manual_seed(seed)
     batches, token = [], first_token

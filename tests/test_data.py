@@ -95,7 +95,7 @@ def test_concat_packing_never_joins_documents_without_separator(tokenizer):
     bos = tokenizer.bos_token_id
     assert (rows.tokens[:, 0] == bos).all() and (rows.doc[:, 0] == -1).all()
     flat_doc, flat_tok = rows.doc[:, 1:].flatten().tolist(), rows.tokens[:, 1:].flatten().tolist()
-    for a, b, t in zip(flat_doc, flat_doc[1:], flat_tok[1:]):
+    for a, b in zip(flat_doc, flat_doc[1:]):
         if a != b and a >= 0 and b >= 0:
             pytest.fail("two documents are adjacent without a separator")
     seps = [t for d, t in zip(flat_doc, flat_tok) if d == -1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_kit.activations import Harvester, HarvestConfig, contexts, harvester_for, stream
+from sae_kit.activations import HarvestConfig, Harvester, contexts, harvester_for, stream
 from sae_kit.data import Contexts
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,9 @@ def test_gradient_matches_finite_differences(tiny_model):
 
         with torch.no_grad(), tiny_model.hooks(fwd_hooks=[(hook, add)]):
             logits = tiny_model(tokens)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item()
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"
+        ).item()
 
     # HF's RMSNorm computes in fp32 even in an fp64 model, so the step is 1e-3 and the tolerance 3e-4 (relative)
     eps = 1e-3
@@ -108,16 +110,19 @@ def test_gradients_on_real_model_are_row_aligned(model):
     assert rows.grads[HOOK].shape == rows.acts[HOOK].shape and torch.isfinite(rows.grads[HOOK]).all()
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"context_size": 1}, r"--context-size must be at least 2 .*got 1"),
-    ({"context_size": -4}, r"--context-size must be at least 2"),
-    ({"holdout_fraction": 1.0}, r"--holdout-fraction must be in \[0, 1\), got 1.0"),
-    ({"holdout_fraction": -0.1}, r"--holdout-fraction must be in \[0, 1\)"),
-    ({"holdout_fraction": float("nan")}, r"--holdout-fraction must be in \[0, 1\)"),
-    ({"lm_batch_size": 0}, r"--lm-batch-size must be at least 1"),
-    ({"hook": (HOOK, HOOK)}, r"--hook names a hook twice"),
-    ({"device": "foo"}, r"unknown --device 'foo'"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"context_size": 1}, r"--context-size must be at least 2 .*got 1"),
+        ({"context_size": -4}, r"--context-size must be at least 2"),
+        ({"holdout_fraction": 1.0}, r"--holdout-fraction must be in \[0, 1\), got 1.0"),
+        ({"holdout_fraction": -0.1}, r"--holdout-fraction must be in \[0, 1\)"),
+        ({"holdout_fraction": float("nan")}, r"--holdout-fraction must be in \[0, 1\)"),
+        ({"lm_batch_size": 0}, r"--lm-batch-size must be at least 1"),
+        ({"hook": (HOOK, HOOK)}, r"--hook names a hook twice"),
+        ({"device": "foo"}, r"unknown --device 'foo'"),
+    ],
+)
 def test_settings_that_cannot_work_are_one_line_errors(settings, message):
     from sae_kit.errors import SaeKitError
 
@@ -132,8 +137,11 @@ def test_settings_the_model_cannot_serve(model, tmp_path):
     from sae_kit.models import HookError
 
     assert model.cfg.n_ctx == 8192
-    with pytest.raises(HarvestError, match=r"--context-size 8193 is longer than SmolLM2-135M-Instruct's maximum context of 8192 tokens; "
-                                           r"use a value in \[2, 8192\]"):
+    with pytest.raises(
+        HarvestError,
+        match=r"--context-size 8193 is longer than SmolLM2-135M-Instruct's maximum context of 8192 tokens; "
+        r"use a value in \[2, 8192\]",
+    ):
         harvester_for(model, HarvestConfig(context_size=8193))  # before any LM pass (that one would need ~40 GB)
     HarvestConfig(context_size=8192).check(model)
     with pytest.raises(HookError, match="unknown hook"):
@@ -142,7 +150,13 @@ def test_settings_the_model_cannot_serve(model, tmp_path):
     tiny = HarvestConfig(corpus=str(tmp_path / "tiny.txt"), context_size=64)
     with pytest.raises(HarvestError, match="the train split of corpus .* gives no context of 64 tokens.*--packing doc"):
         check_splits(model, tiny, ("train",))
-    check_splits(model, HarvestConfig(corpus=str(tmp_path / "tiny.txt"), context_size=64, packing="doc", holdout_fraction=0.0), ("train",))
-    with pytest.raises(HarvestError, match="held-out split .* is empty because --holdout-fraction is 0; raise it.*--heldout-tokens 0"):
+    check_splits(
+        model,
+        HarvestConfig(corpus=str(tmp_path / "tiny.txt"), context_size=64, packing="doc", holdout_fraction=0.0),
+        ("train",),
+    )
+    with pytest.raises(
+        HarvestError, match="held-out split .* is empty because --holdout-fraction is 0; raise it.*--heldout-tokens 0"
+    ):
         check_splits(model, HarvestConfig(holdout_fraction=0.0), hint=", or pass --heldout-tokens 0")
     check_splits(model, HarvestConfig(context_size=32))

@@ -24,8 +24,12 @@ def see_our_site_packages(py: Path) -> None:
     if sys.prefix == sys.base_prefix:  # not in a venv: the system site is ours
         return
     ours = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
-    theirs = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
-                            capture_output=True, text=True).stdout.strip()
+    theirs = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (Path(theirs) / "_outer_venv_site.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n" for d in ours))
 
 
@@ -38,11 +42,13 @@ def test_pip_install_into_fresh_venv(tmp_path):
     # --no-deps: the dependencies come from the system site; this checks the package layout, not the resolver.
     # Build isolation stays on: a venv's bundled setuptools is too old to build wheels.
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], check=True, cwd=tmp_path)
-    code = ("import sae_kit, sae_kit.training, sae_kit.eval, sae_kit.dashboards.indexer, sae_kit.dashboards.pages, pathlib; "
-            "p = pathlib.Path(sae_kit.__file__).parent; "
-            "assert all((p / d / '__init__.py').is_file() for d in ('training', 'eval', 'dashboards')), p; "
-            "assert (p / 'dashboards' / 'app.py').is_file(), 'the Streamlit script sae-kit browse runs is missing'; "
-            "assert 'site-packages' in str(p), p; print(p)")
+    code = (
+        "import sae_kit, sae_kit.training, sae_kit.eval, sae_kit.dashboards.indexer, sae_kit.dashboards.pages, pathlib; "
+        "p = pathlib.Path(sae_kit.__file__).parent; "
+        "assert all((p / d / '__init__.py').is_file() for d in ('training', 'eval', 'dashboards')), p; "
+        "assert (p / 'dashboards' / 'app.py').is_file(), 'the Streamlit script sae-kit browse runs is missing'; "
+        "assert 'site-packages' in str(p), p; print(p)"
+    )
     out = subprocess.run([str(py), "-c", code], check=True, cwd=tmp_path, capture_output=True, text=True).stdout
     assert str(env_dir) in out
     assert (env_dir / "bin" / "sae-kit").is_file()

@@ -29,15 +29,21 @@ from torch import Tensor
 
 def parse_args(description: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--mode", choices=("serve", "quality"), required=True,
-                    help="serve: time steps on request (see above); quality: train --steps steps, report held-out FVU")
+    ap.add_argument(
+        "--mode",
+        choices=("serve", "quality"),
+        required=True,
+        help="serve: time steps on request (see above); quality: train --steps steps, report held-out FVU",
+    )
     ap.add_argument("--data", type=Path, required=True, help="safetensors file with `train` and `heldout` tensors")
     ap.add_argument("--out", type=Path, default=None, help="quality mode: the JSON result file to write")
     ap.add_argument("--d-sae", type=int, default=9216)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=200, help="training steps (serve mode: how many will be asked for; sets schedules)")
+    ap.add_argument(
+        "--steps", type=int, default=200, help="training steps (serve mode: how many will be asked for; sets schedules)"
+    )
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's own default)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply the library's default learning rate by this")
     ap.add_argument("--seed", type=int, default=0)
@@ -59,7 +65,7 @@ def load_data(path: Path, rows: int | None = None) -> tuple[Tensor, Tensor]:
 def batch_at(train: Tensor, step: int, batch: int) -> Tensor:
     """Batch number `step`: rows [step·B, (step+1)·B) of `train`, wrapping around at the end."""
     start = (step * batch) % train.shape[0]
-    rows = train[start:start + batch]
+    rows = train[start : start + batch]
     if rows.shape[0] < batch:
         rows = torch.cat([rows, train[: batch - rows.shape[0]]])
     return rows
@@ -80,13 +86,14 @@ def serve(step: Callable[[int], Any], info: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def heldout_eval(encode_decode: Callable[[Tensor], tuple[Tensor, Tensor]], heldout: Tensor, d_sae: int,
-                 chunk: int = 4096) -> dict[str, float]:
+def heldout_eval(
+    encode_decode: Callable[[Tensor], tuple[Tensor, Tensor]], heldout: Tensor, d_sae: int, chunk: int = 4096
+) -> dict[str, float]:
     """Held-out FVU = Σ||x − x̂||² / Σ||x − mean(x)||² over all held-out rows (not a mean of batch FVUs), and the
     fraction of latents that never fire on them. `encode_decode(x)` returns (x̂ [n, d_in], active indices [n, k])."""
     err, fired = 0.0, torch.zeros(d_sae, dtype=torch.bool)
     for i in range(0, heldout.shape[0], chunk):
-        x = heldout[i:i + chunk]
+        x = heldout[i : i + chunk]
         x_hat, active = encode_decode(x)
         err += float((x_hat.float() - x).double().square().sum())
         fired[active.flatten()] = True
@@ -95,6 +102,15 @@ def heldout_eval(encode_decode: Callable[[Tensor], tuple[Tensor, Tensor]], heldo
 
 
 def write_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    result = {"mode": args.mode, "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-              "d_sae": args.d_sae, "k": args.k, "batch": args.batch, "variant": args.variant, **result}
+    result = {
+        "mode": args.mode,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "d_sae": args.d_sae,
+        "k": args.k,
+        "batch": args.batch,
+        "variant": args.variant,
+        **result,
+    }
     args.out.write_text(json.dumps(result, indent=1))

@@ -21,11 +21,10 @@ from __future__ import annotations
 from importlib.metadata import version
 
 import torch
+from common import batch_at, heldout_eval, load_data, parse_args, serve, write_result
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
-
-from common import batch_at, heldout_eval, load_data, parse_args, serve, write_result
 
 DEFAULT_LR = 3e-4
 """LanguageModelSAERunnerConfig.lr (SAELens does not scale it with the width)."""
@@ -39,8 +38,13 @@ def main() -> None:
     n_steps = args.steps  # serve mode: the number of steps the driver will ask for
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, dtype="float32", device="cpu"))
     trainer = SAETrainer(
-        cfg=SAETrainerConfig(total_training_samples=n_steps * args.batch, train_batch_size_samples=args.batch,
-                             lr=lr, lr_end=lr / 10, device="cpu"),
+        cfg=SAETrainerConfig(
+            total_training_samples=n_steps * args.batch,
+            train_batch_size_samples=args.batch,
+            lr=lr,
+            lr_end=lr / 10,
+            device="cpu",
+        ),
         sae=sae,
         data_provider=iter(()),  # batches are fed to trainer.step directly
     )

@@ -27,12 +27,11 @@ from importlib.metadata import version
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 import torch
+from common import batch_at, heldout_eval, load_data, parse_args, serve, write_result
+from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, SparseCoderConfig
 from sparsify.sign_sgd import SignSGD
-from schedulefree import ScheduleFreeWrapper
 from transformers import get_linear_schedule_with_warmup
-
-from common import batch_at, heldout_eval, load_data, parse_args, serve, write_result
 
 AUXK_ALPHA = 0.0
 """TrainConfig.auxk_alpha (off by default in sparsify 1.x)."""
