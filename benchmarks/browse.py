@@ -30,19 +30,26 @@ from pathlib import Path
 
 import torch
 
-from sae_kit import HarvestConfig, load_model
+from sae_kit import HarvestConfig, load_model, load_sae
 from sae_kit.dashboards.indexer import IndexConfig, build_index
 from sae_kit.dashboards.store import FeatureIndex
 from sae_kit.dashboards.workspace import ROOT_ENV
-from sae_kit.eval.inputs import activations
-from sae_kit.eval.lm import harvest_config_for, heldout_contexts
-from sae_kit.sae import SAE, SAEConfig, load_sae
+from sae_kit.heldout import activations, harvest_config_for, heldout_contexts
+from sae_kit.sae import SAE, SAEConfig
 from sae_kit.training import TrainConfig
 from sae_kit.training.run import TrainRunConfig, train
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-proxy-server"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-proxy-server",
+]
 
 
 def quantiles(seconds: list[float]) -> str:
@@ -57,11 +64,15 @@ def bench_index(model, run: Path, tokens: int, harvest_tokens: int = 16384) -> d
     hcfg = harvest_config_for(sae)
     ctxs = heldout_contexts(model, hcfg, harvest_tokens)
     start = time.perf_counter()
-    activations(model, sae, hcfg.hook[0], ctxs, 16, hcfg)
+    activations(model, hcfg, ctxs)
     harvest = ctxs.n_kept / (time.perf_counter() - start)
-    print(f"index: {meta['sae']['d_sae']:,} features on {meta['tokens']:,} held-out tokens ({meta['contexts']} contexts of {meta['context_size']})")
-    print(f"  pass      {meta['seconds']['pass']:7.1f} s  {meta['throughput']['tokens_per_s']:7,} tok/s  "
-          f"= {meta['throughput']['tokens_per_s'] / harvest:.2f}x the bare harvest ({harvest:,.0f} tok/s on {ctxs.n_kept:,} of the same tokens)")
+    print(
+        f"index: {meta['sae']['d_sae']:,} features on {meta['tokens']:,} held-out tokens ({meta['contexts']} contexts of {meta['context_size']})"
+    )
+    print(
+        f"  pass      {meta['seconds']['pass']:7.1f} s  {meta['throughput']['tokens_per_s']:7,} tok/s  "
+        f"= {meta['throughput']['tokens_per_s'] / harvest:.2f}x the bare harvest ({harvest:,.0f} tok/s on {ctxs.n_kept:,} of the same tokens)"
+    )
     print(f"  features  {meta['seconds']['features']:7.1f} s  {meta['throughput']['features_per_s']:7,} features/s")
     size = sum(f.stat().st_size for f in (run / "index").rglob("*") if f.is_file())
     print(f"  on disk   {size / 2**20:7.1f} MiB ({size / meta['sae']['d_sae'] / 1024:.1f} KiB per feature)")
@@ -79,7 +90,9 @@ def bench_reads(index_dir: Path, switches: int) -> None:
         start = time.perf_counter()
         ix.feature(f)
         times.append(time.perf_counter() - start)
-    print(f"switch, index read (FeatureIndex.feature):  {quantiles(times)}; summary of all features read in {1000 * opened:.0f} ms")
+    print(
+        f"switch, index read (FeatureIndex.feature):  {quantiles(times)}; summary of all features read in {1000 * opened:.0f} ms"
+    )
 
 
 def bench_app(run: Path, switches: int) -> None:
@@ -109,8 +122,11 @@ def bench_browser(run: Path, switches: int, screenshot: Path | None, feature: in
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "browse", str(run), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sae_kit.cli", "browse", str(run), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     d_sae = FeatureIndex(run / "index").d_sae
     try:
         with sync_playwright() as pw:
@@ -149,8 +165,15 @@ def bench_browser(run: Path, switches: int, screenshot: Path | None, feature: in
 
 def bench_open_wide(model, tmp: Path, d_sae: int, tokens: int = 4096) -> None:
     """An untrained TopK SAE of `d_sae` features indexed on `tokens` tokens, then opened as the app opens it."""
-    sae = SAE(SAEConfig(architecture="topk", d_in=model.cfg.d_model, d_sae=d_sae, k=32,
-                        metadata={"model_name": None, "hook_name": "blocks.6.hook_resid_post", "holdout_fraction": 0.25}))
+    sae = SAE(
+        SAEConfig(
+            architecture="topk",
+            d_in=model.cfg.d_model,
+            d_sae=d_sae,
+            k=32,
+            metadata={"model_name": None, "hook_name": "blocks.6.hook_resid_post", "holdout_fraction": 0.25},
+        )
+    )
     sae.set_decoder_norm_to_unit_norm()
     sae.save(tmp / "wide" / "sae")
     start = time.perf_counter()
@@ -163,8 +186,10 @@ def bench_open_wide(model, tmp: Path, d_sae: int, tokens: int = 4096) -> None:
     start = time.perf_counter()
     ix.feature(d_sae // 2)
     one = time.perf_counter() - start
-    print(f"open a {d_sae:,}-feature index: meta + vocab + summary {1000 * opened:.0f} ms, then one feature {1000 * one:.1f} ms "
-          f"(built in {built:.0f} s on {tokens:,} tokens)")
+    print(
+        f"open a {d_sae:,}-feature index: meta + vocab + summary {1000 * opened:.0f} ms, then one feature {1000 * one:.1f} ms "
+        f"(built in {built:.0f} s on {tokens:,} tokens)"
+    )
 
 
 def main() -> None:
@@ -172,13 +197,18 @@ def main() -> None:
     ap.add_argument("--sae", type=Path, default=None, help="index this run/SAE dir instead of training a 16k SAE")
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--switches", type=int, default=30)
-    ap.add_argument("--wide", type=int, default=49152, help="features of the untrained SAE whose index is opened (0: skip)")
+    ap.add_argument(
+        "--wide", type=int, default=49152, help="features of the untrained SAE whose index is opened (0: skip)"
+    )
     ap.add_argument("--screenshot", type=Path, default=None, help="save the feature page as this PNG")
     ap.add_argument("--feature", type=int, default=None, help="the feature shown first (and in the screenshot)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --smoke: 1)")
     ap.add_argument("--no-browser", action="store_true", help="skip the real-browser part (headless Chromium)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CI smoke run: a 1024-feature SAE trained for 4 steps, 2k tokens, 3 switches, a 2k-feature wide index")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI smoke run: a 1024-feature SAE trained for 4 steps, 2k tokens, 3 switches, a 2k-feature wide index",
+    )
     args = ap.parse_args()
     harvest = HarvestConfig(holdout_fraction=0.25)
     if args.smoke:  # one thread: a CI machine is often shared, and oversubscribed torch threads spin
@@ -192,11 +222,26 @@ def main() -> None:
     if run is None:
         run = tmp / "sae"
         if args.smoke:
-            cfg = TrainRunConfig(out=run, d_sae=1024, k=32, eval_tokens=256, buffer_tokens=1024, progress=False, harvest=harvest,
-                                 train=TrainConfig(batch_size=256, tokens=1024, warmup_steps=2))
+            cfg = TrainRunConfig(
+                out=run,
+                d_sae=1024,
+                k=32,
+                eval_tokens=256,
+                buffer_tokens=1024,
+                progress=False,
+                harvest=harvest,
+                train=TrainConfig(batch_size=256, tokens=1024, warmup_steps=2),
+            )
         else:
-            cfg = TrainRunConfig(out=run, d_sae=16384, k=32, eval_tokens=4096, progress=False, harvest=harvest,
-                                 train=TrainConfig(tokens=40960, warmup_steps=2))
+            cfg = TrainRunConfig(
+                out=run,
+                d_sae=16384,
+                k=32,
+                eval_tokens=4096,
+                progress=False,
+                harvest=harvest,
+                train=TrainConfig(tokens=40960, warmup_steps=2),
+            )
         train(cfg, model=model)
     print(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}")
     bench_index(model, run, args.tokens, 2048 if args.smoke else 16384)
@@ -206,7 +251,9 @@ def main() -> None:
     if browser:
         bench_browser(run, args.switches, args.screenshot, args.feature)
     else:
-        print(f"switch, real browser: skipped ({'--no-browser' if args.no_browser else f'needs {CHROMIUM} and playwright'})")
+        print(
+            f"switch, real browser: skipped ({'--no-browser' if args.no_browser else f'needs {CHROMIUM} and playwright'})"
+        )
     if args.wide:
         bench_open_wide(model, tmp, args.wide, 1024 if args.smoke else 4096)
     shutil.rmtree(tmp, ignore_errors=True)
