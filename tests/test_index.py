@@ -33,7 +33,7 @@ def member(run: Path, arch: str) -> Path:
 
 
 def direct_codes(model, run: Path, arch: str) -> torch.Tensor:
-    """Dense codes of the same held-out tokens, encoded without the indexer."""
+    """Dense codes of the same held-out tokens, encoded without the indexer (through eval's inputs)."""
     sae = load_sae(member(run, arch) / "sae")
     inputs = prepare(model, sae, 3000, context_size=64)
     return sae.forward_codes(inputs.x).to_dense().detach()
@@ -157,6 +157,31 @@ def test_a_moved_run_keeps_its_index(model, browse_run, tmp_path):
     stamp = (moved / "index" / "features.parquet").stat().st_mtime_ns
     meta = build_index(IndexConfig(sae=moved, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model)[0]
     assert meta["complete"] and (moved / "index" / "features.parquet").stat().st_mtime_ns == stamp
+
+
+def test_an_sae_expecting_normalised_inputs_is_indexed_on_scaled_inputs(model, browse_run, tmp_path):
+    """The same SAE saved unfolded (normalize_activations="expected_average_only_in") indexes to the same features: the
+    held-out layer folds the scale sqrt(d_in)/E||x|| in, and index.json records it."""
+    import math
+
+    from sae_kit.heldout import SCALE_TOKENS, activations, harvest_config_for, heldout_contexts
+
+    sae = load_sae(member(browse_run, "topk") / "sae")
+    data = harvest_config_for(sae)
+    x, _ = activations(model, data, heldout_contexts(model, data, SCALE_TOKENS))
+    s = math.sqrt(sae.cfg.d_in) / float(x[:SCALE_TOKENS].double().norm(dim=1).mean())
+    with torch.no_grad():
+        sae.b_dec.mul_(s)
+        sae.b_enc.mul_(s)
+    sae.cfg.normalize_activations = "expected_average_only_in"
+    sae.save(tmp_path / "normalised" / "sae")
+    small = dict(tokens=800, context_size=64, shard_size=256, row_group=8, progress=False)
+    meta = build_index(IndexConfig(sae=tmp_path / "normalised", **small), model=model)[0]
+    ref = build_index(IndexConfig(sae=member(browse_run, "topk"), out=tmp_path / "ref", **small), model=model)[0]
+    assert meta["sae"]["input_scale"] == pytest.approx(s, rel=1e-6) and ref["sae"]["input_scale"] is None
+    got, want = FeatureIndex(tmp_path / "normalised" / "index").summary, FeatureIndex(tmp_path / "ref").summary
+    assert got["count"].tolist() == want["count"].tolist()
+    assert got["max_act"].to_numpy() == pytest.approx(want["max_act"].to_numpy(), rel=1e-4, abs=1e-5)
 
 
 def test_force_never_deletes_a_folder_that_is_not_an_index(model, browse_run, tmp_path):
