@@ -86,7 +86,7 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
     entries += [(name, None, copy.deepcopy(sae) if sae.cfg.normalize_activations != "none" else sae) for name, sae in (saes or {}).items()]
     model_name = cfg.model or entries[0][2].cfg.metadata.get("model_name")
     model = model or load_model(model_name, device=cfg.device)
-    out = Path(cfg.out or (found[0].eval_dir if len(entries) == len(found) == 1 else rundir.default_eval_dir()))
+    out = Path(cfg.out or (found[0].run_dir / rundir.EVAL_DIR if len(entries) == len(found) == 1 else rundir.default_eval_dir()))
     shared: dict[tuple, EvalInputs] = {}
     evaluated, prepare_seconds = [], []
     for _, _, sae in entries:  # the cheap part first, so bad settings fail before minutes of measuring
@@ -155,10 +155,8 @@ def _inputs(shared: dict[tuple, EvalInputs], cfg: EvalConfig, model, sae: SAE) -
 
 def _data_settings(inputs: EvalInputs) -> dict[str, Any]:
     """The data settings an SAE was evaluated with (its own: corpus, held-out split, tokenisation, position rules)."""
-    d = inputs.data
-    return {"corpus": d.corpus, "holdout_fraction": d.holdout_fraction, "context_size": d.context_size, "prepend_bos": d.prepend_bos,
-            "packing": d.packing, "separator": d.separator, "exclude_special_tokens": d.exclude_special_tokens,
-            "exclude_first_position": d.exclude_first_position, "contexts": int(inputs.contexts.tokens.shape[0])}
+    keys = ("corpus", "holdout_fraction", "context_size", "prepend_bos", "packing", "separator", "exclude_special_tokens", "exclude_first_position")
+    return {k: getattr(inputs.data, k) for k in keys} | {"contexts": int(inputs.contexts.tokens.shape[0])}
 
 
 def _measure(cfg: EvalConfig, inputs: EvalInputs) -> tuple[dict[str, Section], dict[str, float]]:

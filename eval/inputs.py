@@ -42,14 +42,10 @@ class EvalInputs:
     """The scale s = sqrt(d_in)/E||x|| folded into an SAE that expected normalised inputs (None: it takes raw ones)."""
     _encoded: Encoded | None = field(default=None, init=False, repr=False, compare=False)
 
-    @property
-    def lm_batch_size(self) -> int:
-        return self.data.lm_batch_size
-
     def batches(self) -> Iterator[tuple[HeldoutContexts, slice]]:
         """LM batches of contexts, each with the slice of `x`/`grad` rows at its kept positions."""
         start = 0
-        for batch in self.contexts.batches(self.lm_batch_size):
+        for batch in self.contexts.batches(self.data.lm_batch_size):
             yield batch, slice(start, start + batch.n_kept)
             start += batch.n_kept
 

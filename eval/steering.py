@@ -67,7 +67,7 @@ class SteeringConfig:
     top_tokens: int = 10
     """|T_i|: logit-lens tokens whose probability mass is measured."""
     contexts: int = 4
-    """Held-out contexts (the first rows of inputs.contexts) to steer on, in batches of inputs.lm_batch_size."""
+    """Held-out contexts (the first rows of inputs.contexts) to steer on, in LM batches of the eval's size."""
     positions: str = "all"
     """Where the vector is added and the effect measured: "all" kept positions of each context (the only mode)."""
     kl_budget: float = 1.0
@@ -140,7 +140,7 @@ class _Probe:
         rows = inputs.contexts.rows(0, contexts)
         if rows.n_kept == 0:
             raise EvalError("the steering contexts have no kept positions; raise SteeringConfig.contexts")
-        batches = list(rows.batches(inputs.lm_batch_size))
+        batches = list(rows.batches(inputs.data.lm_batch_size))
         clean = [cls._log_probs(run_lm(model, b.tokens, inputs.hook)[0], b) for b in batches]
         return cls(model, inputs.hook, batches, clean)
 

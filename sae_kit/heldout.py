@@ -1,14 +1,7 @@
 """The held-out LM layer: how every consumer of a trained SAE (eval, the feature index, the browser, notebooks) runs the
-language model for it.
-
-- The SAE's data settings (`harvest_config_for`: corpus, tokenisation, held-out split and position rules, read from
-  its cfg.json metadata) and a check that it can read the model's hook (`check_pair`).
-- Its held-out contexts (`heldout_contexts`: documents it never trained on) and their activations at the hook
-  (`activations`, with ∂CE/∂x for SAEs that read gradients); a prompt with the SAE's keep rule (`prompt_tokens`).
-- Forward passes that capture or edit the hook (`run_lm` with the edits `splice`, `fill`, `steer_edit`), next-token
-  CE and KL, the logit lens, greedy generation and mean activations over prompts, all under the SAE's rules.
-- Encoding in bounded chunks (`encode_chunks`, `encode`) and the one held-out FVU (`fvu`, float64 sums).
-- The input scale of SAEs that expect normalised activations (`fold_input_scale`).
+language model for it, always under the SAE's own data settings and position rules (`harvest_config_for`, from its
+cfg.json metadata): its held-out contexts and their activations, forward passes that capture or edit the hook, the
+logit lens, generation, bounded-chunk encoding, the one held-out FVU, and the input scale of normalising SAEs.
 
 A multi-dimensional hook (attn.hook_z: [R, T, heads, d_head]) is seen flattened to [R, T, d_in] and reshaped back when
 edited. Positions the SAE does not read (its recorded rule: by default position 0, special tokens and padding) are

@@ -51,10 +51,6 @@ class Located:
     def index_dir(self) -> Path:
         return self.run_dir / INDEX_DIR
 
-    @property
-    def eval_dir(self) -> Path:
-        return self.run_dir / EVAL_DIR
-
 
 # ------------------------------------------------------------------------------------------------ writing (training)
 def default_run_dir(architecture: str, k: int, sweep: bool) -> Path:
