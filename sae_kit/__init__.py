@@ -7,7 +7,8 @@ from sae_kit.activations import Harvester, HarvestConfig, contexts, harvester_fo
 from sae_kit.data import PackConfig, load_corpus, pack
 from sae_kit.models import DEFAULT_HOOK, DEFAULT_MODEL, HookError, ModelError, hook_names, load_model, validate_hooks
 from sae_kit.rows import ActivationRows
-from sae_kit.sae import SAE, SAEConfig, load_sae
+from sae_kit.sae import SAE, SAEConfig
+from sae_kit.sae_io import load_sae, save_sae
 
 __version__ = "0.1.0"
 

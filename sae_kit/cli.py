@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     config_cls, run, _ = commands[name]
     try:
         rest, default = _config_file(config_cls, rest)
-        # eval's nested sections share field names (core.ce_tokens, dark_matter.ce_tokens): keep their prefixes there.
-        flat = () if name == "eval" else (tyro.conf.OmitArgPrefixes,)
+        # eval's nested sections share field names (core.ce_tokens, dark_matter.ce_tokens), and train's rule sections
+        # (--jumprelu.bandwidth): keep their prefixes there (train flattens its harvest and train sections itself).
+        flat = () if name in ("eval", "train") else (tyro.conf.OmitArgPrefixes,)
         args = tyro.cli(config_cls, args=rest, default=default, prog=f"sae-kit {name}", config=flat)
         run(args)
     except SaeKitError as err:

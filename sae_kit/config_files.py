@@ -58,7 +58,7 @@ def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """An instance of dataclass `cls` from a mapping, every value checked against its field's type."""
     if not isinstance(data, dict):
         raise ConfigFileError(f"{where.rstrip('.') or 'the file'} must be a mapping of {cls.__name__} settings, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]  # cls is a dataclass
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
@@ -78,7 +78,7 @@ def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 def _value(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return build(tp, value, f"{key}.")
     if origin in (Union, types.UnionType):
         for option in args:

@@ -8,7 +8,9 @@ SAELens, encode f = act((x − b_dec·apply_b_dec_to_input)·W_enc + b_enc), dec
   standard ↔ relu; topk ↔ topk (TopK of z, then ReLU); abstopk ↔ abstopk (top-k of |z|, signed); jumprelu
   (ReLU(z)·1[z > θ]) ↔ jumprelu, and also ← mutual_choice / feature_choice, whose inference rule r·1[r > θ], r = ReLU(z),
   is the same function for every θ (SAELens itself saves a trained batchtopk SAE as jumprelu with its global
-  threshold; `metadata.training_architecture` = "batchtopk" brings it back as mutual_choice); matching_pursuit ↔ mpsae
+  threshold; `metadata.training_architecture` = "batchtopk" brings it back as mutual_choice, "matryoshka_batchtopk"
+  as matryoshka_batchtopk, its `matryoshka_widths` becoming our prefix fractions); gated ↔ gated (SAELens names the
+  gate bias b_gate: it is our b_enc; r_mag and b_mag as they are); matching_pursuit ↔ mpsae
   when no residual-norm stop is used (SAELens's `residual_threshold` is absolute, ours is relative to ||x − b_dec||).
   Folded exactly into the weights on load: `rescale_acts_by_decoder_norm` (W_enc·n, b_enc·n, W_dec/n with n the atom
   norms, as SAELens's own fold), a pre-6 `finetuning_scaling_factor` s (W_dec ← s·W_dec: SAELens decodes (f·s)·W_dec),
@@ -16,7 +18,7 @@ SAELens, encode f = act((x − b_dec·apply_b_dec_to_input)·W_enc + b_enc), dec
   θ = 0 in SAELens (ReLU first); sae-kit's θ is positive, so it becomes the dtype's smallest normal number.
   `apply_b_dec_to_input` missing means True in every SAELens version (SAEConfig default, handle_pre_6_0_config); it is
   always written out. hook_z SAEs (`reshape_activations`) read the flattened [..., n_heads·d_head] input.
-  Unsupported (SAEFormatError): gated, transcoders, temporal, per-token input normalisation (constant_norm_rescale,
+  Unsupported (SAEFormatError): transcoders, temporal, per-token input normalisation (constant_norm_rescale,
   layer_norm, covariance_whitening), pre-6 activation functions other than relu/topk.
 
 sparsify, encode: top-k of ReLU((x − b_dec)·encoder.weightᵀ + encoder.bias) (the same dense code as ReLU of the top-k
@@ -41,16 +43,15 @@ from sae_kit.atomic import atomic_dir, save_tensors, write_json
 from sae_kit.errors import SaeKitError
 from sae_kit.sae import (CFG_FILE, DTYPES, NORMALIZE_ACTIVATIONS, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError, dtype_name,
                          load_sparsity, package_version, read_cfg, read_tensors)
-from sae_kit.sparsifiers import ALIASES, get_sparsifier
+from sae_kit.sparsifiers import ARCHITECTURES, canonical_name, get_sparsifier
 
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 SAELENS_CFG_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version when the SAE carries none >= 6: SAELens reads it to pick its v6 cfg parser."""
 
 _SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "abstopk": "abstopk", "jumprelu": "jumprelu",
-                          "batchtopk": "mutual_choice", "matching_pursuit": "mpsae"}
-_SAELENS_UNSUPPORTED = {"gated": "gated SAEs (separate gate and magnitude paths)",
-                        "transcoder": "transcoders (they predict another hook's output)",
+                          "batchtopk": "mutual_choice", "matching_pursuit": "mpsae", "gated": "gated"}
+_SAELENS_UNSUPPORTED = {"transcoder": "transcoders (they predict another hook's output)",
                         "skip_transcoder": "transcoders", "jumprelu_transcoder": "transcoders",
                         "jumprelu_skip_transcoder": "transcoders", "temporal": "temporal SAEs",
                         "matryoshka_batchtopk": "matryoshka checkpoints (load the jumprelu SAE SAELens saves after training)"}
@@ -59,15 +60,15 @@ _PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_
 _PRE6_METADATA = ("model_name", "hook_name", "hook_layer", "hook_head_index", "model_class_name", "model_from_pretrained_kwargs",
                   "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
                   "sae_lens_training_version")
+_SAELENS_TENSORS: dict[tuple[str, str], str] = {("gated", "b_enc"): "b_gate"}
+"""(SAELens architecture, our tensor name) -> SAELens's name for it, where they differ (renamed back on load)."""
+_SAELENS_JUMPRELU_TRAINED = ("mutual_choice", "feature_choice", "matryoshka_batchtopk")
+"""Our batch-level rules that SAELens stores as jumprelu: metadata.training_architecture brings them back."""
 _SAELENS_NAMES = {"relu": "standard", "mutual_choice": "batchtopk", "mpsae": "matching_pursuit"}
 """Our architecture -> the SAELens name written as metadata.training_architecture."""
 _SPARSIFY_UNSUPPORTED = {"transcode": "a transcoder (it predicts another hook's output)",
                          "skip_connection": "a skip connection (W_skip)", "embed_skip": "an embedding skip connection",
                          "gram_lookup": "an n-gram lookup subtracted from its input"}
-
-
-def _canonical(architecture: str) -> str:
-    return ALIASES.get(architecture, architecture)
 
 
 def _integral(value: Any) -> bool:
@@ -76,8 +77,8 @@ def _integral(value: Any) -> bool:
 
 def _make_sae(cfg_file: Path, fields: dict[str, Any], tensors: dict[str, Tensor], source: Path) -> SAE:
     try:
-        sae = SAE(SAEConfig(**fields))
-    except (SaeKitError, TypeError) as err:
+        sae = SAE(SAEConfig.from_dict(fields))
+    except (SaeKitError, TypeError, ValueError) as err:
         raise SAEFormatError(f"{cfg_file}: {err}") from None
     sae.load_weights(tensors, source=str(source))
     return sae
@@ -126,10 +127,11 @@ def detect_format(path: Path) -> tuple[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------- SAELens
 def _saelens_v6(raw: dict[str, Any]) -> bool:
     """SAELens's own rule (handle_config_defaulting): a cfg is v6 when sae_lens_version (top level or metadata) >= 6."""
-    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    metadata = raw.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
     version = raw.get("sae_lens_version") or metadata.get("sae_lens_version")
     match = re.match(r"\d+", str(version or ""))
-    return bool(match) and int(match.group()) >= 6
+    return match is not None and int(match.group()) >= 6
 
 
 def _saelens_cfg(raw: dict[str, Any], cfg_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -156,13 +158,18 @@ def _saelens_fields(name: str, cfg: dict[str, Any], metadata: dict[str, Any], cf
     arch = _SAELENS_ARCHITECTURES[name]
     details = metadata.get("training_architecture_details")
     details = details if isinstance(details, dict) else {}
-    trained_as = _canonical(str(metadata.get("training_architecture")))
-    if arch == "jumprelu" and trained_as in ("mutual_choice", "feature_choice") and _integral(details.get("k")):
+    trained_as = str(metadata.get("training_architecture"))
+    trained_as = canonical_name(trained_as) if trained_as in ARCHITECTURES else trained_as
+    if arch == "jumprelu" and trained_as in _SAELENS_JUMPRELU_TRAINED and _integral(details.get("k")):
         arch = trained_as
-    config_fields = get_sparsifier(arch).config_fields
+    rule = get_sparsifier(arch)
+    config_fields = (*(("k",) if rule.uses_k else ()), *rule.Config().to_flat())
     fields = {key: details[key] for key in config_fields if key in details}
     if "threshold_ema" in config_fields and "topk_threshold_lr" in details:
         fields.setdefault("threshold_ema", details["topk_threshold_lr"])  # SAELens batchtopk's name for the EMA rate
+    widths = details.get("matryoshka_widths")  # SAELens's absolute prefix widths (the last one may be d_sae)
+    if "matryoshka_prefix_fractions" in config_fields and isinstance(widths, list) and all(_integral(w) for w in widths):
+        fields.setdefault("matryoshka_prefix_fractions", tuple(w / cfg["d_sae"] for w in widths if w < cfg["d_sae"]))
     if name in ("topk", "abstopk", "batchtopk"):
         fields["k"] = cfg.get("k", 100)  # SAELens's default k
     if arch == "mpsae":
@@ -203,6 +210,9 @@ def read_saelens(path: Path, raw: dict[str, Any], device: str | None = None, dty
         metadata["reshape_activations"] = "hook_z"
 
     tensors = {key: value.double() for key, value in read_tensors(weights_file).items()}  # fold in float64, cast once
+    for (saelens_arch, ours), theirs in _SAELENS_TENSORS.items():
+        if saelens_arch == name and theirs in tensors and ours not in tensors:
+            tensors[ours] = tensors.pop(theirs)
     _check_shapes(tensors, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
                             "threshold": (d_sae,), "log_threshold": (d_sae,), "scaling_factor": (d_sae,),
                             "topk_threshold": ()}, weights_file)
@@ -236,27 +246,28 @@ def read_saelens(path: Path, raw: dict[str, Any], device: str | None = None, dty
 def write_saelens(sae: SAE, path: Path) -> Path:
     """Write `sae` as a SAELens >= 6 directory that `sae_lens.SAE.load_from_disk` loads with identical codes.
 
-    relu -> standard, topk/abstopk -> topk/abstopk (rescale_acts_by_decoder_norm false), jumprelu, mutual_choice and
-    feature_choice -> jumprelu with their inference thresholds (the same function), mpsae -> matching_pursuit
-    (needs mp_stop_residual = 0 and mp_signed false). gsae has no SAELens equivalent. Our architecture and its
-    training settings go to metadata.training_architecture(_details), as SAELens does for its own SAEs.
+    The rule's `saelens_name` says what it loads as (None: refused, e.g. gsae, whose encode needs dLoss/dx):
+    relu -> standard, topk/abstopk -> topk/abstopk (rescale_acts_by_decoder_norm false), jumprelu, mutual_choice,
+    feature_choice and matryoshka_batchtopk -> jumprelu with their inference thresholds (the same function), gated ->
+    gated (b_enc saved as b_gate), mpsae -> matching_pursuit (needs mp_stop_residual = 0 and mp_signed false). Our
+    architecture and its settings go to metadata.training_architecture(_details), as SAELens does for its own SAEs.
     """
     cfg = sae.cfg
-    arch = _canonical(cfg.architecture)
+    arch = canonical_name(cfg.architecture)
+    saelens_arch = cfg.rule.saelens_name
+    if saelens_arch is None:
+        raise SAEFormatError(f"SAELens has no architecture that encodes like {arch!r}, so an export would not load there; "
+                             "save it as sae_kit (the default format)")
     extra: dict[str, Any] = {}
-    if arch == "gsae":
-        raise SAEFormatError("gsae chooses its support with dLoss/dx, which SAELens's encode cannot take; save it as sae_kit, "
-                             "or copy its weights into an architecture='topk' SAE (what gsae does without grad=)")
-    if arch in ("topk", "abstopk"):
+    if saelens_arch in ("topk", "abstopk"):
         extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    elif arch == "mpsae":
-        if cfg.mp_stop_residual or cfg.mp_signed:
+    elif saelens_arch == "matching_pursuit":
+        mp: Any = cfg.rule_config
+        if mp.stop_residual or mp.signed:
             raise SAEFormatError("SAELens matching_pursuit has no relative residual stop and no signed pursuit; "
                                  "set mp_stop_residual=0 and mp_signed=False to save it as saelens")
-        extra = {"residual_threshold": 0.0, "max_iterations": cfg.mp_max_steps or cfg.k,
-                 "stop_on_duplicate_support": cfg.mp_stop_on_same_support}
-    saelens_arch = {"relu": "standard", "mutual_choice": "jumprelu", "feature_choice": "jumprelu",
-                    "mpsae": "matching_pursuit"}.get(arch, arch)
+        extra = {"residual_threshold": 0.0, "max_iterations": mp.max_steps or cfg.k,
+                 "stop_on_duplicate_support": mp.stop_on_same_support}
     trained_as = _SAELENS_NAMES.get(arch, arch)
     metadata = {key: value for key, value in cfg.metadata.items() if key != "sae_kit_version"}
     details = metadata.get("training_architecture_details") if metadata.get("training_architecture") == trained_as else None
@@ -264,14 +275,15 @@ def write_saelens(sae: SAE, path: Path) -> Path:
     metadata = {**dict.fromkeys(("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", "dataset_path")),
                 **metadata, "sae_lens_version": metadata.get("sae_lens_version") if _saelens_v6(metadata) else SAELENS_CFG_VERSION,
                 "training_architecture": trained_as,
-                "training_architecture_details": {**details, **{name: getattr(cfg, name) for name in cfg.rule.config_fields}},
+                "training_architecture_details": {**details, **({"k": cfg.k} if cfg.rule.uses_k else {}), **cfg.settings.to_flat()},
                 "sae_kit_export_version": package_version()}
     out = {"architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": dtype_name(sae.W_dec.dtype),
            "device": str(sae.W_dec.device), "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
            "normalize_activations": cfg.normalize_activations,
            "reshape_activations": metadata.get("reshape_activations", "none"), **extra, "metadata": metadata}
+    weights = {_SAELENS_TENSORS.get((saelens_arch, name), name): t for name, t in sae.weights().items()}
     with atomic_dir(path) as tmp:
-        save_tensors(tmp / WEIGHTS_FILE, sae.weights(), metadata={"format": "pt"})
+        save_tensors(tmp / WEIGHTS_FILE, weights, metadata={"format": "pt"})
         write_json(tmp / CFG_FILE, out)
         if sae.sparsity is not None:
             save_tensors(tmp / SPARSITY_FILE, {"sparsity": sae.sparsity}, metadata={"format": "pt"})
@@ -333,7 +345,7 @@ def write_sparsify(sae: SAE, path: Path) -> Path:
     kept (sparsify's cfg.json has no place for it).
     """
     cfg = sae.cfg
-    if _canonical(cfg.architecture) != "topk":
+    if canonical_name(cfg.architecture) != "topk":
         raise SAEFormatError(f"sparsify stores per-token TopK SAEs only; save the {cfg.architecture} SAE as sae_kit or saelens")
     if cfg.normalize_activations != "none":
         raise SAEFormatError(f"sparsify has no input normalisation and this SAE expects {cfg.normalize_activations!r} inputs; "

@@ -1,28 +1,26 @@
-"""The `SAE` module (one class for every architecture), its `SAEConfig`, and the SAE directory format.
+"""The `SAE` module (one class for every architecture), its `SAEConfig`, and the file-level helpers of SAE directories.
 
-An SAE directory holds `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
-b_dec [d_in], plus `threshold` [d_sae] for thresholded rules; MP-SAE has no W_enc/b_enc), `cfg.json` (SAELens-style
-keys and a `metadata` dict) and, when densities are known, `sparsity.safetensors` (`sparsity`: log10 feature density).
-`load_sae` also reads SAELens and sparsify directories, and `SAE.save(..., format=)` writes them (sae_kit.formats).
+Saving and loading whole directories (sae-kit's own and the peer formats) live in `sae_kit.sae_io`, above this module
+and `sae_kit.formats`; `SAE.save` is a shortcut to `sae_kit.sae_io.save_sae`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sae_kit.atomic import atomic_dir, save_tensors, write_json
 from sae_kit.errors import SaeKitError
 from sae_kit.kernels import sparse_decode
-from sae_kit.sparsifiers import ARCHITECTURES, Codes, Sparsifier, get_sparsifier
+from sae_kit.sparsifiers import ARCHITECTURES, DEFAULT_ARCHITECTURE, Codes, Sparsifier, get_sparsifier
+from sae_kit.sparsifiers.base import RuleConfig
 
 if TYPE_CHECKING:
     from sae_kit.saebench import SAEBenchAdapter
@@ -59,15 +57,16 @@ def package_version() -> str:
 class SAEConfig:
     """Everything needed to rebuild an SAE; saved as cfg.json (common keys, the rule's fields, `metadata`)."""
 
-    architecture: str = "topk"
-    """Sparsity rule: topk, abstopk, gsae, mpsae, mutual_choice (alias batchtopk), feature_choice, relu, jumprelu."""
+    architecture: str = DEFAULT_ARCHITECTURE
+    """The architecture: a name or alias in sae_kit.sparsifiers.REGISTRY (topk, abstopk, gsae, mpsae, mutual_choice,
+    feature_choice, relu, jumprelu, gated, matryoshka_batchtopk, ...)."""
     d_in: int
     """Width of the activations the SAE reads (the hook's d_model)."""
     d_sae: int
     """Number of latents (dictionary atoms)."""
     k: int = 32
-    """Active latents per token: exact for topk/abstopk/gsae, the batch average for mutual_choice/feature_choice,
-    the number of pursuit steps for mpsae. Unused by relu/jumprelu."""
+    """Active latents per token, for rules with `uses_k`: exact for topk/abstopk/gsae, the batch average for
+    mutual_choice/feature_choice, the number of pursuit steps for mpsae."""
     dtype: str = "float32"
     """Parameter dtype (float32, float64, bfloat16, float16); train in float32."""
     device: str = "cpu"
@@ -77,43 +76,30 @@ class SAEConfig:
     normalize_activations: str = "none"
     """Input normalisation the SAE expects: "none" (raw activations), or "expected_average_only_in" (inputs scaled
     so that E||x|| = sqrt(d_in)). `SAE.fold_activation_scale` folds the scale in and sets "none"."""
-    gsae_beta: float = 1.0
-    """g-SAE: weight β of the gradient term in the selection score z + β·z·|W_dec·g| (0 = plain TopK)."""
-    gsae_grad_norm: str = "rms"
-    """g-SAE: how g is normalised per token before scoring: "rms" (unit RMS) or "none"."""
-    mp_max_steps: int | None = None
-    """MP-SAE: pursuit steps at inference (None = k); training always runs k steps."""
-    mp_stop_residual: float = 0.0
-    """MP-SAE inference: stop a token once ||r||/||x − b_dec|| falls below this (0 = off)."""
-    mp_stop_on_same_support: bool = True
-    """MP-SAE inference: stop a token when a step adds no new atom."""
-    mp_signed: bool = False
-    """MP-SAE: select by |r·W_decᵀ| with signed coefficients instead of the authors' ReLU rule."""
-    threshold_ema: float = 0.01
-    """mutual_choice/feature_choice: EMA rate of the learned inference threshold (a running mean for the first
-    1/threshold_ema training batches)."""
-    fc_zipf_exponent: float = 0.0
-    """feature_choice: 0 gives every latent the capacity k·B/F; s > 0 gives the latent of affinity rank ρ a capacity ∝ ρ^(−s)."""
-    jumprelu_init_threshold: float = 0.001
-    """jumprelu: initial threshold θ of every latent."""
-    jumprelu_bandwidth: float = 0.001
-    """jumprelu: STE rectangle-kernel bandwidth ε (also pass it to the L0 loss)."""
+    rule_config: RuleConfig | None = None
+    """The architecture's own settings (an instance of its rule's `Config`; None: that rule's defaults). cfg.json
+    writes its fields flat beside the common keys (gsae_beta, mp_max_steps, threshold_ema, jumprelu_bandwidth, ...)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free provenance filled by the trainer: model_name, hook_name, context_size, prepend_bos, dataset_path,
     exclude_special_tokens, and any other JSON-serialisable facts. Saving adds sae_kit_version (the version that
     wrote the SAE first; a loaded SAE keeps it)."""
 
     def __post_init__(self) -> None:
-        def fail(msg: str) -> None:
+        def fail(msg: str) -> NoReturn:
             raise SaeKitError(f"SAEConfig: {msg}")
 
-        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
-            fail(f"unknown architecture {self.architecture!r}; use one of: {', '.join(ARCHITECTURES)}")
+        if not isinstance(self.architecture, str):
+            fail(f"architecture={self.architecture!r}; use one of: {', '.join(ARCHITECTURES)}")
+        try:
+            get_sparsifier(self.architecture)
+        except SaeKitError as err:
+            fail(str(err))
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(f"{name}={value!r}; use a positive integer")
-        if "k" in self.rule.config_fields:
+        rule = self.rule
+        if rule.uses_k:
             if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
                 fail(f"k={self.k!r}; use an integer k >= 1")
             if self.k > self.d_sae:
@@ -127,23 +113,16 @@ class SAEConfig:
             fail(f"device={self.device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:0'")
         if self.normalize_activations not in NORMALIZE_ACTIVATIONS:
             fail(f"normalize_activations={self.normalize_activations!r}; use one of: {', '.join(NORMALIZE_ACTIVATIONS)}")
-        if not self.apply_b_dec_to_input and not self.rule.uses_encoder:
+        if not self.apply_b_dec_to_input and not rule.uses_encoder:
             fail(f"{self.architecture} pursues the residual x − b_dec; set apply_b_dec_to_input=True")
-        if not (isinstance(self.gsae_beta, (int, float)) and math.isfinite(self.gsae_beta) and self.gsae_beta >= 0):
-            fail(f"gsae_beta={self.gsae_beta!r}; use a finite value >= 0")
-        if self.gsae_grad_norm not in ("rms", "none"):
-            fail(f"gsae_grad_norm={self.gsae_grad_norm!r}; use 'rms' or 'none'")
-        if self.mp_max_steps is not None and (not isinstance(self.mp_max_steps, int) or self.mp_max_steps < 1):
-            fail(f"mp_max_steps={self.mp_max_steps!r}; use None (= k) or an integer >= 1")
-        if not 0 <= self.mp_stop_residual < 1:
-            fail(f"mp_stop_residual={self.mp_stop_residual!r}; use a relative residual norm in [0, 1)")
-        if not 0 < self.threshold_ema <= 1:
-            fail(f"threshold_ema={self.threshold_ema!r}; use a rate in (0, 1]")
-        if not self.fc_zipf_exponent >= 0:
-            fail(f"fc_zipf_exponent={self.fc_zipf_exponent!r}; use 0 (uniform capacities) or a positive exponent")
-        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth"):
-            if not getattr(self, name) > 0:
-                fail(f"{name}={getattr(self, name)!r}; use a value > 0")
+        if self.rule_config is None:
+            self.rule_config = rule.Config()
+        elif type(self.rule_config) is not rule.Config:
+            fail(f"rule_config is a {type(self.rule_config).__name__}, but architecture {self.architecture!r} takes a {rule.Config.__name__}")
+        try:
+            self.rule_config.check()
+        except SaeKitError as err:
+            fail(str(err))
         if not isinstance(self.metadata, dict):
             fail(f"metadata={self.metadata!r}; use a dict")
         try:
@@ -157,25 +136,40 @@ class SAEConfig:
         return get_sparsifier(self.architecture)
 
     @property
+    def settings(self) -> RuleConfig:
+        """`rule_config`, never None once the config is built."""
+        assert self.rule_config is not None
+        return self.rule_config
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         """`dtype` as a torch.dtype."""
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
-        """cfg.json content: the common keys, the fields the rule reads, and `metadata` with every standard key."""
-        values = asdict(self)
-        out = {key: values[key] for key in (*_COMMON_KEYS, *self.rule.config_fields)}
+        """cfg.json content: the common keys, k (for rules that use it), the rule's settings flat, and `metadata`
+        with every standard key."""
+        out = {key: getattr(self, key) for key in _COMMON_KEYS}
+        if self.rule.uses_k:
+            out["k"] = self.k
+        out |= self.settings.to_flat()
         out["metadata"] = {**dict.fromkeys(METADATA_KEYS), "sae_kit_version": package_version(), **self.metadata}
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        """Rebuild from cfg.json content; keys sae-kit does not know are ignored."""
+        """Rebuild from flat cfg.json content (that of every sae-kit version); keys sae-kit does not know are ignored."""
         missing = [key for key in ("architecture", "d_in", "d_sae") if key not in data]
         if missing:
             raise ValueError(f"SAEConfig: cfg lacks {', '.join(missing)}; an SAE config needs architecture, d_in and d_sae")
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        if not isinstance(data["architecture"], str):
+            raise SaeKitError(f"SAEConfig: architecture={data['architecture']!r}; use one of: {', '.join(ARCHITECTURES)}")
+        try:
+            rule_config = get_sparsifier(data["architecture"]).Config.from_flat(data)
+        except SaeKitError as err:
+            raise SaeKitError(f"SAEConfig: {err}") from None
+        known = {f.name for f in fields(cls)} - {"rule_config"}
+        return cls(**{key: value for key, value in data.items() if key in known}, rule_config=rule_config)
 
 
 @dataclass(eq=False)
@@ -205,14 +199,14 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         rule = cfg.rule
-        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in, **kw)
+        dtype, device = cfg.torch_dtype, cfg.device
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, dtype=dtype, device=device)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         if rule.uses_encoder:
             self.W_enc = nn.Parameter(W_dec.t().clone())
-            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(W_dec)
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self.sparsifier = rule(cfg)
         self.sparsity: Tensor | None = None
         """log10 feature density [d_sae], written to sparsity.safetensors when set (or passed to `save`)."""
@@ -246,7 +240,7 @@ class SAE(nn.Module):
         """x̂ [N, d_in] from `forward_codes` output: a sparse gather for (values, indices), a matmul for dense codes."""
         if codes.dense is not None:
             return codes.dense @ self.W_dec + self.b_dec
-        return sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_dec
+        return sparse_decode(*codes.sparse(), self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, grad: Tensor | None = None, **options: Any) -> SAEOutput:
         """Encode and decode: x̂ shaped like x, plus the codes the losses need."""
@@ -260,15 +254,6 @@ class SAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction [..., d_in] from dense codes [..., d_sae]."""
         return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-
-    @torch.no_grad()
-    def mp_curve(self, x: Tensor, max_steps: int | None = None) -> tuple[Tensor, Tensor]:
-        """MP-SAE only: (mean L0, FVU) after each of max_steps (default k) pursuit steps, from one pass over x."""
-        curve = getattr(self.sparsifier, "curve", None)
-        if curve is None:
-            raise ValueError(f"mp_curve needs architecture 'mpsae', not {self.cfg.architecture!r}")
-        x = self._flat(x)
-        return curve(self, x - self.b_dec, max_steps or self.cfg.k)
 
     # ------------------------------------------------------------------------------------------ trainer helpers
     @torch.no_grad()
@@ -321,41 +306,18 @@ class SAE(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- I/O
     def weights(self) -> dict[str, Tensor]:
-        """The tensors of sae_weights.safetensors, under SAELens names (detached)."""
-        out = {"W_dec": self.W_dec, "b_dec": self.b_dec}
+        """The tensors of sae_weights.safetensors, under SAELens names (detached): the shared ones and the rule's own."""
+        out: dict[str, Tensor] = {"W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.cfg.rule.uses_encoder:
             out |= {"W_enc": self.W_enc, "b_enc": self.b_enc}
-        if self.threshold is not None:
-            out["threshold"] = self.threshold
+        out |= self.sparsifier.state_tensors()
         return {name: t.detach() for name, t in out.items()}
 
     def save(self, path: str | Path, sparsity: Tensor | None = None, format: str = "sae_kit") -> Path:
-        """Write the SAE directory atomically (the whole directory is replaced, or left as it was on failure).
+        """Write the SAE directory atomically (see `sae_kit.sae_io.save_sae`)."""
+        from sae_kit.sae_io import save_sae
 
-        `sparsity` (log10 feature density [d_sae]) is kept as `self.sparsity`; sparsity.safetensors is written
-        whenever `self.sparsity` is set (sae_kit and saelens formats). `format`: "sae_kit" (this library's own,
-        lossless), "saelens" (a directory SAELens >= 6 loads with `SAE.load_from_disk`) or "sparsify" (TopK only);
-        `sae_kit.formats` says which architectures each peer can represent exactly.
-        """
-        from sae_kit.formats import WRITERS
-
-        if format != "sae_kit" and format not in WRITERS:
-            raise SAEFormatError(f"format={format!r}; use one of: sae_kit, {', '.join(WRITERS)}")
-        if sparsity is not None:
-            if tuple(sparsity.shape) != (self.cfg.d_sae,):
-                raise ValueError(f"sparsity has shape {tuple(sparsity.shape)}; pass log10 densities of shape ({self.cfg.d_sae},)")
-            self.sparsity = sparsity.detach().float().cpu()
-        if format != "sae_kit":
-            return WRITERS[format](self, Path(path))
-        dtype = dtype_name(self.W_dec.dtype)
-        cfg = replace(self.cfg, dtype=dtype, device=str(self.W_dec.device), metadata=dict(self.cfg.metadata))
-        path = Path(path)
-        with atomic_dir(path) as tmp:
-            save_tensors(tmp / WEIGHTS_FILE, self.weights(), metadata={"format": "pt"})
-            write_json(tmp / CFG_FILE, cfg.to_dict())
-            if self.sparsity is not None:
-                save_tensors(tmp / SPARSITY_FILE, {"sparsity": self.sparsity}, metadata={"format": "pt"})
-        return path
+        return save_sae(self, path, sparsity=sparsity, format=format)
 
     def to_saebench(self, **cfg: Any) -> SAEBenchAdapter:
         """This SAE behind SAEBench's custom-SAE protocol (sharing its parameters), in eval mode; `cfg` overrides
@@ -366,7 +328,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, Tensor], source: str = "weights") -> None:
-        """Copy SAELens-named tensors into the SAE, checking names and shapes (SAEFormatError on mismatch)."""
+        """Copy SAELens-named tensors into the SAE, checking names, shapes and finiteness (SAEFormatError on mismatch)."""
         expected = {name: tuple(t.shape) for name, t in self.weights().items()}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -376,12 +338,19 @@ class SAE(nn.Module):
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
                 raise SAEFormatError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, but cfg.json implies {shape}")
-        for name in expected:
-            value = tensors[name].to(device=self.W_dec.device, dtype=self.W_dec.dtype)
-            if name == "threshold":
-                self.sparsifier.set_threshold(value)
-            else:
+            bad = int((~torch.isfinite(tensors[name])).sum()) if tensors[name].is_floating_point() else 0
+            if bad:
+                raise SAEFormatError(f"{source}: {name} holds {bad} NaN/inf value(s), so every code and reconstruction would be "
+                                     "NaN; re-train the SAE or load an earlier checkpoint")
+        cast = {name: tensors[name].to(device=self.W_dec.device, dtype=self.W_dec.dtype) for name in expected}
+        own = set(self.sparsifier.state_tensors())
+        for name, value in cast.items():
+            if name not in own:
                 getattr(self, name).copy_(value)
+        try:
+            self.sparsifier.load_state_tensors({name: cast[name] for name in own})
+        except ValueError as err:
+            raise SAEFormatError(f"{source}: {err}") from None
 
 
 def read_tensors(file: Path) -> dict[str, Tensor]:
@@ -414,26 +383,3 @@ def load_sparsity(sae: SAE, path: Path) -> SAE:
             raise SAEFormatError(f"{sparsity_file} needs a 'sparsity' tensor of shape ({sae.cfg.d_sae},); re-save the SAE")
         sae.sparsity = sparsity
     return sae
-
-
-def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> SAE:
-    """Load an SAE directory in eval mode: sae-kit's own, SAELens's or sparsify's, detected from the files present.
-
-    Safetensors + JSON only, never pickles. `device`/`dtype` override cfg.json (peer formats load on the CPU unless
-    `device` is given, as their own loaders do). A missing file raises FileNotFoundError; a damaged, inconsistent or
-    unsupported one raises SAEFormatError naming the file. `sae_kit.formats` says what each peer format maps to.
-    """
-    from sae_kit.formats import READERS, detect_format
-
-    path = Path(path)
-    fmt, raw = detect_format(path)
-    if fmt in READERS:
-        return READERS[fmt](path, raw, device=device, dtype=dtype)
-    raw |= {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
-    try:
-        cfg = SAEConfig.from_dict(raw)
-    except (ValueError, TypeError) as err:
-        raise SAEFormatError(f"{path / CFG_FILE}: {err}") from None
-    sae = SAE(cfg)
-    sae.load_weights(read_tensors(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE))
-    return load_sparsity(sae, path).eval()

@@ -94,8 +94,8 @@ class SAEBenchAdapter(nn.Module):
             hook_layer=_required(hook_layer, "hook_layer", "the block index of hook_name"),
             context_size=context_size or meta.get("context_size"), hook_head_index=meta.get("hook_head_index"),
             architecture=architecture, apply_b_dec_to_input=cfg.apply_b_dec_to_input,
-            activation_fn_str="topk" if "k" in cfg.rule.config_fields else "relu",
-            activation_fn_kwargs={"k": cfg.k} if "k" in cfg.rule.config_fields else {},
+            activation_fn_str="topk" if cfg.rule.uses_k else "relu",
+            activation_fn_kwargs={"k": cfg.k} if cfg.rule.uses_k else {},
             prepend_bos=meta.get("prepend_bos", True) is not False, normalize_activations=cfg.normalize_activations,
             dataset_path=meta.get("dataset_path") or "", sae_lens_version=meta.get("sae_lens_version"))
         self.dtype: torch.dtype

@@ -189,7 +189,7 @@ def test_saelens_batchtopk_saved_as_jumprelu_comes_back_as_mutual_choice(tmp_pat
             "training_architecture_details": {"k": 3.0, "topk_threshold_lr": 0.02, "aux_loss_coefficient": 1.0}}
     cfg = {**v6_cfg("jumprelu"), "metadata": meta}
     sae = load_sae(write_dir(tmp_path / "btk", cfg, t))
-    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.threshold_ema) == ("mutual_choice", 3, 0.02)
+    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.rule_config.threshold_ema) == ("mutual_choice", 3, 0.02)
     codes = saelens_encode(cfg, t, x)
     assert_same_sae(sae, x, codes, saelens_decode(cfg, t, codes))
     meta["training_architecture_details"]["k"] = 2.5  # SAELens allows a float k; Mutual Choice needs an integer
@@ -258,7 +258,7 @@ def test_old_checkpoints_log_threshold(tmp_path, x):
 
 
 @pytest.mark.parametrize("cfg, edit, match", [
-    (v6_cfg("gated"), None, "SAELens architecture 'gated' is unsupported: sae-kit has no gated SAEs"),
+    (v6_cfg("temporal"), None, "SAELens architecture 'temporal' is unsupported: sae-kit has no temporal SAEs"),
     (v6_cfg("transcoder"), None, "sae-kit has no transcoders"),
     (v6_cfg("jumprelu_skip_transcoder"), None, "transcoders"),
     (v6_cfg("bilinear"), None, "unknown SAELens architecture 'bilinear'; sae-kit reads standard, topk"),
@@ -359,13 +359,13 @@ def test_format_detection(tmp_path):
 # ---------------------------------------------------------------------------------------------------- exports
 def trained(architecture: str, **kw) -> SAE:
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K,
-                        metadata={"model_name": "tiny", "hook_name": "blocks.6.hook_resid_post", "context_size": 64}, **kw))
+    sae = SAE(SAEConfig.from_dict({"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE, "k": K, **kw,
+                                   "metadata": {"model_name": "tiny", "hook_name": "blocks.6.hook_resid_post", "context_size": 64}}))
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.3 * torch.randn_like(p))
-        if architecture == "jumprelu":
-            sae.sparsifier.set_threshold(0.2 + 0.3 * torch.rand(D_SAE))
+        if "threshold" in sae.sparsifier.state_tensors():
+            sae.sparsifier.threshold.copy_(0.2 + 0.3 * torch.rand(D_SAE))
     sae.train()(2 * torch.randn(64, D_IN))
     return sae.eval()
 
@@ -416,7 +416,7 @@ def test_saelens_export_keeps_dtype_and_b_dec_convention(tmp_path, x):
 
 @pytest.mark.filterwarnings("ignore:gsae")
 @pytest.mark.parametrize("architecture, kw, match", [
-    ("gsae", {}, "gsae chooses its support with dLoss/dx"),
+    ("gsae", {}, "SAELens has no architecture that encodes like 'gsae'"),
     ("mpsae", {"mp_stop_residual": 0.1}, "set mp_stop_residual=0 and mp_signed=False"),
     ("mpsae", {"mp_signed": True}, "no signed pursuit"),
 ])

@@ -8,16 +8,22 @@ import pytest
 import torch
 
 from sae_kit.sae import SAE, SAEConfig
-from sae_kit.sparsifiers import ARCHITECTURES, REGISTRY, get_sparsifier
+from sae_kit.sparsifiers import ARCHITECTURES, REGISTRY, StepContext, get_sparsifier
 from sae_kit.training import losses
 
 D_IN, D_SAE, K = 16, 64, 4
 
 
 def make(architecture: str, seed: int = 0, **kw) -> SAE:
+    """An SAE from cfg.json-style flat settings (rule settings under their cfg.json keys, e.g. gsae_beta)."""
     torch.manual_seed(seed)
-    return SAE(SAEConfig(architecture=architecture, d_in=kw.pop("d_in", D_IN), d_sae=kw.pop("d_sae", D_SAE),
-                         k=kw.pop("k", K), **kw))
+    return SAE(SAEConfig.from_dict({"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE, "k": K, **kw}))
+
+
+def rule_loss(sae: SAE, x: torch.Tensor, out, step: int = 0, total: int = 10) -> torch.Tensor:
+    """The rule's training loss on a batch (reconstruction + its own penalties), as the trainer adds it up."""
+    ctx = StepContext(x=x, out=out, data_var=1.0, step=step, total_steps=total)
+    return sae.sparsifier.reconstruction_loss(sae, ctx) + sum(sae.sparsifier.penalties(sae, ctx).values())
 
 
 def batch(n: int, seed: int = 1, d: int = D_IN) -> torch.Tensor:
@@ -28,7 +34,7 @@ def test_registry_and_aliases():
     assert get_sparsifier("batchtopk") is REGISTRY["mutual_choice"]
     assert {"topk", "abstopk", "gsae", "mpsae", "mutual_choice", "batchtopk", "feature_choice", "relu", "jumprelu"} <= set(ARCHITECTURES)
     with pytest.raises(ValueError, match="use one of: .*topk"):
-        get_sparsifier("gated")
+        get_sparsifier("no_such_rule")
 
 
 @pytest.mark.filterwarnings("ignore:gsae")
@@ -43,10 +49,11 @@ def test_shapes_parameters_and_leading_dims(architecture):
     else:
         assert sae.W_enc.shape == (D_IN, D_SAE) and sae.b_enc.shape == (D_SAE,)
         torch.testing.assert_close(sae.W_enc, sae.W_dec.t())  # tied init
-    has_threshold = get_sparsifier(architecture).__name__ in ("MutualChoice", "FeatureChoice", "JumpReLU")
-    assert (sae.threshold is not None) == has_threshold
-    if has_threshold:
-        assert sae.threshold.shape == (D_SAE,)
+    own = sae.sparsifier.state_tensors()
+    assert (sae.threshold is not None) == ("threshold" in own)
+    assert set(sae.weights()) == {"W_dec", "b_dec", *own, *(("W_enc", "b_enc") if sae.cfg.rule.uses_encoder else ())}
+    for t in own.values():
+        assert t.shape == (D_SAE,)
     x = batch(24).reshape(2, 3, 4, D_IN)
     for mode in (sae.train, sae.eval):
         mode()
@@ -62,11 +69,9 @@ def test_shapes_parameters_and_leading_dims(architecture):
 def test_backward_reaches_every_parameter(architecture):
     sae = make(architecture)
     x = batch(64)
+    sae.sparsifier.init_from_sample(sae, x)
     out = sae(x, grad=batch(64, seed=5))
-    loss = losses.mse(out.x_hat, x)
-    if architecture == "jumprelu":
-        loss = loss + losses.jumprelu_l0_loss(out.z, sae.threshold, 0.5, coefficient=1e-3)
-    loss.backward()
+    rule_loss(sae, x, out, step=9).backward()  # the rule's own loss terms (JumpReLU's L0 reaches θ)
     for name, p in sae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
@@ -146,7 +151,7 @@ def test_flat_topk_indices_is_exact(budget):
 
 @pytest.mark.parametrize("B", [64, 80])
 def test_feature_choice_gives_every_feature_exactly_m_tokens(B):
-    sae = make("feature_choice").train()
+    sae = make("feature_choice", fc_zipf_exponent=0.0).train()  # uniform capacities
     codes = sae.forward_codes(batch(B))
     m = round(K * B / D_SAE)
     assert (codes.feature_counts() == m).all()  # so no dead latent
@@ -160,8 +165,20 @@ def test_feature_choice_zipf_capacities():
     r = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()
     caps = sae.sparsifier.capacities(r)
     assert torch.equal(codes.feature_counts(), torch.minimum(caps, (r > 0).sum(0)))  # a kept zero is not a firing
-    assert caps.min() >= 1 and caps.max() > caps.min()
-    assert abs(int(caps.sum()) - K * 128) <= D_SAE  # rounding of each capacity
+    assert caps.min() >= 1 and caps.max() > caps.min() and caps.max() <= 128
+    assert int(caps.sum()) == K * 128  # the budget exactly, with the capped top ranks' excess water-filled down
+    assert torch.equal(caps[r.sum(0).argsort(descending=True)], caps.sort(descending=True).values)  # by affinity rank
+
+
+def test_zipf_capacities_water_fill_the_budget():
+    from sae_kit.sparsifiers.feature_choice import zipf_capacities
+
+    for s in (0.0, 0.5, 1.0, 2.0):
+        caps = zipf_capacities(2304, 4096, 32 * 4096, s)
+        assert int(caps.sum()) == 32 * 4096 and int(caps.max()) <= 4096 and int(caps.min()) >= 1
+        assert bool((caps.diff() <= 0).all())  # non-increasing with rank
+    assert zipf_capacities(64, 80, 4 * 80, 0.0).unique().tolist() == [5]
+    assert int(zipf_capacities(512, 128, 128, 0.0).sum()) == 512  # k·B < F: each latent still keeps one
 
 
 @pytest.mark.parametrize("architecture", ["mutual_choice", "batchtopk", "feature_choice"])
@@ -243,16 +260,31 @@ def test_mp_training_runs_k_steps_and_inference_stops_adaptively():
         sae.forward_codes(x, max_steps=0)
 
 
-def test_mp_curve_from_one_pass():
+def test_mp_curve_from_one_pass_in_chunks():
     sae = make("mpsae", k=6).eval()
     x = batch(64)
-    l0, fvu = sae.mp_curve(x, max_steps=10)
-    assert l0.shape == fvu.shape == (10,)
+    m = sae.sparsifier.eval_metrics(sae, x, curve_steps=10, curve_tokens=64, max_cells=D_SAE * 10)  # 7 chunks
+    l0, fvu = torch.tensor(m["mp_curve_l0"]), torch.tensor(m["mp_curve_fvu"], dtype=torch.float64)
+    assert l0.shape == fvu.shape == (10,) and m["mp_curve_tokens"] == 64
     assert (l0.diff() >= 0).all() and (fvu.diff() <= 1e-6).all() and l0[0] == 1
-    x_hat = sae(x, max_steps=10, stop_on_same_support=False).x_hat
-    torch.testing.assert_close(fvu[-1], (x - x_hat).square().sum() / (x - x.mean(0)).square().sum())
-    with pytest.raises(ValueError, match="mpsae"):
-        make("topk").mp_curve(x)
+    x_hat = sae(x, max_steps=10).x_hat
+    torch.testing.assert_close(fvu[-1], ((x - x_hat).double().square().sum() / (x - x.mean(0)).double().square().sum()),
+                               rtol=1e-5, atol=1e-7)
+    assert m["mp_fvu_at_k"] == m["mp_curve_fvu"][5]
+    assert make("topk").sparsifier.eval_metrics(make("topk"), x) == {}
+
+
+def test_mp_inference_equals_training_by_default():
+    """MP-SAE used to stop on a repeated atom at inference only, so eval scored another rule than training."""
+    sae = make("mpsae", k=8)
+    x = batch(64)
+    trained = sae.train()(x).x_hat
+    inferred = sae.eval()(x).x_hat
+    torch.testing.assert_close(inferred, trained)
+    assert sae.forward_codes(x).values.shape[1] == 8
+    legacy = make("mpsae", k=8, mp_stop_on_same_support=True).eval()  # the old default, still a choice
+    legacy.load_state_dict(sae.state_dict())
+    assert legacy.forward_codes(x, max_steps=40).values.shape[1] < 40
 
 
 def test_relu_and_jumprelu_codes():
@@ -261,27 +293,46 @@ def test_relu_and_jumprelu_codes():
     z = (x - relu.b_dec) @ relu.W_enc + relu.b_enc
     torch.testing.assert_close(relu.encode(x), z.relu())
     jr = make("jumprelu", jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.05)
+    jr.load_state_dict(relu.state_dict(), strict=False)
     torch.testing.assert_close(jr.threshold, torch.full((D_SAE,), 0.1))
     torch.testing.assert_close(jr.encode(x), z * (z > 0.1))
 
 
 def test_jumprelu_straight_through_gradients():
+    from sae_kit.sparsifiers.jumprelu import l0_penalty
+
     sae = make("jumprelu", jumprelu_init_threshold=0.2, jumprelu_bandwidth=0.1)
     x = batch(16)
     out = sae(x)
     out.codes.dense.sum().backward()
     z, theta, eps = out.z, sae.threshold.detach(), 0.1
     window = ((z - theta).abs() < eps / 2).float()
-    want = (-(theta / eps) * window).sum(0) * theta  # chain rule through θ = exp(log θ)
-    torch.testing.assert_close(sae.sparsifier.log_threshold.grad, want)
+    want = (-(theta / eps) * window).sum(0)  # θ is the parameter itself (not log θ)
+    torch.testing.assert_close(sae.threshold.grad, want)
 
     theta = torch.full((D_SAE,), 0.2, requires_grad=True)
-    l0 = losses.jumprelu_l0_loss(z, theta, eps)
+    l0 = l0_penalty(z, theta, eps)
     torch.testing.assert_close(l0, (z > 0.2).sum(-1).float().mean())
     l0.backward()
     torch.testing.assert_close(theta.grad, -(window.sum(0) / eps) / 16)
-    target = losses.jumprelu_l0_loss(z, theta.detach(), eps, coefficient=2.0, target_l0=10.0)
+    target = l0_penalty(z, theta.detach(), eps, coefficient=2.0, target_l0=10.0)
     torch.testing.assert_close(target, 2.0 * ((z > 0.2).sum(-1).float().mean() / 10 - 1) ** 2)
+
+
+def test_jumprelu_bandwidth_scales_with_the_input_norm_and_threshold_starts_at_the_target():
+    """Gemma Scope's ε = 0.001 assumed E||x||² = 1; our inputs have E||x|| = sqrt(d), so ε must grow with ||x||."""
+    sae = make("jumprelu", d_sae=256, jumprelu_target_l0=8.0)
+    x = batch(2048) * 5
+    sae.sparsifier.init_from_sample(sae, x)
+    norm = float(x.norm(dim=-1).mean())
+    assert sae.sparsifier.bandwidth == pytest.approx(0.001 * norm, rel=1e-5)
+    l0 = float((sae.encode(x) != 0).sum(-1).float().mean())
+    assert l0 == pytest.approx(8.0, rel=0.2)
+    sae.fold_activation_scale(5.0)  # ε and θ follow the input units
+    assert sae.sparsifier.bandwidth == pytest.approx(0.001 * norm / 5, rel=1e-5)
+    sae.sparsifier.threshold.data.fill_(-1.0)
+    sae.sparsifier.after_step(sae)
+    assert (sae.threshold > 0).all()
 
 
 # ------------------------------------------------------------------------------------------------------- losses
@@ -291,9 +342,16 @@ def test_reconstruction_losses():
     fvu = (x - x_hat).square().sum() / (x - x.mean(0)).square().sum()
     torch.testing.assert_close(losses.normalized_mse(x_hat, x), fvu)
     torch.testing.assert_close(losses.normalized_mse(x_hat, x, baseline=2.0), losses.mse(x_hat, x) / 2)
-    f = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
-    torch.testing.assert_close(losses.l1_loss(f, 0.5), torch.tensor(1.5))
-    torch.testing.assert_close(losses.l1_loss(f, 1.0, decoder_norms=torch.tensor([2.0, 1.0])), torch.tensor(3.5))
+
+
+def test_relu_l1_penalty_warms_up():
+    sae = make("relu", relu_l1_coef=0.5, relu_l1_warmup_fraction=0.5)
+    x = batch(20)
+    out = sae(x)
+    l1 = out.codes.to_dense().abs().sum(-1).mean()
+    for step, warm in ((0, 0.2), (2, 0.6), (4, 1.0), (9, 1.0)):  # 10 steps, warm-up over 5
+        ctx = StepContext(x=x, out=out, data_var=1.0, step=step, total_steps=10)
+        torch.testing.assert_close(sae.sparsifier.penalties(sae, ctx)["l1"], 0.5 * warm * l1)
 
 
 def _aux_reference(sae, x, dead, k_aux, signed):
@@ -437,3 +495,40 @@ def test_nonzeros_list_exactly_the_dense_code(architecture):
     assert bool((value != 0).all())
     keys = token * D_SAE + latent
     assert bool((keys[1:] > keys[:-1]).all())
+
+
+@pytest.mark.parametrize("architecture", ["mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("zipf", [0.0, 1.0])
+def test_calibrated_thresholds_give_the_training_budget_exactly(architecture, zipf):
+    """An EMA of per-batch minima lags and is biased (inference L0 24/32 on real data); the end-of-training
+    calibration makes the eval-mode L0 on the calibration batches equal the training budget k."""
+    if architecture == "mutual_choice" and zipf:
+        pytest.skip("capacities are Feature Choice's")
+    sae = make(architecture, d_sae=128, k=8, fc_zipf_exponent=zipf).train()
+    batches = [batch(256, seed=200 + i) for i in range(4)]
+    for x in batches:
+        sae.forward_codes(x)  # the EMA alone is off the budget
+    sae.eval()
+    sae.sparsifier.calibrate(sae, batches)
+    x = torch.cat(batches)
+    f = sae.encode(x)
+    counts = (f != 0).sum(0)
+    if architecture == "feature_choice":
+        r = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()
+        caps = sae.sparsifier.capacities(r.reshape(4, 256, -1).sum(0))  # capacities from the summed affinities
+        # every latent fires its capacity share of the 1024 tokens (or on all its positive entries, if fewer)
+        assert torch.equal(counts, torch.minimum(caps * 4, (r > 0).sum(0)))
+        assert zipf or float(counts.sum()) / 1024 == pytest.approx(8.0, abs=1e-9)
+    else:
+        assert float(counts.sum()) / 1024 == pytest.approx(8.0, abs=1e-9)
+        assert (sae.threshold == sae.threshold[0]).all()
+
+
+def test_feature_choice_warns_when_capacities_round_up():
+    """k·B/F < 0.5 used to round every capacity up to 1 silently (asked for L0 1, got 4)."""
+    sae = make("feature_choice", d_sae=512, k=1).train()
+    with pytest.warns(UserWarning, match=r"effective L0 is 4\.0, not k=1"):
+        sae.sparsifier.init_from_sample(sae, batch(128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.sparsifier.init_from_sample(sae, batch(1024))

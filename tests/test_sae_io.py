@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import sae_kit.sae as sae_module
-from sae_kit.sae import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError, load_sae
+import sae_kit.sae_io as sae_module
+from sae_kit.sae import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError
+from sae_kit.sae_io import load_sae
 from sae_kit.sparsifiers import ARCHITECTURES
 
 D_IN, D_SAE, K = 8, 32, 3
@@ -24,6 +25,8 @@ def trained_sae(architecture: str) -> SAE:
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
+        for t in sae.sparsifier.state_tensors().values():
+            t.abs_()  # thresholds stay positive
     sae.set_decoder_norm_to_unit_norm()
     sae.train()(torch.randn(64, D_IN))  # batch rules learn a threshold
     return sae.eval()
@@ -51,10 +54,8 @@ def test_round_trip_gives_identical_encode_and_decode(architecture, tmp_path):
     assert torch.equal(loaded.decode(f), sae.decode(f))
     assert torch.equal(loaded(x, grad=g).x_hat, sae(x, grad=g).x_hat)
     keys = set(load_file(str(tmp_path / "sae" / WEIGHTS_FILE)))
-    expected = {"W_dec", "b_dec"} | (set() if architecture == "mpsae" else {"W_enc", "b_enc"})
-    if architecture in ("mutual_choice", "batchtopk", "feature_choice", "jumprelu"):
-        expected.add("threshold")
-    assert keys == expected
+    expected = {"W_dec", "b_dec"} | ({"W_enc", "b_enc"} if sae.cfg.rule.uses_encoder else set())
+    assert keys == expected | set(sae.sparsifier.state_tensors())  # the rule's own tensors survive a save
 
 
 def test_cfg_json_has_the_required_keys(saved):
@@ -149,7 +150,7 @@ def _edit_weights(directory, fn):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda d: _edit_cfg(d, d_in=None), "lacks d_in"),
-    (lambda d: _edit_cfg(d, architecture="gated"), "unknown architecture 'gated'; use one of: abstopk"),
+    (lambda d: _edit_cfg(d, architecture="gatd"), "unknown architecture 'gatd'; use one of: abstopk"),
     (lambda d: _edit_cfg(d, d_in=9), "W_dec has shape (32, 8), but cfg.json implies (32, 9)"),
     (lambda d: _edit_cfg(d, architecture="jumprelu"), "lacks ['threshold']"),
     (lambda d: _edit_weights(d, lambda t: t.pop("b_enc")), "lacks ['b_enc']"),
@@ -168,7 +169,7 @@ def test_missing_directory():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(architecture="gated"), "unknown architecture 'gated'; use one of: abstopk, batchtopk, feature_choice"),
+    (dict(architecture="gatd"), "unknown architecture 'gatd'; use one of: abstopk, batchtopk, feature_choice"),
     (dict(k=33), "k=33 exceeds d_sae=32; use k <= d_sae"),
     (dict(k=0), "k=0; use an integer k >= 1"),
     (dict(k=2.5), "use an integer k >= 1"),
@@ -178,18 +179,18 @@ def test_missing_directory():
     (dict(device="gpu"), "device='gpu' is not a torch device"),
     (dict(normalize_activations="layer_norm"), "normalize_activations='layer_norm'; use one of: none"),
     (dict(architecture="mpsae", apply_b_dec_to_input=False), "set apply_b_dec_to_input=True"),
-    (dict(gsae_beta=-1.0), "gsae_beta=-1.0; use a finite value >= 0"),
-    (dict(gsae_grad_norm="l2"), "use 'rms' or 'none'"),
-    (dict(mp_max_steps=0), "mp_max_steps=0"),
-    (dict(mp_stop_residual=1.5), "mp_stop_residual=1.5"),
-    (dict(threshold_ema=0.0), "threshold_ema=0.0; use a rate in (0, 1]"),
-    (dict(fc_zipf_exponent=-1.0), "fc_zipf_exponent=-1.0"),
-    (dict(jumprelu_bandwidth=0.0), "jumprelu_bandwidth=0.0; use a value > 0"),
+    (dict(architecture="gsae", gsae_beta=-1.0), "gsae_beta=-1.0; use a finite value >= 0"),
+    (dict(architecture="gsae", gsae_grad_norm="l2"), "use 'rms' or 'none'"),
+    (dict(architecture="mpsae", mp_max_steps=0), "mp_max_steps=0"),
+    (dict(architecture="mpsae", mp_stop_residual=1.5), "mp_stop_residual=1.5"),
+    (dict(architecture="mutual_choice", threshold_ema=0.0), "threshold_ema=0.0; use a rate in (0, 1]"),
+    (dict(architecture="feature_choice", fc_zipf_exponent=-1.0), "fc_zipf_exponent=-1.0"),
+    (dict(architecture="jumprelu", jumprelu_bandwidth=0.0), "jumprelu_bandwidth=0.0; use a value > 0"),
     (dict(metadata={"path": object()}), "metadata must be JSON-serialisable"),
 ])
 def test_bad_configs_give_one_line_errors_naming_the_fix(kwargs, match):
-    with pytest.raises(ValueError) as err:
-        SAEConfig(**{"d_in": D_IN, "d_sae": D_SAE, **kwargs})
+    with pytest.raises(ValueError) as err:  # flat cfg.json keys, as a saved directory holds them
+        SAEConfig.from_dict({"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, **kwargs})
     assert match in _single_line(err)
 
 
@@ -198,6 +199,53 @@ def test_config_details():
     assert SAEConfig(d_in=4, d_sae=8, k=2, dtype="torch.float64").torch_dtype == torch.float64
     with pytest.raises(TypeError):
         SAEConfig(d_in=4)  # d_sae has no default
-    cfg = SAEConfig(architecture="batchtopk", d_in=4, d_sae=8, k=2, threshold_ema=0.5)
+    cfg = SAEConfig.from_dict({"architecture": "batchtopk", "d_in": 4, "d_sae": 8, "k": 2, "threshold_ema": 0.5})
     again = SAEConfig.from_dict({**cfg.to_dict(), "unknown_key": 1})
-    assert again.to_dict() == cfg.to_dict() and again.threshold_ema == 0.5
+    assert again.to_dict() == cfg.to_dict() and again.rule_config.threshold_ema == 0.5
+    from sae_kit.sparsifiers.gsae import GSAEConfig
+    with pytest.raises(ValueError, match="rule_config is a GSAEConfig, but architecture 'topk' takes a RuleConfig"):
+        SAEConfig(d_in=4, d_sae=8, k=2, rule_config=GSAEConfig())
+    assert "k" not in SAEConfig(architecture="relu", d_in=4, d_sae=8).to_dict()  # only what the rule reads
+
+
+@pytest.mark.filterwarnings("ignore:gsae")
+@pytest.mark.parametrize("architecture", ["topk", "abstopk", "gsae", "mpsae", "mutual_choice", "feature_choice", "relu", "jumprelu"])
+def test_directories_saved_before_rule_configs_still_load(architecture, tmp_path):
+    """tests/data/legacy_sae holds one SAE per architecture saved by the code before the plug-in redesign (flat
+    gsae_*/mp_*/fc_*/jumprelu_*/threshold_ema keys): each loads with its settings and gives the codes it gave then."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file as read
+
+    legacy = Path(__file__).parent / "data" / "legacy_sae" / architecture
+    sae = load_sae(legacy)
+    expected = read(str(legacy / "expected.safetensors"))
+    old_cfg = json.loads((legacy / CFG_FILE).read_text())
+    torch.testing.assert_close(sae.encode(expected["x"]), expected["f"])
+    torch.testing.assert_close(sae(expected["x"]).x_hat, expected["x_hat"])
+    new_cfg = sae.cfg.to_dict()
+    for key, value in old_cfg.items():
+        if key != "metadata":
+            assert new_cfg[key] == value, key  # every recorded setting is read back, under the same key
+    sae.save(tmp_path / "again")
+    torch.testing.assert_close(load_sae(tmp_path / "again").encode(expected["x"]), expected["f"])
+
+
+def test_non_finite_weights_are_refused_when_loaded(saved):
+    weights = load_file(str(saved / WEIGHTS_FILE))
+    weights["W_dec"][3, 1] = float("nan")
+    weights["b_enc"][0] = float("inf")
+    save_file(weights, str(saved / WEIGHTS_FILE))
+    with pytest.raises(SAEFormatError) as err:
+        load_sae(saved)
+    assert "NaN/inf" in _single_line(err) and "re-train the SAE" in str(err.value)
+
+
+def test_an_sae_saved_on_a_gpu_loads_on_this_machine(saved):
+    """cfg.json saying cuda:0 (a GPU-trained SAE) loads on a CPU-only machine; saving never pins a device index."""
+    cfg = json.loads((saved / CFG_FILE).read_text())
+    (saved / CFG_FILE).write_text(json.dumps({**cfg, "device": "cuda:0"}))
+    sae = load_sae(saved)
+    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert str(sae.W_dec.device) == (want if want == "cpu" else "cuda:0")
+    assert json.loads((sae.save(saved.parent / "re") / CFG_FILE).read_text())["device"] in ("cpu", "cuda")

@@ -16,7 +16,7 @@ from sae_kit.errors import SaeKitError
 from sae_kit.rows import ActivationRows
 from sae_kit.sparsifiers import REGISTRY
 from sae_kit.training import NonFiniteError, TrainConfig
-from sae_kit.training.run import TrainRunConfig, train
+from sae_kit.training.run import RuleSettings, TrainRunConfig, train
 
 pytestmark = pytest.mark.slow
 HOOK = "blocks.6.hook_resid_post"
@@ -37,8 +37,10 @@ def grad_cache(model, tmp_path_factory):
 
 
 def run(tmp_path, cache, arch: str, **kw) -> dict:
+    rules = RuleSettings()
+    rules.jumprelu.target_l0 = 16.0
     cfg = TrainRunConfig(out=tmp_path / arch, cache=cache, architecture=arch, k=16, expansion_factor=2, eval_tokens=2048, progress=False,
-                         train=TrainConfig(batch_size=512, tokens=512 * 100, lr=2e-3, warmup_steps=10, target_l0=16, **kw))
+                         rules=rules, train=TrainConfig(batch_size=512, tokens=512 * 100, lr=2e-3, warmup_steps=10, **kw))
     return train(cfg)
 
 
@@ -69,7 +71,7 @@ def test_gsae_uses_gradients_on_real_data(grad_cache):
     from sae_kit.sae import SAE, SAEConfig
 
     rows = ActivationCache(grad_cache).read("train", 0, 512, with_grads=True)
-    sae = SAE(SAEConfig(architecture="gsae", d_in=576, d_sae=1152, k=16, gsae_beta=5.0))
+    sae = SAE(SAEConfig.from_dict({"architecture": "gsae", "d_in": 576, "d_sae": 1152, "k": 16, "gsae_beta": 5.0}))
     with_g = sae.forward_codes(rows.acts[HOOK], grad=rows.grads[HOOK]).indices.sort(-1).values
     plain = SAE(SAEConfig(architecture="topk", d_in=576, d_sae=1152, k=16))
     plain.load_state_dict(sae.state_dict(), strict=False)

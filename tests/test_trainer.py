@@ -105,3 +105,29 @@ def test_nan_batch_stops_cleanly():
 def test_bad_train_config(kw, match):
     with pytest.raises(SaeKitError, match=match):
         make(**kw)
+
+
+def test_aux_zipf_waits_one_window_and_reads_a_windowed_density():
+    """aux_zipf's density used to be cumulative from step 0, so at the start every latent looked dead (and a latent
+    that stopped firing stayed 'alive' for ever). It now reads an EMA over the dead window, after a grace period."""
+    x = data()
+    t = make("topk", aux="zipf", dead_tokens=256 * 4)
+    for i in range(4):
+        assert t.step(x[i * 256 : (i + 1) * 256])["aux"] == 0  # the first window: no aux yet
+    assert t.step(x[1024:1280])["aux"] > 0
+    # the windowed density forgets: a latent that fired only long ago reads as (nearly) unused
+    t.density_ema.zero_()
+    t.density_ema[7] = 1.0
+    for _ in range(20):
+        t.step_count += 1
+        t.density_ema.mul_(1 - 256 / 1024)
+    assert float(t.recent_density()[7]) < 0.01
+    assert float(t.density()[7]) > 0  # the cumulative density (for sparsity.safetensors) keeps the history
+    with pytest.raises(SaeKitError, match="has no encoder"):
+        make("mpsae", aux="zipf")
+
+
+def test_rule_penalties_are_logged_by_name():
+    t, x = make("relu"), data()
+    m = t.step(x[:256])
+    assert m["l1"] > 0 and m["loss"] == pytest.approx(m["mse_norm"] + m["l1"], rel=1e-5)

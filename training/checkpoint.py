@@ -60,8 +60,8 @@ def _sha256(path: Path) -> str:
 
 def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The torch (CPU and CUDA), numpy and Python RNG states."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    tensors = {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(keys.astype(np.int64))}
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]  # the legacy tuple
+    tensors = {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np.asarray(keys).astype(np.int64))}
     if torch.cuda.is_available():
         tensors |= {f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     return {"python": random.getstate(), "numpy": [name, int(pos), int(has_gauss), float(gauss)]}, tensors

@@ -1,4 +1,7 @@
-"""Training losses: reconstruction, AuxK / aux_zipf (dead and dying latents), L1 and the JumpReLU L0 penalty.
+"""Training losses shared by every architecture: reconstruction and AuxK / aux_zipf (dead and dying latents).
+
+A rule's own penalties (ReLU's L1, JumpReLU's L0, Gated's auxiliary reconstruction, Matryoshka's nested losses) live
+in its file under sae_kit/sparsifiers/.
 
 Dead-latent tracking belongs to the trainer: the aux losses take a dead mask or a density vector. They read what
 they need from the `Codes` of `SAE.forward_codes` (pre-activations, a differentiable `preact`, and `signed` for
@@ -12,7 +15,6 @@ from torch import Tensor
 
 from sae_kit.kernels import sparse_decode
 from sae_kit.sparsifiers import Codes
-from sae_kit.sparsifiers.jumprelu import heaviside_step
 
 AUXK_COEF = 1 / 32
 """α of Gao et al.: total loss = reconstruction + α·AuxK."""
@@ -88,21 +90,3 @@ def aux_zipf_loss(codes: Codes, residual: Tensor, W_dec: Tensor, density: Tensor
     Zipf line predicts, each scaled by its underuse weight; equals `auxk_loss` when every underused latent is dead."""
     weights = zipf_underuse_weights(density)
     return auxk_loss(codes, residual, W_dec, weights > 0, k_aux, coef, weights)
-
-
-def l1_loss(f: Tensor, coefficient: float, decoder_norms: Tensor | None = None) -> Tensor:
-    """coefficient·Σ_i |f_i|·||d_i|| averaged over tokens (norms default 1); the caller supplies the warm-up
-    coefficient (e.g. linear from 0 over the first steps)."""
-    weighted = f.abs() if decoder_norms is None else f.abs() * decoder_norms
-    return coefficient * weighted.sum(-1).mean()
-
-
-def jumprelu_l0_loss(z: Tensor, threshold: Tensor, bandwidth: float, coefficient: float = 1.0,
-                     target_l0: float | None = None) -> Tensor:
-    """JumpReLU sparsity penalty from the pre-activations z [N, d_sae] and the thresholds θ [d_sae].
-
-    L0 = mean_t Σ_i H(z_ti − θ_i), differentiable in θ only, through the rectangle-kernel STE with bandwidth ε
-    (∂H/∂θ = −K((z − θ)/ε)/ε). Returns coefficient·L0, or coefficient·(L0/target_l0 − 1)² when `target_l0` is set.
-    """
-    l0 = heaviside_step(z.detach(), threshold, bandwidth).sum(-1).mean()
-    return coefficient * (l0 if target_l0 is None else (l0 / target_l0 - 1).square())

@@ -17,20 +17,22 @@ import logging
 import os
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+import tyro
 from tqdm.auto import tqdm
 
+from sae_kit import rundir
 from sae_kit.activations import HarvestConfig
 from sae_kit.atomic import write_json
 from sae_kit.config_files import to_jsonable
 from sae_kit.errors import SaeKitError
 from sae_kit.sae import SAE, SAEConfig
-from sae_kit.sparsifiers import get_sparsifier
+from sae_kit.sparsifiers import DEFAULT_ARCHITECTURE, canonical_name, get_sparsifier, rule_config_of, rule_settings_class
+from sae_kit.sparsifiers.base import RuleConfigError
 from sae_kit.training.checkpoint import checkpoint_dir, latest_checkpoint, save_checkpoint, set_rng_state
 from sae_kit.training.metrics_log import MetricsLog
 from sae_kit.training.prefetch import Prefetcher
@@ -45,6 +47,10 @@ _NOT_SETTINGS = ("out", "resume", "progress", "wandb", "wandb_project", "prefetc
 """Fields that may differ between a run and its resumption (they do not change what is computed)."""
 
 
+RuleSettings = rule_settings_class()
+"""One section per registered rule with settings (`--jumprelu.bandwidth`, `--mpsae.signed`, ...)."""
+
+
 @dataclass
 class TrainRunConfig:
     """Train SAEs on a model's activations, streamed from the model or read from an ActivationCache.
@@ -57,10 +63,11 @@ class TrainRunConfig:
     """Run directory (None: runs/<architecture>-k<k>-<date-time>)."""
     cache: Path | None = None
     """Train from this ActivationCache (see `sae-kit cache`) instead of running the model."""
-    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    harvest: Annotated[HarvestConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=HarvestConfig)
     """Model, hook, corpus and tokenisation when streaming from the model (the first --hook is trained)."""
-    architecture: tuple[str, ...] = ("topk",)
-    """topk, abstopk, gsae, mpsae, mutual_choice (batchtopk), feature_choice, relu or jumprelu; several make a sweep."""
+    architecture: tuple[str, ...] = (DEFAULT_ARCHITECTURE,)
+    """Architectures (names in sae_kit.sparsifiers.REGISTRY: topk, abstopk, gsae, mpsae, mutual_choice (batchtopk),
+    feature_choice, relu, jumprelu, gated, matryoshka_batchtopk, ...); several make a sweep."""
     k: tuple[int, ...] = (32,)
     """Active latents per token (batch average for mutual/feature choice, pursuit steps for mpsae); several make a sweep."""
     expansion_factor: tuple[int, ...] = (8,)
@@ -73,10 +80,10 @@ class TrainRunConfig:
     """Seed of the data order (shared by all members, so they see the same batches)."""
     d_in: int | None = None
     """Expected activation width; a data source of another width is an error (None: take it from the data)."""
-    gsae_beta: float = 1.0
-    """g-SAE: weight of the gradient term in the selection score (0 gives plain TopK)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=TrainConfig)
     """Optimiser, schedule, losses (shared by every member)."""
+    rules: Annotated[RuleSettings, tyro.conf.arg(name="")] = field(default_factory=RuleSettings)  # type: ignore[valid-type]
+    """Each architecture's own settings, one section per rule (flags --<rule>.<setting>; YAML rules: {<rule>: {...}})."""
     eval_tokens: int = 16384
     """Held-out tokens (from held-out documents) for the final FVU, L0 and dead % of every member."""
     buffer_tokens: int = 65536
@@ -111,11 +118,24 @@ class TrainRunConfig:
     def check(self) -> None:
         """One-line errors for settings that cannot work, before any work starts."""
         self.train.check()
+        self.harvest.check()
+        if self.cache is not None:
+            fixed = [f.name for f in dataclasses.fields(HarvestConfig) if f.name not in ("hook", "device")
+                     and getattr(self.harvest, f.name) != getattr(HarvestConfig(), f.name)]
+            if fixed:
+                flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+                raise SaeKitError(f"{flags}: the cache {self.cache} fixes the harvest settings it was built with; drop them, "
+                                  "or build a new cache with `sae-kit cache`")
         for name in ("eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "buffer_tokens"):
             if getattr(self, name) < 1:
                 raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for arch in self.architecture:
             get_sparsifier(arch)
+            try:
+                rule_config_of(self.rules, arch).check()
+            except RuleConfigError as err:
+                flag = f"--{canonical_name(arch).replace('_', '-')}.{err.field.replace('_', '-')}"
+                raise SaeKitError(f"{flag}: {err}") from None
 
     def settings(self) -> dict[str, Any]:
         """The settings that determine what the run computes, JSON-friendly (config.json)."""
@@ -146,18 +166,18 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
     if cfg.d_in is not None and cfg.d_in != source.d_in:
         raise SaeKitError(f"--d-in {cfg.d_in} does not match the data's width {source.d_in} ({source.describe()}); drop --d-in or pick the matching hook/cache")
     team = members_of(cfg, source.d_in)
-    run_dir = Path(cfg.out or f"runs/{cfg.architecture[0]}-k{cfg.k[0]}{'-sweep' if len(team) > 1 else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.out or rundir.default_run_dir(cfg.architecture[0], cfg.k[0], sweep=len(team) > 1))
     ckpt = None
     if cfg.resume is None:
-        if (run_dir / "config.json").exists() or (run_dir / "sae").exists():
+        if rundir.holds_run(run_dir):
             raise SaeKitError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass a new --out")
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg.settings())
+        write_json(run_dir / rundir.CONFIG, cfg.settings())
     else:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             log.warning("%s has no usable checkpoint: starting it from the beginning", run_dir)
-    dirs = {m.name: run_dir if len(team) == 1 else run_dir / m.name for m in team}
+    dirs = rundir.member_dirs(run_dir, [m.name for m in team])
     trainers = {m.name: _trainer(cfg, m, source) for m in team}
     failed: dict[str, str] = {}
     position = None
@@ -170,7 +190,7 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
         set_rng_state(*ckpt.rng)
         position = ckpt.data
     step = ckpt.step if ckpt else 0
-    metrics_log = MetricsLog(run_dir, {name: d / "metrics.jsonl" for name, d in dirs.items()}, step if cfg.resume else None,
+    metrics_log = MetricsLog(run_dir, {name: d / rundir.METRICS for name, d in dirs.items()}, step if cfg.resume else None,
                              cfg.wandb_project if cfg.wandb else None, cfg.settings())
     try:
         step = _steps(cfg, source, trainers, failed, dirs, metrics_log, run_dir, step, position)
@@ -179,22 +199,23 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
         heldout = source.heldout()
         rows = []
         for m in team:
-            row = {"name": m.name, "architecture": m.architecture, "k": m.k, "d_sae": m.d_sae, "seed": m.seed, "sae_dir": str(dirs[m.name] / "sae")}
+            row: dict[str, Any] = {"name": m.name, "architecture": m.architecture, "k": m.k, "d_sae": m.d_sae, "seed": m.seed, "sae_dir": str(rundir.sae_dir(dirs[m.name]))}
             if m.name in failed:
                 rows.append(row | {"failed": failed[m.name]})
                 continue
             final = trainers[m.name].export()
-            row["heldout"] = heldout_metrics(final, heldout.acts[source.hook], heldout.grads[source.hook] if final.sparsifier.uses_grad else None)
-            row["training"] = _training_summary(dirs[m.name] / "metrics.jsonl")
+            grads = heldout.grads[source.hook] if final.sparsifier.uses_grad and heldout.grads is not None else None
+            row["heldout"] = heldout_metrics(final, heldout.acts[source.hook], grads)
+            row["training"] = _training_summary(dirs[m.name] / rundir.METRICS)
             final.cfg.metadata["heldout"] = row["heldout"]
             final.cfg.metadata["training_l0"] = row["training"].get("l0")  # eval reports it next to the inference L0
-            final.save(dirs[m.name] / "sae")
+            final.save(rundir.sae_dir(dirs[m.name]))
             rows.append(row)
         summary = {"steps": step, "tokens": step * cfg.train.batch_size, "members": rows, "table": table(rows)}
         metrics_log.summary({f"{r['name']}/heldout_{k}": v for r in rows for k, v in r.get("heldout", {}).items()})
     finally:
         metrics_log.close()
-    write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / rundir.SUMMARY, summary)
     shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # the run is complete: its SAEs are saved
     return summary
 
@@ -223,7 +244,7 @@ def _steps(cfg: TrainRunConfig, source, trainers: dict[str, Trainer], failed: di
                 try:
                     m = trainer.step(x, g if trainer.sae.sparsifier.uses_grad else None)
                 except NonFiniteError as err:
-                    failed[name] = _keep_last_good(trainer, dirs[name] / "sae", err)
+                    failed[name] = _keep_last_good(trainer, rundir.sae_dir(dirs[name]), err)
                     continue
                 if step % cfg.log_every == 0 or step == total:
                     m["tok_per_s"] = bar.format_dict["rate"] or 0.0
@@ -234,6 +255,7 @@ def _steps(cfg: TrainRunConfig, source, trainers: dict[str, Trainer], failed: di
             if step < total and step * b // cfg.checkpoint_every > (step - 1) * b // cfg.checkpoint_every:
                 states = {name: ({}, {"failed": failed[name]}) if name in failed else t.state() for name, t in trainers.items()}
                 save_checkpoint(run_dir, step, step * b, position, states, cfg.keep_checkpoints)
+        _calibrate({name: t for name, t in trainers.items() if name not in failed}, stream, source.hook)
     finally:
         stop.set()
         if isinstance(batches, Prefetcher):
@@ -242,11 +264,22 @@ def _steps(cfg: TrainRunConfig, source, trainers: dict[str, Trainer], failed: di
     return step
 
 
+def _calibrate(trainers: dict[str, Trainer], stream, hook: str) -> None:
+    """End of training: the batches that follow the last step (the same ones after a resume) go to every rule that
+    calibrates inference state on training data (MC/FC thresholds)."""
+    wanted = {name: t.rule.calibration_batches() for name, t in trainers.items()}
+    batches = [next(stream)[0].acts[hook] for _ in range(max(wanted.values(), default=0))]
+    for name, n in wanted.items():
+        if n:
+            trainers[name].calibrate(batches[:n])
+
+
 def _trainer(cfg: TrainRunConfig, member: Member, source) -> Trainer:
     """A fresh trainer for `member`: the SAE initialised from the member's seed alone."""
     torch.manual_seed(member.seed)
-    sae_cfg = SAEConfig(architecture=member.architecture, d_in=source.d_in, d_sae=member.d_sae, k=member.k, gsae_beta=cfg.gsae_beta,
-                        device=source.device, metadata=source.metadata() | {"seed": member.seed, "data_seed": cfg.data_seed})
+    sae_cfg = SAEConfig(architecture=member.architecture, d_in=source.d_in, d_sae=member.d_sae, k=member.k,
+                        rule_config=rule_config_of(cfg.rules, member.architecture), device=source.device,
+                        metadata=source.metadata() | {"seed": member.seed, "data_seed": cfg.data_seed})
     return Trainer(SAE(sae_cfg), cfg.train)
 
 
@@ -270,6 +303,7 @@ def _resumed(cfg: TrainRunConfig) -> TrainRunConfig:
     """The saved settings of the run in cfg.resume, with this invocation's non-computing options."""
     from sae_kit.config_files import ConfigFileError, load_config
 
+    assert cfg.resume is not None
     run_dir = Path(cfg.resume)
     if not (run_dir / "config.json").is_file():
         raise SaeKitError(f"--resume {run_dir}: no config.json there; pass the directory of a run started by `sae-kit train`")
@@ -282,21 +316,14 @@ def _resumed(cfg: TrainRunConfig) -> TrainRunConfig:
     return dataclasses.replace(saved, out=run_dir, resume=run_dir, **{k: getattr(cfg, k) for k in _NOT_SETTINGS if k not in ("out", "resume")})
 
 
-@torch.no_grad()
-def heldout_metrics(sae: SAE, x: torch.Tensor, grad: torch.Tensor | None = None, batch: int = 4096) -> dict:
-    """FVU, MSE, mean L0 and the fraction of latents that never fire, over held-out rows, in eval mode."""
-    sae.eval()
-    err = 0.0
-    l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
-    x = x.to(sae.W_dec.device, torch.float32)
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        gb = None if grad is None else grad[i : i + batch].to(xb.device, torch.float32)
-        out = sae(xb, grad=gb)
-        err += float((out.x_hat - xb).square().sum())
-        l0 += float(out.codes.l0().sum())
-        fired |= out.codes.feature_counts() > 0
-    total = float((x - x.mean(0)).square().sum())
-    return {"tokens": len(x), "fvu": err / total, "mse": err / len(x), "l0": l0 / len(x), "dead_frac": float((~fired).float().mean())}
+def heldout_metrics(sae: SAE, x: torch.Tensor, grad: torch.Tensor | None = None) -> dict:
+    """FVU (the held-out definition eval reports too, sae_kit.heldout.fvu), MSE, mean L0 and the fraction of latents
+    that never fire, over held-out rows, in eval mode."""
+    from sae_kit.heldout import encode, fvu
+
+    x = x.float().cpu()
+    enc = encode(sae, x, None if grad is None else grad.float())
+    err = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(x.split(16384), enc.x_hat.split(16384)))
+    return {"tokens": len(x), "fvu": fvu(x, enc.x_hat), "mse": err / len(x), "l0": float(enc.l0.double().mean()),
+            "dead_frac": float((enc.counts == 0).double().mean())}
 

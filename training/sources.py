@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from sae_kit.activations import HarvestConfig, harvester_for, stream
+from sae_kit.activations import HarvestConfig, check_splits, harvester_for, stream
 from sae_kit.buffer import BufferPosition, ShuffleBuffer
 from sae_kit.errors import SaeKitError
 from sae_kit.rows import ActivationRows
@@ -96,6 +96,7 @@ class ModelSource:
         self.model = model or load_model(harvest.model, device=harvest.device)
         self.hook = validate_hooks(self.model, list(harvest.hook))[0]
         self.harvest = dataclasses.replace(harvest, hook=(self.hook,))
+        check_splits(self.model, self.harvest)  # an empty split fails now, not after the whole run
         probe, _ = harvester_for(self.model, self.harvest).run(torch.full((1, 2), self.model.tokenizer.bos_token_id or 0))
         self.d_in = probe[self.hook].shape[-1]
         self.device = str(next(self.model.parameters()).device)

@@ -29,9 +29,12 @@ def expand(architectures: tuple[str, ...], ks: tuple[int, ...], d_saes: tuple[in
             raise SaeKitError(f"{name} needs at least one value")
         if len(set(values)) != len(values):
             raise SaeKitError(f"{name} lists a value twice: {' '.join(map(str, values))}")
+    if any(d < 1 for d in d_saes):
+        raise SaeKitError(f"--d-sae/--expansion-factor must be positive (d_sae {' '.join(map(str, d_saes))}); "
+                          "pass --expansion-factor 8 or --d-sae 4608")
     members: dict[str, Member] = {}
     for arch, k, d_sae, seed in itertools.product(architectures, ks, d_saes, seeds):
-        uses_k = "k" in get_sparsifier(arch).config_fields
+        uses_k = get_sparsifier(arch).uses_k
         if uses_k and not 1 <= k <= d_sae:
             raise SaeKitError(f"--k {k} must be between 1 and d_sae ({d_sae}); lower --k or widen the SAE")
         name = f"{arch}{f'-k{k}' if uses_k else ''}-{d_sae}-s{seed}"

@@ -1,22 +1,23 @@
 """`Trainer`: one SAE's optimiser, schedule, losses, decoder constraint and dead-latent statistics, step by step.
 
-A step: scale the batch (optional input normalisation), encode and decode, add the reconstruction loss (MSE over the
-data variance), the aux loss on dead or underused latents and the rule's sparsity penalty, backpropagate, remove the
-gradient component parallel to each atom, clip, take an Adam step on fp32 master weights, then renormalise the atoms.
+A step: scale the batch (optional input normalisation), encode and decode, add the rule's reconstruction loss (MSE
+over the data variance), the aux loss on dead or underused latents and the rule's own penalties, backpropagate, remove
+the gradient component parallel to each atom, clip, take an Adam step on fp32 master weights, renormalise the atoms,
+and let the rule tidy its state. Everything architecture-specific is a hook on the rule (sae_kit.sparsifiers.base).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from sae_kit.errors import SaeKitError
 from sae_kit.sae import SAE
-from sae_kit.sparsifiers import ALIASES
+from sae_kit.sparsifiers import StepContext
 from sae_kit.training import losses
 
 
@@ -51,23 +52,16 @@ class TrainConfig:
     normalize_activations: bool = True
     """Train on x·s with s = sqrt(d_in)/E||x|| (from the first batch); s is folded into the saved weights."""
     aux: Literal["auto", "auxk", "zipf", "none"] = "auto"
-    """Aux loss for dead/underused latents: auto = auxk for topk/abstopk/gsae/mutual_choice/feature_choice, none otherwise."""
+    """Aux loss for dead/underused latents: auto = the rule's default (auxk for the encoder top-k and batch rules,
+    none for relu, jumprelu and mpsae); zipf = aux_zipf_loss on a windowed density."""
     aux_coef: float = 1 / 32
     """Coefficient α of the aux loss."""
     k_aux: int | None = None
     """Latents the aux loss may use per token (None: d_in / 2)."""
     dead_tokens: int | None = None
-    """A latent is dead after this many tokens without firing (None: min(10M, tokens / 10))."""
-    l1_coef: float = 3e-3
-    """relu: L1 coefficient (on the normalised loss), reached after `l1_warmup_fraction` of the run (3e-3 gives an
-    L0 near 30 on SmolLM2's residual stream)."""
-    l1_warmup_fraction: float = 0.05
-    """relu: fraction of the run over which the L1 coefficient ramps up from zero."""
-    l0_coef: float = 1.0
-    """jumprelu: coefficient of the L0 penalty."""
-    target_l0: float | None = 32.0
-    """jumprelu: penalise (L0/target − 1)² instead of L0 (None: plain L0); the thresholds also start at the
-    pre-activation quantile that gives this L0 on the first batch."""
+    """A latent is dead after this many tokens without firing (None: min(10M, tokens / 10)); also the window of the
+    density that aux_zipf reads and its grace period."""
+
     def check(self) -> None:
         """One-line errors for settings that cannot work, before any work starts."""
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -78,30 +72,39 @@ class TrainConfig:
             raise SaeKitError("decay_fraction must be in [0, 1], warmup_steps and grad_clip non-negative")
 
 
-AUX_RULES = ("topk", "abstopk", "gsae", "mutual_choice", "feature_choice")
-
-
 class Trainer:
     """Trains one SAE with `step(x)`; holds everything a resumed run needs besides the data position."""
 
     def __init__(self, sae: SAE, cfg: TrainConfig) -> None:
         cfg.check()
         self.sae, self.cfg = sae, cfg
-        self.arch = ALIASES.get(sae.cfg.architecture, sae.cfg.architecture)
+        self.rule = sae.sparsifier
         self.total_steps = cfg.tokens // cfg.batch_size
         self.lr = cfg.lr or 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
-        self.aux = cfg.aux if cfg.aux != "auto" else ("auxk" if self.arch in AUX_RULES else "none")
+        self.aux = cfg.aux if cfg.aux != "auto" else self.rule.default_aux
+        if self.aux != "none" and not sae.cfg.rule.uses_encoder:
+            raise SaeKitError(f"--aux {self.aux} ranks latents by encoder pre-activations, and {sae.cfg.architecture} has no encoder; use --aux none")
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.tokens // 10, cfg.batch_size))
-        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        self.opt = torch.optim.Adam(self._param_groups(), lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         device = sae.W_dec.device
         self.step_count = 0
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
         self.fired_count = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
+        self.density_ema = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
+        """Firing frequency over about the last `dead_tokens` tokens (an EMA, bias-corrected in `recent_density`)."""
         self.scale = 1.0
         self.data_var = 1.0
         self.initialised = False
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One Adam group for the shared weights, one per rule parameter with its own LR multiplier (rule.lr_scales)."""
+        scales = self.rule.lr_scales()
+        own = {id(p): name for name, p in self.rule.named_parameters() if name in scales}
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.sae.parameters() if id(p) not in own]}]
+        groups += [{"params": [p], "lr": self.lr * scales[own[id(p)]]} for p in self.rule.parameters() if id(p) in own]
+        return groups
 
     def lr_factor(self, step: int) -> float:
         """LR multiplier at `step`: linear warm-up, flat, then decay to zero over the last decay_fraction."""
@@ -124,18 +127,18 @@ class Trainer:
         self.data_var = float((x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12))
         if self.cfg.b_dec_init != "zeros":
             self.sae.init_b_dec(x, self.cfg.b_dec_init)
-        if self.arch == "jumprelu" and self.cfg.target_l0:
-            # θ is log-parametrised, so Adam moves it slowly: start it where the L0 is already about the target.
-            z = self.sae.forward_codes(x[:4096]).z
-            q = 1 - min(1.0, self.cfg.target_l0 / self.sae.cfg.d_sae)
-            theta = torch.quantile(z.flatten()[: 2**24], q).clamp_min(1e-6)
-            self.sae.sparsifier.set_threshold(theta.expand(self.sae.cfg.d_sae).clone())
+        self.rule.init_from_sample(self.sae, x)
         self.initialised = True
 
     @property
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for `dead_tokens` tokens."""
         return self.tokens_since_fired >= self.dead_tokens
+
+    def recent_density(self) -> Tensor:
+        """Per-latent firing frequency over about the last `dead_tokens` tokens (bias-corrected EMA)."""
+        decay = 1 - self.cfg.batch_size / self.dead_tokens
+        return (self.density_ema / (1 - decay**self.step_count)).float() if self.step_count else self.density_ema.float()
 
     def step(self, x: Tensor, grad: Tensor | None = None) -> dict[str, float]:
         """One optimiser step on x [B, d_in] (and dCE/dx for g-SAE); returns the step's metrics."""
@@ -150,22 +153,20 @@ class Trainer:
             grad = grad.to(x.device, torch.float32)
         out = sae(x, grad=grad)
         codes = out.codes
-        rec = losses.mse(out.x_hat, x) / self.data_var
+        ctx = StepContext(x=x, out=out, data_var=self.data_var, step=self.step_count, total_steps=self.total_steps)
+        rec = self.rule.reconstruction_loss(sae, ctx)
         loss = rec
         aux = torch.zeros((), device=x.device)
-        if self.aux != "none":
-            residual = x - out.x_hat
-            if self.aux == "zipf":
-                density = self.fired_count.float() / max(1, self.tokens_seen)
-                aux = losses.aux_zipf_loss(codes, residual, sae.W_dec, density, cfg.k_aux, cfg.aux_coef)
-            elif bool(self.dead_mask.any()):
-                aux = losses.auxk_loss(codes, residual, sae.W_dec, self.dead_mask, cfg.k_aux, cfg.aux_coef)
-            loss = loss + aux
-        if self.arch == "relu":
-            warm = min(1.0, (self.step_count + 1) / max(1, cfg.l1_warmup_fraction * self.total_steps))
-            loss = loss + losses.l1_loss(codes.to_dense(), cfg.l1_coef * warm)
-        elif self.arch == "jumprelu":
-            loss = loss + losses.jumprelu_l0_loss(codes.z, sae.threshold, sae.cfg.jumprelu_bandwidth, cfg.l0_coef, cfg.target_l0)
+        # aux_zipf waits one dead window, as AuxK does by construction (no latent is dead sooner): before it the
+        # windowed density is not measured yet, and a density from step 0 would call every latent dead.
+        if self.aux == "zipf" and self.tokens_seen >= self.dead_tokens:
+            aux = losses.aux_zipf_loss(codes, x - out.x_hat, sae.W_dec, self.recent_density(), cfg.k_aux, cfg.aux_coef)
+        elif self.aux == "auxk" and bool(self.dead_mask.any()):
+            aux = losses.auxk_loss(codes, x - out.x_hat, sae.W_dec, self.dead_mask, cfg.k_aux, cfg.aux_coef)
+        loss = loss + aux
+        penalties = self.rule.penalties(sae, ctx)
+        for term in penalties.values():
+            loss = loss + term
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss became {loss.item()} at step {self.step_count}; lower --lr or check the data")
         self.opt.zero_grad(set_to_none=True)
@@ -176,9 +177,12 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         sae.set_decoder_norm_to_unit_norm()
+        self.rule.after_step(sae)
         with torch.no_grad():
             counts = codes.feature_counts()
             self.fired_count += counts
+            decay = 1 - cfg.batch_size / self.dead_tokens
+            self.density_ema.mul_(decay).add_(counts.double() / x.shape[0], alpha=1 - decay)
             self.tokens_since_fired = torch.where(counts > 0, 0, self.tokens_since_fired + x.shape[0])
             self.tokens_seen += x.shape[0]
             self.step_count += 1
@@ -187,8 +191,9 @@ class Trainer:
             metrics = {
                 "step": self.step_count, "tokens": self.tokens_seen, "loss": float(loss), "mse_norm": float(rec),
                 "aux": float(aux), "fvu": fvu, "l0": float(codes.l0().float().mean()),
-                "dead_frac": float(self.dead_mask.float().mean()), "lr": self.sched.get_last_lr()[0],
+                "dead_frac": float(self.dead_mask.float().mean()), "lr": float(self.sched.get_last_lr()[0]),
             }
+            metrics |= {name: float(term) for name, term in penalties.items()}
             if codes.inference_l0 is not None:
                 metrics["inference_l0"] = float(codes.inference_l0)
         return metrics
@@ -198,7 +203,7 @@ class Trainer:
         tensors = {f"sae/{k}": v for k, v in self.sae.state_dict().items()}
         for name, p in self.sae.named_parameters():
             tensors |= {f"adam/{name}/{k}": v for k, v in self.opt.state.get(p, {}).items()}
-        tensors |= {"tokens_since_fired": self.tokens_since_fired, "fired_count": self.fired_count}
+        tensors |= {"tokens_since_fired": self.tokens_since_fired, "fired_count": self.fired_count, "density_ema": self.density_ema}
         meta = {"step_count": self.step_count, "tokens_seen": self.tokens_seen, "scale": self.scale, "data_var": self.data_var,
                 "initialised": self.initialised, "lr": [g["lr"] for g in self.opt.param_groups], "scheduler": self.sched.state_dict()}
         return tensors, meta
@@ -214,6 +219,7 @@ class Trainer:
                 self.opt.state[p] = {k: v.to(device) if k != "step" else v.clone() for k, v in moments.items()}
         self.tokens_since_fired = tensors["tokens_since_fired"].to(device)
         self.fired_count = tensors["fired_count"].to(device)
+        self.density_ema = tensors["density_ema"].to(device)
         self.step_count, self.tokens_seen = meta["step_count"], meta["tokens_seen"]
         self.scale, self.data_var, self.initialised = meta["scale"], meta["data_var"], meta["initialised"]
         for group, lr in zip(self.opt.param_groups, meta["lr"]):
@@ -223,6 +229,13 @@ class Trainer:
     def density(self) -> Tensor:
         """Training-time firing frequency of every latent [d_sae]."""
         return self.fired_count.float() / max(1, self.tokens_seen)
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[Tensor]) -> None:
+        """End of training: let the rule fit its inference state on raw training batches (scaled here as in training)."""
+        device = self.sae.W_dec.device
+        self.sae.eval()
+        self.rule.calibrate(self.sae, [b.to(device, torch.float32) * self.scale for b in batches])
 
     def export(self) -> SAE:
         """A copy of the SAE that takes raw activations: the input scale folded in, eval mode, densities attached."""

@@ -53,13 +53,13 @@ def export(out: Path) -> None:
     save_file({"x": x}, str(out / "inputs.safetensors"))
 
     def make(arch: str, **kw) -> SAE:
-        sae = SAE(SAEConfig(architecture=arch, d_in=D_IN, d_sae=D_SAE, k=K, metadata=dict(META), **kw))
+        sae = SAE(SAEConfig.from_dict({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "k": K, "metadata": dict(META), **kw}))
         with torch.no_grad():
             for p in sae.parameters():
                 p.add_(0.2 * torch.randn_like(p))
             sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)  # atoms of norm != 1: nothing may depend on unit norms
-            if arch == "jumprelu":
-                sae.sparsifier.set_threshold(0.3 * torch.rand(D_SAE) + 0.01)
+            if "threshold" in sae.sparsifier.state_tensors():
+                sae.sparsifier.threshold.copy_(0.3 * torch.rand(D_SAE) + 0.01)
         sae.train()(x)  # mutual/feature choice learn their thresholds
         return sae.eval()
 

@@ -15,7 +15,11 @@ if TYPE_CHECKING:
 class AbsTopK(TopK):
     """Hard thresholding H_k: one atom can encode both poles of an axis through the sign of its code."""
 
-    signed = True
+    saelens_name = "abstopk"
+
+    @property
+    def signed(self) -> bool:
+        return True
 
     def selection_score(self, sae: SAE, z: Tensor, grad: Tensor | None) -> Tensor:
         return z.abs()

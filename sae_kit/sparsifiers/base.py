@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
 
 import torch
 from torch import Tensor, nn
+
+from sae_kit.errors import SaeKitError
 
 if TYPE_CHECKING:
     from sae_kit.sae import SAE, SAEConfig
@@ -42,18 +44,25 @@ class Codes:
     """Batch-level rules in training mode only: mean per-token L0 that the learned thresholds (the eval-mode rule)
     give on this batch; report it next to the training L0."""
 
+    def sparse(self) -> tuple[Tensor, Tensor]:
+        """(values, indices) [N, k] of a sparse code (an error for a dense one)."""
+        if self.values is None or self.indices is None:
+            raise ValueError("this code is dense; use to_dense()")
+        return self.values, self.indices
+
     def to_dense(self) -> Tensor:
         """The dense [N, F] code (differentiable)."""
         if self.dense is not None:
             return self.dense
-        out = self.values.new_zeros(self.values.shape[0], self.d_sae)
-        return out.scatter_add(1, self.indices, self.values)
+        values, indices = self.sparse()
+        return values.new_zeros(values.shape[0], self.d_sae).scatter_add(1, indices, values)
 
     def nonzeros(self) -> tuple[Tensor, Tensor, Tensor]:
         """(token [n], latent [n], value [n]) of every nonzero code entry, sorted by token then latent, with repeated
         MP-SAE atoms summed (detached)."""
         if self.dense is None and self.unique_indices:
-            values, indices = self.values.detach(), self.indices
+            values, indices = self.sparse()
+            values = values.detach()
             order = indices.argsort(-1)
             values, indices = values.gather(1, order), indices.gather(1, order)
             token = torch.arange(len(values), device=values.device).unsqueeze(1).expand_as(values)
@@ -66,45 +75,167 @@ class Codes:
     def l0(self) -> Tensor:
         """Number of nonzero latents per token [N] (int64)."""
         if self.dense is None and self.unique_indices:
-            return (self.values != 0).sum(-1)
+            return (self.sparse()[0] != 0).sum(-1)
         return (self.to_dense() != 0).sum(-1)
 
     def feature_counts(self) -> Tensor:
         """How many tokens of the batch each latent fired on [F] (int64); the trainer's dead/density statistics."""
         if self.dense is None and self.unique_indices:
-            return torch.bincount(self.indices[self.values != 0], minlength=self.d_sae)
+            values, indices = self.sparse()
+            return torch.bincount(indices[values != 0], minlength=self.d_sae)
         return (self.to_dense() != 0).sum(0)
 
 
-class Sparsifier(nn.Module):
-    """One rule that maps a centred input to a sparse code. Subclasses set the class attributes and `forward`.
+@dataclass
+class RuleConfig:
+    """The settings of one rule (a subclass per rule, one docstring per field, validated in `check`).
 
-    A rule may own state as buffers or parameters. A thresholded rule exposes its per-latent inference thresholds
-    [d_sae] as a `threshold` attribute (buffer or property) and loads saved ones in `set_threshold`; the `SAE`
-    saves them under the SAELens key `threshold`.
+    cfg.json stays flat and SAELens-style: field `f` is written as `flat_prefix + f` beside the common keys
+    (`flat_names` overrides single names), so SAE directories written before rule configs existed still load.
     """
 
+    flat_prefix: ClassVar[str] = ""
+    """Prefix of this rule's keys in cfg.json (e.g. "mp_" for MP-SAE's `max_steps` -> `mp_max_steps`)."""
+    flat_names: ClassVar[dict[str, str]] = {}
+    """Field -> cfg.json key, where it is not `flat_prefix + field`."""
+
+    def check(self) -> None:
+        """Raise SaeKitError (one line naming the field and the fix) for settings that cannot work."""
+
+    @classmethod
+    def flat_key(cls, name: str) -> str:
+        """The cfg.json key of field `name`."""
+        return cls.flat_names.get(name, cls.flat_prefix + name)
+
+    def to_flat(self) -> dict[str, Any]:
+        """{cfg.json key: value} for every field."""
+        return {self.flat_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flat(cls, data: dict[str, Any]) -> RuleConfig:
+        """The config from flat cfg.json content (keys of other rules are ignored; missing ones keep defaults)."""
+        return cls(**{f.name: data[cls.flat_key(f.name)] for f in fields(cls) if cls.flat_key(f.name) in data})
+
+    def fail(self, name: str, value: Any, fix: str) -> NoReturn:
+        """Raise the one-line error for field `name`."""
+        raise RuleConfigError(f"{self.flat_key(name)}={value!r}; {fix}", name)
+
+
+class RuleConfigError(SaeKitError):
+    """A rule setting that cannot work; `field` names it (the CLI shows it as --<rule>.<field>)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class StepContext:
+    """What a rule's training hooks see of one optimiser step."""
+
+    x: Tensor
+    """[B, d_in] the (scaled) training batch."""
+    out: Any
+    """The SAE's `SAEOutput` on x (x_hat, codes)."""
+    data_var: float
+    """mean_t ||x_t − μ||² of the initialisation sample: the reconstruction losses' normaliser."""
+    step: int
+    """Optimiser steps taken before this one."""
+    total_steps: int
+    """Steps of the whole run."""
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run done after this step, in (0, 1]."""
+        return (self.step + 1) / max(1, self.total_steps)
+
+
+class Sparsifier(nn.Module):
+    """One architecture: the rule that maps a centred input to a sparse code, and everything else that is its own.
+
+    Subclasses set the class attributes (capabilities), `Config` (their settings) and `forward`, and override the
+    hooks they need. A rule may own tensors beyond W_enc/b_enc/W_dec/b_dec as parameters or buffers; those that
+    `state_tensors` returns are saved in sae_weights.safetensors under their names and loaded back by
+    `load_state_tensors`. The trainer, the SAE directory I/O, eval and the browser ask the rule; none of them
+    compares architecture names.
+    """
+
+    Config: ClassVar[type[RuleConfig]] = RuleConfig
+    """The rule's settings dataclass (SAEConfig.rule_config is an instance of it)."""
+    uses_k: ClassVar[bool] = True
+    """Whether SAEConfig.k means something to the rule (False: relu, jumprelu, gated); sweeps collapse the k axis."""
     uses_encoder: ClassVar[bool] = True
     """Whether the SAE needs W_enc and b_enc (False only for MP-SAE)."""
     uses_grad: ClassVar[bool] = False
     """Whether the rule reads dLoss/dx (g-SAE): trainers and evaluators then harvest gradients."""
-    config_fields: ClassVar[tuple[str, ...]] = ()
-    """SAEConfig fields this rule reads; cfg.json records exactly these besides the common ones."""
+    default_aux: ClassVar[str] = "auxk"
+    """The aux loss `--aux auto` picks for the rule: "auxk", "zipf" or "none"."""
+    saelens_name: str | None = None
+    """The SAELens architecture a saved SAE of this rule loads as (None: exporting to SAELens is refused)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
+    @property
+    def config(self) -> Any:
+        """This rule's settings (an instance of `Config`)."""
+        return self.cfg.rule_config
+
+    @property
+    def signed(self) -> bool:
+        """Whether codes keep their sign (AbsTopK; MP-SAE with signed pursuit): aux losses then rank by |z|."""
+        return False
+
     def forward(self, sae: SAE, xc: Tensor, grad: Tensor | None = None) -> Codes:
         """Code `xc` ([N, d_in], b_dec already subtracted when cfg.apply_b_dec_to_input); `grad` is read only by g-SAE."""
         raise NotImplementedError
 
-    def set_threshold(self, threshold: Tensor) -> None:
-        """Load a saved `threshold` [d_sae]."""
-        raise ValueError(f"architecture {self.cfg.architecture!r} has no threshold; the weights file should not carry one")
+    # -------------------------------------------------------------------------------------------- state and I/O
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The rule's own tensors saved in sae_weights.safetensors (SAELens names, e.g. `threshold`)."""
+        return {}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Load what `state_tensors` saved (same names and shapes, already checked by the SAE)."""
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        for name, value in tensors.items():
+            own[name].copy_(value)
 
     def fold_scale(self, scale: float) -> None:
-        """The SAE's inputs are divided by `scale` from now on: rescale any threshold (codes shrink by `scale`)."""
+        """The SAE's inputs are divided by `scale` from now on: rescale the rule's tensors in input units."""
+
+    # ------------------------------------------------------------------------------------------ training hooks
+    def init_from_sample(self, sae: SAE, x: Tensor) -> None:
+        """Initialise the rule's state from a (scaled) data sample x [N, d_in], after b_dec is set."""
+
+    def lr_scales(self) -> dict[str, float]:
+        """LR multipliers for the rule's own parameters, by name (others train at the shared LR)."""
+        return {}
+
+    def reconstruction_loss(self, sae: SAE, ctx: StepContext) -> Tensor:
+        """The reconstruction term: ||x − x̂||² over the data variance (Matryoshka sums it over nested prefixes)."""
+        return (ctx.out.x_hat - ctx.x).square().sum(-1).mean() / ctx.data_var
+
+    def penalties(self, sae: SAE, ctx: StepContext) -> dict[str, Tensor]:
+        """Named extra loss terms of the rule (sparsity penalty with its warm-up, auxiliary losses); logged by name."""
+        return {}
+
+    def after_step(self, sae: SAE) -> None:
+        """Called after every optimiser step (e.g. keep learned thresholds positive)."""
+
+    def calibration_batches(self) -> int:
+        """How many training batches `calibrate` wants at the end of training (0: none)."""
+        return 0
+
+    def calibrate(self, sae: SAE, batches: list[Tensor]) -> None:
+        """End of training: fit inference-time state (thresholds) on (scaled) training batches of the run's size."""
+
+    # ---------------------------------------------------------------------------------------------------- eval
+    def eval_metrics(self, sae: SAE, x: Tensor, grad: Tensor | None = None, **settings: Any) -> dict[str, Any]:
+        """Extra metrics of this architecture on held-out rows x (raw activations, eval mode); JSON-serialisable."""
+        return {}
 
 
 def dense_preacts(sae: SAE, xc: Tensor) -> Tensor:
@@ -112,6 +243,6 @@ def dense_preacts(sae: SAE, xc: Tensor) -> Tensor:
     return torch.addmm(sae.b_enc, xc, sae.W_enc)
 
 
-def dense_codes(cfg: SAEConfig, f: Tensor, z: Tensor, **extra) -> Codes:
+def dense_codes(cfg: SAEConfig, f: Tensor, z: Tensor, **extra: Any) -> Codes:
     """Codes for a dense rule: `f` the code, `z` the differentiable pre-activations."""
     return Codes(d_sae=cfg.d_sae, dense=f, z=z.detach(), preact=lambda idx: z.gather(1, idx), **extra)

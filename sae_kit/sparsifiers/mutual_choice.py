@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae_kit.sparsifiers.batch_choice import BatchChoice
+from sae_kit.sparsifiers.batch_choice import BatchChoice, midpoint_of_ranks
 
 _SAMPLE = 1 << 16
 
@@ -37,3 +37,17 @@ class MutualChoice(BatchChoice):
         kept = flat_topk_indices(flat.detach(), self.cfg.k * r.shape[0])
         values = flat[kept]
         return flat.new_zeros(flat.shape).scatter(0, kept, values).view_as(r), values.detach().min()
+
+    def calibrated_threshold(self, rs: list[Tensor]) -> Tensor:
+        """The global θ that exactly k·N of the N calibration tokens' entries exceed. Each batch contributes its
+        top c·k·B entries; the pooled choice is exact when θ is at or above every batch's smallest contribution
+        (else c doubles)."""
+        budget = self.cfg.k * sum(len(r) for r in rs)
+        c = 2
+        while True:
+            parts = [r.flatten()[flat_topk_indices(r.flatten(), min(r.numel(), c * self.cfg.k * len(r)))] for r in rs]
+            pooled = torch.cat(parts).sort(descending=True).values
+            theta = midpoint_of_ranks(pooled, min(budget, len(pooled) - 1))
+            if all(p.numel() == r.numel() or theta >= p.min() for p, r in zip(parts, rs)):
+                return theta.expand(self.cfg.d_sae).clone()
+            c *= 2

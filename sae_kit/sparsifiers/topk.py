@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,9 +22,7 @@ class TopK(Sparsifier):
     only the k active latents per token (sae_kit.kernels). Subclasses change `selection_score` / `activate`.
     """
 
-    config_fields = ("k",)
-    signed: ClassVar[bool] = False
-    """Values keep their sign (no ReLU); aux losses then rank dead latents by |z|."""
+    saelens_name: str | None = "topk"
 
     def selection_score(self, sae: SAE, z: Tensor, grad: Tensor | None) -> Tensor:
         """[N, F] score whose per-row top-k is the support (no autograd)."""
