@@ -9,8 +9,9 @@ weights: logit effects (`sae_kit.heldout.logit_lens`) and the nearest decoder ne
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +48,9 @@ class Pass:
     """Number of features."""
 
     @classmethod
-    def from_entries(cls, tokens: Tensor, valid: Tensor, feature: Tensor, position: Tensor, value: Tensor, n_read: int, d_sae: int) -> Pass:
+    def from_entries(
+        cls, tokens: Tensor, valid: Tensor, feature: Tensor, position: Tensor, value: Tensor, n_read: int, d_sae: int
+    ) -> Pass:
         order = (feature * tokens.numel() + position).argsort()
         return cls(tokens, valid, feature[order], position[order], value[order], n_read, d_sae)
 
@@ -84,8 +87,14 @@ def stats(p: Pass) -> Stats:
     lo = torch.full((n,), torch.inf).scatter_reduce(0, f, v, "amin")
     hi = torch.full((n,), -torch.inf).scatter_reduce(0, f, v, "amax")
     dead = count == 0
-    return Stats(count, zeros.scatter_reduce(0, f, v, "amax"), zeros.scatter_reduce(0, f, v, "amin"),
-                 zeros.index_add(0, f, v.abs()) / count.clamp(min=1), lo.masked_fill(dead, 0), hi.masked_fill(dead, 0))
+    return Stats(
+        count,
+        zeros.scatter_reduce(0, f, v, "amax"),
+        zeros.scatter_reduce(0, f, v, "amin"),
+        zeros.index_add(0, f, v.abs()) / count.clamp(min=1),
+        lo.masked_fill(dead, 0),
+        hi.masked_fill(dead, 0),
+    )
 
 
 def histograms(p: Pass, st: Stats, bins: int) -> Tensor:
@@ -133,8 +142,13 @@ def quantile_entries(p: Pass, bands: int, per_band: int, exclude: Tensor, seed: 
     band[o] = (_rank_in_run(p.feature[o]) * bands // count[p.feature[o]]).clamp(max=bands - 1)
     group = p.feature * bands + band
     empty = torch.full((p.d_sae * bands,), torch.nan)
-    ranges = torch.stack([empty.scatter_reduce(0, group, mag, "amin", include_self=False),
-                          empty.scatter_reduce(0, group, mag, "amax", include_self=False)], 1).view(p.d_sae, bands, 2)
+    ranges = torch.stack(
+        [
+            empty.scatter_reduce(0, group, mag, "amin", include_self=False),
+            empty.scatter_reduce(0, group, mag, "amax", include_self=False),
+        ],
+        1,
+    ).view(p.d_sae, bands, 2)
     allowed = torch.ones(len(mag), dtype=torch.bool)
     allowed[exclude] = False
     cand = allowed.nonzero().squeeze(1)
@@ -169,11 +183,17 @@ def contexts(p: Pass, idx: Tensor, band: Tensor | None, before: int, after: int,
     acts = torch.where(hit, p.value[loc], 0.0)
     n_tok = ok.sum(1)
     struct = pa.StructArray.from_arrays(
-        [pa.array(row.numpy().astype(np.int32)), pa.array(pos.numpy().astype(np.int32)), pa.array(p.value[idx].numpy()),
-         pa.array(ok[:, :before].sum(1).numpy().astype(np.int32)),
-         _lists(p.tokens[row.unsqueeze(1), q][ok].to(torch.int32), n_tok, pa.int32()), _lists(acts[ok].float(), n_tok, pa.float32()),
-         pa.array((band if band is not None else torch.full_like(idx, -1)).numpy().astype(np.int8))],
-        fields=list(CONTEXT))
+        [
+            pa.array(row.numpy().astype(np.int32)),
+            pa.array(pos.numpy().astype(np.int32)),
+            pa.array(p.value[idx].numpy()),
+            pa.array(ok[:, :before].sum(1).numpy().astype(np.int32)),
+            _lists(p.tokens[row.unsqueeze(1), q][ok].to(torch.int32), n_tok, pa.int32()),
+            _lists(acts[ok].float(), n_tok, pa.float32()),
+            pa.array((band if band is not None else torch.full_like(idx, -1)).numpy().astype(np.int8)),
+        ],
+        fields=list(CONTEXT),
+    )
     return pa.ListArray.from_arrays(_offsets(torch.bincount(p.feature[idx] - start, minlength=stop - start)), struct)
 
 
@@ -181,7 +201,9 @@ def _ranked(scores: Tensor, n: int, sign: int = 1) -> tuple[pa.ListArray, pa.Lis
     """Per row of `scores` [r, m]: the ids and scores of its `n` largest (sign 1) or smallest (sign -1) entries."""
     vals, ids = (sign * scores).topk(min(n, scores.shape[1]), dim=1)
     counts = torch.full((len(ids),), ids.shape[1])
-    return _lists(ids.flatten().to(torch.int32), counts, pa.int32()), _lists(sign * vals.flatten().float(), counts, pa.float32())
+    return _lists(ids.flatten().to(torch.int32), counts, pa.int32()), _lists(
+        sign * vals.flatten().float(), counts, pa.float32()
+    )
 
 
 def _blocks(start: int, stop: int, width: int):
@@ -223,8 +245,11 @@ class CoFiring:
         with warnings.catch_warnings():  # torch marks sparse CSR as beta; the product below is exact
             warnings.simplefilter("ignore")
             self.fired = torch.sparse_csr_tensor(
-                _crow(torch.bincount(p.position, minlength=p.tokens.numel())), p.feature[by_position],
-                torch.ones(len(by_position)), (p.tokens.numel(), p.d_sae))
+                _crow(torch.bincount(p.position, minlength=p.tokens.numel())),
+                p.feature[by_position],
+                torch.ones(len(by_position)),
+                (p.tokens.numel(), p.d_sae),
+            )
 
     def top(self, start: int, stop: int, n: int) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
         """Per feature in [start, stop): the `n` features with the highest Jaccard index of firing positions
@@ -235,7 +260,9 @@ class CoFiring:
             lo, hi = torch.searchsorted(p.feature, torch.tensor([a, b]))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                rows = torch.sparse_csr_tensor(_crow(self.count[a:b]), p.position[lo:hi], torch.ones(int(hi - lo)), (b - a, p.tokens.numel()))
+                rows = torch.sparse_csr_tensor(
+                    _crow(self.count[a:b]), p.position[lo:hi], torch.ones(int(hi - lo)), (b - a, p.tokens.numel())
+                )
                 both = torch.sparse.mm(rows, self.fired).to_dense()
             n_i = self.count[a:b].unsqueeze(1).float()
             both[torch.arange(b - a), torch.arange(a, b)] = 0
@@ -284,27 +311,48 @@ class Picks:
         return out
 
 
-def shard_table(p: Pass, st: Stats, hist: Tensor, picks: Picks, cofiring: CoFiring, W_dec: Tensor,
-                lens: Callable[[Tensor], Tensor], cfg: IndexConfig, start: int, stop: int) -> pa.Table:
+def shard_table(
+    p: Pass,
+    st: Stats,
+    hist: Tensor,
+    picks: Picks,
+    cofiring: CoFiring,
+    W_dec: Tensor,
+    lens: Callable[[Tensor], Tensor],
+    cfg: IndexConfig,
+    start: int,
+    stop: int,
+) -> pa.Table:
     """The SHARD_SCHEMA table of features [start, stop)."""
+
     def within(idx: Tensor, *also: Tensor) -> list[Tensor]:
         lo, hi = torch.searchsorted(p.feature[idx], torch.tensor([start, stop])).tolist()
         return [idx[lo:hi], *(a[lo:hi] for a in also)]
 
-    top, = within(picks.top)
-    negative, = within(picks.top_negative)
+    (top,) = within(picks.top)
+    (negative,) = within(picks.top_negative)
     quant, bands = within(picks.quantiles, picks.bands)
     ctx = lambda idx, band=None: contexts(p, idx, band, cfg.before, cfg.after, start, stop)  # noqa: E731
     r = stop - start
     columns = {
         "feature": pa.array(np.arange(start, stop, dtype=np.int32)),
         "hist_counts": _lists(hist[start:stop].flatten().to(torch.int32), torch.full((r,), hist.shape[1]), pa.int32()),
-        "hist_lo": pa.array(st.lo[start:stop].numpy()), "hist_hi": pa.array(st.hi[start:stop].numpy()),
-        "top": ctx(top), "top_negative": ctx(negative), "quantiles": ctx(quant, bands),
-        "band_lo": _lists(picks.ranges[start:stop, :, 0].flatten(), torch.full((r,), picks.ranges.shape[1]), pa.float32()),
-        "band_hi": _lists(picks.ranges[start:stop, :, 1].flatten(), torch.full((r,), picks.ranges.shape[1]), pa.float32()),
+        "hist_lo": pa.array(st.lo[start:stop].numpy()),
+        "hist_hi": pa.array(st.hi[start:stop].numpy()),
+        "top": ctx(top),
+        "top_negative": ctx(negative),
+        "quantiles": ctx(quant, bands),
+        "band_lo": _lists(
+            picks.ranges[start:stop, :, 0].flatten(), torch.full((r,), picks.ranges.shape[1]), pa.float32()
+        ),
+        "band_hi": _lists(
+            picks.ranges[start:stop, :, 1].flatten(), torch.full((r,), picks.ranges.shape[1]), pa.float32()
+        ),
     }
-    for name, col in zip(("logit_pos_ids", "logit_pos_vals", "logit_neg_ids", "logit_neg_vals"), logit_effects(lens, W_dec, start, stop, cfg.logits)):
+    for name, col in zip(
+        ("logit_pos_ids", "logit_pos_vals", "logit_neg_ids", "logit_neg_vals"),
+        logit_effects(lens, W_dec, start, stop, cfg.logits),
+    ):
         columns[name] = col
     columns["neighbour_ids"], columns["neighbour_cos"] = neighbours(W_dec, start, stop, cfg.neighbours)
     columns["cofire_ids"], columns["cofire_jaccard"], columns["cofire_frac"] = cofiring.top(start, stop, cfg.cofire)

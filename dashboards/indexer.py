@@ -27,8 +27,16 @@ from sae_kit import rundir
 from sae_kit.atomic import save_tensors, write_json
 from sae_kit.dashboards import artifacts
 from sae_kit.dashboards.store import SCHEMA, SUMMARY_SCHEMA, VERSION, FeatureIndexError, shard_name, write_table
-from sae_kit.heldout import (HeldoutContexts, activations, check_pair, encode_chunks, fold_input_scale, harvest_config_for, heldout_contexts,
-                             logit_lens)
+from sae_kit.heldout import (
+    HeldoutContexts,
+    activations,
+    check_pair,
+    encode_chunks,
+    fold_input_scale,
+    harvest_config_for,
+    heldout_contexts,
+    logit_lens,
+)
 from sae_kit.sae import SAE, load_sae
 
 
@@ -91,22 +99,32 @@ def build_index(cfg: IndexConfig, model=None) -> list[dict[str, Any]]:
     """Index every SAE `cfg.sae` stands for; returns each index.json."""
     from sae_kit.models import load_model
 
-    for name, value in (("tokens", cfg.tokens), ("top", cfg.top), ("bands", cfg.bands), ("bins", cfg.bins), ("shard_size", cfg.shard_size),
-                        ("row_group", cfg.row_group), ("chunk_contexts", cfg.chunk_contexts)):
+    for name, value in (
+        ("tokens", cfg.tokens),
+        ("top", cfg.top),
+        ("bands", cfg.bands),
+        ("bins", cfg.bins),
+        ("shard_size", cfg.shard_size),
+        ("row_group", cfg.row_group),
+        ("chunk_contexts", cfg.chunk_contexts),
+    ):
         if value < 1:
             raise FeatureIndexError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if cfg.shard_size % cfg.row_group:
         raise FeatureIndexError(f"--shard-size ({cfg.shard_size}) must be a multiple of --row-group ({cfg.row_group})")
     found = rundir.resolve((cfg.sae,))
     if cfg.out is not None and len(found) > 1:
-        raise FeatureIndexError(f"{cfg.sae} holds {len(found)} SAEs; drop --out (each member is indexed into <member>/index)")
-    results, models = [], {}
+        raise FeatureIndexError(
+            f"{cfg.sae} holds {len(found)} SAEs; drop --out (each member is indexed into <member>/index)"
+        )
+    results: list[dict[str, Any]] = []
+    models: dict[str | None, Any] = {}
     for loc in found:
         sae = load_sae(loc.sae_dir, device=cfg.device)
-        name = sae.cfg.metadata.get("model_name")
-        if name not in models:
-            models[name] = model or load_model(name, device=cfg.device)
-        results.append(index_sae(sae, loc.sae_dir, models[name], cfg, cfg.out or loc.index_dir))
+        model_name = sae.cfg.metadata.get("model_name")
+        if model_name not in models:
+            models[model_name] = model or load_model(model_name, device=cfg.device)
+        results.append(index_sae(sae, loc.sae_dir, models[model_name], cfg, cfg.out or loc.index_dir))
     return results
 
 
@@ -126,11 +144,25 @@ def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> di
     hcfg = harvest_config_for(sae, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size)
     hook = hcfg.hook[0]
     check_pair(model, sae, hook)
-    meta = {"schema": SCHEMA, "version": VERSION, "complete": False, "settings": cfg.settings(),
-            "sae": {"dir": str(sae_dir.resolve()), "sha256": sae_digest(sae_dir), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
-                    "d_in": sae.cfg.d_in, "hook": hook, "model": sae.cfg.metadata.get("model_name"),
-                    "k": sae.cfg.k if sae.cfg.rule.uses_k else None},
-            "corpus": hcfg.corpus, "shard_size": cfg.shard_size, "row_group": cfg.row_group}
+    meta: dict[str, Any] = {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "complete": False,
+        "settings": cfg.settings(),
+        "sae": {
+            "dir": str(sae_dir.resolve()),
+            "sha256": sae_digest(sae_dir),
+            "architecture": sae.cfg.architecture,
+            "d_sae": sae.cfg.d_sae,
+            "d_in": sae.cfg.d_in,
+            "hook": hook,
+            "model": sae.cfg.metadata.get("model_name"),
+            "k": sae.cfg.k if sae.cfg.rule.uses_k else None,
+        },
+        "corpus": hcfg.corpus,
+        "shard_size": cfg.shard_size,
+        "row_group": cfg.row_group,
+    }
     if _reuse(out, meta, cfg.force) == "done":
         return json.loads((out / "index.json").read_text())
     meta["sae"]["input_scale"] = fold_input_scale(model, sae.eval(), hcfg)  # SAEs that expect normalised inputs
@@ -144,11 +176,21 @@ def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> di
     _write_features(p, sae, model, cfg, out, meta["sae"]["signed"])
     feature_seconds = time.perf_counter() - start
     R, T = p.tokens.shape
-    meta |= {"complete": True, "tokens": p.n_read, "contexts": R, "context_size": T,
-             "shards": [shard_name(a, min(a + cfg.shard_size, sae.cfg.d_sae)) for a in range(0, sae.cfg.d_sae, cfg.shard_size)],
-             "seconds": {"pass": round(pass_seconds, 2), "features": round(feature_seconds, 2)},
-             "throughput": {"tokens_per_s": round(p.n_read / max(pass_seconds, 1e-9)), "features_per_s": round(sae.cfg.d_sae / max(feature_seconds, 1e-9))},
-             "short": p.n_read < cfg.tokens}
+    meta |= {
+        "complete": True,
+        "tokens": p.n_read,
+        "contexts": R,
+        "context_size": T,
+        "shards": [
+            shard_name(a, min(a + cfg.shard_size, sae.cfg.d_sae)) for a in range(0, sae.cfg.d_sae, cfg.shard_size)
+        ],
+        "seconds": {"pass": round(pass_seconds, 2), "features": round(feature_seconds, 2)},
+        "throughput": {
+            "tokens_per_s": round(p.n_read / max(pass_seconds, 1e-9)),
+            "features_per_s": round(sae.cfg.d_sae / max(feature_seconds, 1e-9)),
+        },
+        "short": p.n_read < cfg.tokens,
+    }
     write_json(out / "index.json", meta)
     shutil.rmtree(out / ".work", ignore_errors=True)
     return meta
@@ -157,7 +199,9 @@ def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> di
 def _reuse(out: Path, meta: dict[str, Any], force: bool) -> str:
     """'done' when `out` already holds this index, 'resume'/'new' otherwise; a one-line error when it holds another."""
     file = out / "index.json"
-    if out.exists() and any(out.iterdir()) and not file.is_file():  # never delete, or write into, a folder that is not ours
+    if (
+        out.exists() and any(out.iterdir()) and not file.is_file()
+    ):  # never delete, or write into, a folder that is not ours
         raise FeatureIndexError(f"{out} exists and is not a feature index; pass another --out or remove it")
     if force and out.exists():
         shutil.rmtree(out)
@@ -169,13 +213,23 @@ def _reuse(out: Path, meta: dict[str, Any], force: bool) -> str:
         raise FeatureIndexError(f"{file} is damaged; rebuild with --force") from None
     if _identity(old) == _identity(meta):
         return "done" if old.get("complete") else "resume"
-    what = "the SAE changed since it was indexed" if _identity(old)[1] != _identity(meta)[1] else "it was built with other settings"
+    what = (
+        "the SAE changed since it was indexed"
+        if _identity(old)[1] != _identity(meta)[1]
+        else "it was built with other settings"
+    )
     raise FeatureIndexError(f"{out} holds an index, but {what}; rebuild it with --force")
 
 
 def _identity(meta: dict[str, Any]) -> tuple:
     """What an index's content depends on (not where its run directory lives now)."""
-    return meta.get("settings"), meta.get("sae", {}).get("sha256"), meta.get("corpus"), meta.get("shard_size"), meta.get("row_group")
+    return (
+        meta.get("settings"),
+        meta.get("sae", {}).get("sha256"),
+        meta.get("corpus"),
+        meta.get("shard_size"),
+        meta.get("row_group"),
+    )
 
 
 def _pass(sae: SAE, model, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass:
@@ -204,7 +258,9 @@ def _pass(sae: SAE, model, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass
         bar.update(chunk.n_kept)
     bar.close()
     cat = {k: torch.cat([part[k] for part in parts]) for k in ("feature", "position", "value")}
-    return artifacts.Pass.from_entries(ctxs.tokens, ~ctxs.pad, cat["feature"], cat["position"], cat["value"], ctxs.n_kept, sae.cfg.d_sae)
+    return artifacts.Pass.from_entries(
+        ctxs.tokens, ~ctxs.pad, cat["feature"], cat["position"], cat["value"], ctxs.n_kept, sae.cfg.d_sae
+    )
 
 
 def _encode_chunk(sae: SAE, model, hcfg, chunk: HeldoutContexts, offset: int) -> dict[str, torch.Tensor]:
@@ -254,15 +310,26 @@ def _write_features(p: artifacts.Pass, sae: SAE, model, cfg: IndexConfig, out: P
         if _complete(file, b - a):
             logit_ids.append(pq.read_table(file, columns=["logit_pos_ids"])["logit_pos_ids"].combine_chunks())
         else:
-            table = artifacts.shard_table(p, st, hist, picks, cofiring, W_dec, lambda d: logit_lens(model, d), cfg, a, b)
+            table = artifacts.shard_table(
+                p, st, hist, picks, cofiring, W_dec, lambda d: logit_lens(model, d), cfg, a, b
+            )
             write_table(file, table, row_group=cfg.row_group)
             logit_ids.append(table["logit_pos_ids"].combine_chunks())
         bar.update(b - a)
     bar.close()
-    summary = pa.table({"feature": pa.array(range(d_sae), pa.int32()), "count": st.count.numpy(), "density": (st.count / max(p.n_read, 1)).double().numpy(),
-                        "max_act": st.max_act.numpy(), "min_act": st.min_act.numpy(), "mean_act": st.mean_abs.numpy(),
-                        "top_token_ids": pa.array(picks.peak_tokens(p), pa.list_(pa.int32())),
-                        "logit_pos_ids": pa.concat_arrays(logit_ids)}, schema=SUMMARY_SCHEMA)
+    summary = pa.table(
+        {
+            "feature": pa.array(range(d_sae), pa.int32()),
+            "count": st.count.numpy(),
+            "density": (st.count / max(p.n_read, 1)).double().numpy(),
+            "max_act": st.max_act.numpy(),
+            "min_act": st.min_act.numpy(),
+            "mean_act": st.mean_abs.numpy(),
+            "top_token_ids": pa.array(picks.peak_tokens(p), pa.list_(pa.int32())),
+            "logit_pos_ids": pa.concat_arrays(logit_ids),
+        },
+        schema=SUMMARY_SCHEMA,
+    )
     write_table(out / "features.parquet", summary)
 
 

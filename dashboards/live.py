@@ -9,7 +9,16 @@ import torch
 from torch import Tensor
 
 from sae_kit.errors import SaeKitError
-from sae_kit.heldout import HeldoutContexts, activations, encode_chunks, fold_input_scale, generate, harvest_config_for, prompt_tokens, steer_edit
+from sae_kit.heldout import (
+    HeldoutContexts,
+    activations,
+    encode_chunks,
+    fold_input_scale,
+    generate,
+    harvest_config_for,
+    prompt_tokens,
+    steer_edit,
+)
 from sae_kit.sae import SAE
 
 MAX_PROMPT_TOKENS = 512
@@ -37,16 +46,22 @@ def encode_prompt(model, sae: SAE, text: str) -> PromptCodes:
         raise SaeKitError(f"the prompt is {tokens.shape[1]} tokens; shorten it to at most {MAX_PROMPT_TOKENS}")
     codes = torch.zeros(tokens.shape[1], sae.cfg.d_sae)
     if keep.any():
-        x, grad = activations(model, hcfg, HeldoutContexts(tokens, keep, torch.zeros_like(keep)), grads=sae.sparsifier.uses_grad)
+        x, grad = activations(
+            model, hcfg, HeldoutContexts(tokens, keep, torch.zeros_like(keep)), grads=sae.sparsifier.uses_grad
+        )
         codes[keep[0]] = torch.cat([c.to_dense().float().cpu() for _, c in encode_chunks(sae.eval(), x, grad)])
     return PromptCodes([model.tokenizer.decode([t]) for t in tokens[0].tolist()], keep[0].tolist(), codes)
 
 
-def steered_generation(model, sae: SAE, prompt: str, feature: int, alpha: float, unit: float, n_tokens: int) -> tuple[str, str]:
+def steered_generation(
+    model, sae: SAE, prompt: str, feature: int, alpha: float, unit: float, n_tokens: int
+) -> tuple[str, str]:
     """(greedy continuation of `prompt`, the same with alpha·unit·d_feature added at the SAE's hook on every
     position the SAE reads). `unit` is the feature's max activation, so alpha = 1 adds its strongest observed
     contribution (the steering section of `sae-kit eval` uses the same unit)."""
     hcfg = harvest_config_for(sae)
     fold_input_scale(model, sae, hcfg)
     direction = sae.W_dec[feature].detach().float().cpu() * unit
-    return generate(model, hcfg, prompt, n_tokens), generate(model, hcfg, prompt, n_tokens, edit=steer_edit(direction, alpha))
+    return generate(model, hcfg, prompt, n_tokens), generate(
+        model, hcfg, prompt, n_tokens, edit=steer_edit(direction, alpha)
+    )

@@ -75,8 +75,14 @@ def feature_input(d_sae: int, key: str) -> int:
     """A feature-id input bound to the shared open feature."""
     st.session_state["fid"] = min(max(int(st.session_state.get("fid", 0)), 0), d_sae - 1)
     st.session_state[key] = st.session_state["fid"]
-    st.number_input(f"Feature id (0–{d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=key,
-                    on_change=lambda: st.session_state.update(fid=int(st.session_state[key])))
+    st.number_input(
+        f"Feature id (0–{d_sae - 1})",
+        min_value=0,
+        max_value=d_sae - 1,
+        step=1,
+        key=key,
+        on_change=lambda: st.session_state.update(fid=int(st.session_state[key])),
+    )
     return int(st.session_state["fid"])
 
 
@@ -116,10 +122,22 @@ def main() -> None:
         st.radio("Page", PAGES, key="page")
     entry = ws.entries[names.index(st.session_state["sae_name"])]
     page = st.session_state["page"]
-    st.query_params.update({"page": page, "sae": entry.name, **({"feature": str(st.session_state["fid"])} if "fid" in st.session_state else {})})
+    st.query_params.update(
+        {
+            "page": page,
+            "sae": entry.name,
+            **({"feature": str(st.session_state["fid"])} if "fid" in st.session_state else {}),
+        }
+    )
     try:
-        {"Overview": overview, "Features": feature_list, "Feature": feature_page, "Prompt": prompt_explorer,
-         "Steering": steering_playground, "Compare": compare}[page](ws, entry)
+        {
+            "Overview": overview,
+            "Features": feature_list,
+            "Feature": feature_page,
+            "Prompt": prompt_explorer,
+            "Steering": steering_playground,
+            "Compare": compare,
+        }[page](ws, entry)
     except (SaeKitError, FileNotFoundError) as err:  # a missing or damaged file of the run: one line, no traceback
         st.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
@@ -131,12 +149,18 @@ def overview(ws: Workspace, entry: Entry) -> None:
     meta = sae.metadata
     heldout = meta.get("heldout") if isinstance(meta.get("heldout"), dict) else {}
     st.title(f"{entry.name}")
-    st.caption(f"{sae.architecture} SAE · d_sae {sae.d_sae:,} · d_in {sae.d_in} · {meta.get('model_name', '?')} at {meta.get('hook_name', '?')}")
+    st.caption(
+        f"{sae.architecture} SAE · d_sae {sae.d_sae:,} · d_in {sae.d_in} · {meta.get('model_name', '?')} at {meta.get('hook_name', '?')}"
+    )
     cols = st.columns(4)
     cols[0].metric("Features", f"{sae.d_sae:,}")
-    cols[1].metric("k" if "k" in sae.rule.config_fields else "Architecture", sae.k if "k" in sae.rule.config_fields else sae.architecture)
-    cols[2].metric("Held-out FVU (training run)", f"{heldout['fvu']:.4f}" if isinstance(heldout.get("fvu"), float) else "—")
-    cols[3].metric("Trained tokens", f"{meta['training_tokens']:,}" if isinstance(meta.get("training_tokens"), int) else "—")
+    cols[1].metric("k" if sae.rule.uses_k else "Architecture", sae.k if sae.rule.uses_k else sae.architecture)
+    cols[2].metric(
+        "Held-out FVU (training run)", f"{heldout['fvu']:.4f}" if isinstance(heldout.get("fvu"), float) else "—"
+    )
+    cols[3].metric(
+        "Trained tokens", f"{meta['training_tokens']:,}" if isinstance(meta.get("training_tokens"), int) else "—"
+    )
     with st.expander("Configuration (cfg.json and the run's config.json)"):
         st.json(cfg, expanded=1)
 
@@ -145,10 +169,16 @@ def overview(ws: Workspace, entry: Entry) -> None:
     if rows:
         df = pd.DataFrame(rows)
         choices = [c for c in ("fvu", "loss", "l0", "dead_frac", "aux", "lr") if c in df]
-        shown = st.multiselect("Metrics", choices, default=[c for c in ("fvu", "l0") if c in choices], key="curve_metrics")
+        shown = st.multiselect(
+            "Metrics", choices, default=[c for c in ("fvu", "l0") if c in choices], key="curve_metrics"
+        )
         for name in shown:
-            st.plotly_chart(go.Figure(go.Scatter(x=df["tokens"], y=df[name], mode="lines", name=name)).update_layout(
-                height=240, margin=dict(t=30, b=30), title=name, xaxis_title="tokens"), key=f"curve-{name}")
+            st.plotly_chart(
+                go.Figure(go.Scatter(x=df["tokens"], y=df[name], mode="lines", name=name)).update_layout(
+                    height=240, margin=dict(t=30, b=30), title=name, xaxis_title="tokens"
+                ),
+                key=f"curve-{name}",
+            )
     else:
         st.info("No training log (metrics.jsonl) in this run.")
 
@@ -176,8 +206,15 @@ def overview(ws: Workspace, entry: Entry) -> None:
     if m.get("sae", {}).get("sha256") and _changed(ws, entry, m["sae"]["sha256"]):
         st.warning(f"The SAE changed since it was indexed; rebuild: `sae-kit index {entry.run_dir} --force`")
     alive = s["density"][s["count"] > 0]
-    st.plotly_chart(go.Figure(go.Histogram(x=np.log10(alive), nbinsx=60)).update_layout(
-        height=260, margin=dict(t=30, b=30), title="Feature density on the indexed tokens", xaxis_title="log10 density"), key="density-hist")
+    st.plotly_chart(
+        go.Figure(go.Histogram(x=np.log10(alive), nbinsx=60)).update_layout(
+            height=260,
+            margin=dict(t=30, b=30),
+            title="Feature density on the indexed tokens",
+            xaxis_title="log10 density",
+        ),
+        key="density-hist",
+    )
 
 
 def _changed(ws: Workspace, entry: Entry, digest: str) -> bool:
@@ -194,14 +231,24 @@ def _digest(sae_dir: str, stamp: float) -> str:
 
 
 KEY_METRICS = (
-    ("core", "fvu", "FVU"), ("core", "l0_mean", "L0"), ("core", "ce_loss_recovered", "CE recovered"), ("core", "kl_spliced", "KL (spliced)"),
-    ("core", "explained_variance", "Explained variance"), ("dead", "dead_frac", "Dead fraction"),
-    ("dark_matter", "norm_r2", "Dark matter ‖e‖ R²"), ("dark_matter", "vector_r2", "Dark matter e R²"),
+    ("core", "fvu", "FVU"),
+    ("core", "l0_mean", "L0"),
+    ("core", "ce_loss_recovered", "CE recovered"),
+    ("core", "kl_spliced", "KL (spliced)"),
+    ("core", "explained_variance", "Explained variance"),
+    ("dead", "dead_frac", "Dead fraction"),
+    ("dark_matter", "norm_r2", "Dark matter ‖e‖ R²"),
+    ("dark_matter", "vector_r2", "Dark matter e R²"),
     ("steering", "score", "Steering score (Δmass at KL ≤ budget)"),
 )
-FIGURES = (("dead-log10_density", "Feature density"), ("core-l0_hist", "L0 per token"), ("dark_matter-norm_scatter", "Dark matter: predicted vs actual ‖e‖"),
-           ("dark_matter-r2_per_dim", "Dark matter R² per dimension"), ("steering-steering_delta_mass", "Steering: Δ target mass"),
-           ("steering-steering_kl", "Steering: KL"))
+FIGURES = (
+    ("dead-log10_density", "Feature density"),
+    ("core-l0_hist", "L0 per token"),
+    ("dark_matter-norm_scatter", "Dark matter: predicted vs actual ‖e‖"),
+    ("dark_matter-r2_per_dim", "Dark matter R² per dimension"),
+    ("steering-steering_delta_mass", "Steering: Δ target mass"),
+    ("steering-steering_kl", "Steering: KL"),
+)
 
 
 def _metrics_of(ev: Evaluated) -> dict[str, float]:
@@ -214,8 +261,10 @@ def _metrics_of(ev: Evaluated) -> dict[str, float]:
 
 
 def _eval_summary(ws: Workspace, ev: Evaluated) -> None:
-    st.caption(f"Report {ev.report_dir.relative_to(ws.root)}/report.json · {ev.report['settings'].get('tokens', '?'):,} held-out tokens · "
-               f"created {ev.report.get('created', '?')}")
+    st.caption(
+        f"Report {ev.report_dir.relative_to(ws.root)}/report.json · {ev.report['settings'].get('tokens', '?'):,} held-out tokens · "
+        f"created {ev.report.get('created', '?')}"
+    )
     metrics = _metrics_of(ev)
     cols = st.columns(min(5, max(1, len(metrics))))
     for i, (label, value) in enumerate(metrics.items()):
@@ -224,11 +273,19 @@ def _eval_summary(ws: Workspace, ev: Evaluated) -> None:
     for (name, title), col in zip(shown, st.columns(2) * len(shown)):
         fig = ws.figure(ev, name)
         if fig is not None:
-            col.plotly_chart(fig.update_layout(height=300, title=title, margin=dict(t=40, b=30)), key=f"eval-{ev.label}-{name}")
+            col.plotly_chart(
+                fig.update_layout(height=300, title=title, margin=dict(t=40, b=30)), key=f"eval-{ev.label}-{name}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ Feature list
-SORTS = {"density": "density", "max activation": "max_act", "mean activation": "mean_act", "count": "count", "feature id": "feature"}
+SORTS = {
+    "density": "density",
+    "max activation": "max_act",
+    "mean activation": "mean_act",
+    "count": "count",
+    "feature id": "feature",
+}
 
 
 def feature_list(ws: Workspace, entry: Entry) -> None:
@@ -236,7 +293,7 @@ def feature_list(ws: Workspace, entry: Entry) -> None:
     st.title("Features")
     s = index.summary
     c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
-    sort = c1.selectbox("Sort by", list(SORTS), key="list_sort")
+    sort = c1.selectbox("Sort by", list(SORTS), key="list_sort") or "density"
     descending = c2.toggle("Descending", value=True, key="list_desc")
     token = c3.text_input("Token in top contexts or logits", key="list_token", placeholder="e.g. Thursday")
     with c4:
@@ -256,18 +313,30 @@ def feature_list(ws: Workspace, entry: Entry) -> None:
     table = s[mask].sort_values(SORTS[sort], ascending=not descending, kind="stable")
     st.caption(f"{len(table):,} of {index.d_sae:,} features")
     pages = max(1, -(-len(table) // PAGE_SIZE))
-    page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key="list_page") if pages > 1 else 1
+    page = (
+        st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key="list_page") if pages > 1 else 1
+    )
     shown = table.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE].copy()
     top_tokens = index.table["top_token_ids"]
     logit_ids = index.table["logit_pos_ids"]
-    shown["top tokens"] = [index.token_strings(list(dict.fromkeys(top_tokens[int(i)].as_py()))[:6]) for i in shown["feature"]]
+    shown["top tokens"] = [
+        index.token_strings(list(dict.fromkeys(top_tokens[int(i)].as_py()))[:6]) for i in shown["feature"]
+    ]
     shown["promoted"] = [index.token_strings(logit_ids[int(i)].as_py()[:6]) for i in shown["feature"]]
-    event = st.dataframe(shown[["feature", "density", "count", "max_act", "mean_act", "top tokens", "promoted"]], hide_index=True,
-                         on_select="rerun", selection_mode="single-row", key="list_table", width="stretch")
+    event = st.dataframe(
+        shown[["feature", "density", "count", "max_act", "mean_act", "top tokens", "promoted"]],
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        key="list_table",
+        width="stretch",
+    )
     rows = getattr(getattr(event, "selection", None), "rows", [])
     if rows:
         chosen = int(shown.iloc[rows[0]]["feature"])
-        st.button(f"Open feature {chosen}", key="list_open_selected", on_click=go_to, args=("Feature", chosen), type="primary")
+        st.button(
+            f"Open feature {chosen}", key="list_open_selected", on_click=go_to, args=("Feature", chosen), type="primary"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ Feature page
@@ -277,7 +346,13 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
     with c1:
         fid = feature_input(index.d_sae, "feature_page_id")
     c2.button("◀ Previous", key="prev", on_click=go_to, args=("Feature", max(fid - 1, 0)), disabled=fid == 0)
-    c3.button("Next ▶", key="next", on_click=go_to, args=("Feature", min(fid + 1, index.d_sae - 1)), disabled=fid == index.d_sae - 1)
+    c3.button(
+        "Next ▶",
+        key="next",
+        on_click=go_to,
+        args=("Feature", min(fid + 1, index.d_sae - 1)),
+        disabled=fid == index.d_sae - 1,
+    )
     row = index.feature(fid)
     s = index.summary.iloc[fid]
     st.title(f"Feature {fid}")
@@ -289,7 +364,9 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
     if index.signed:
         cols[4].metric("Min activation", f"{s['min_act']:.3f}")
     if s["count"] == 0:
-        st.info(f"Feature {fid} never fired on the {index.meta['tokens']:,} indexed tokens; its logit effects and neighbours are below.")
+        st.info(
+            f"Feature {fid} never fired on the {index.meta['tokens']:,} indexed tokens; its logit effects and neighbours are below."
+        )
     scale = max(abs(float(s["max_act"])), abs(float(s["min_act"])), 1e-6)
     left, right = st.columns([3, 2])
     with left:
@@ -302,8 +379,10 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
         if row["quantiles"]:
             st.subheader("Across the activation range")
             for band in sorted({c["band"] for c in row["quantiles"]}, reverse=True):
-                st.caption(f"quantile band {band + 1} of {len(row['band_lo'])}: |activation| {row['band_lo'][band]:.3g} – {row['band_hi'][band]:.3g} "
-                           "(outlined: the sampled token)")
+                st.caption(
+                    f"quantile band {band + 1} of {len(row['band_lo'])}: |activation| {row['band_lo'][band]:.3g} – {row['band_hi'][band]:.3g} "
+                    "(outlined: the sampled token)"
+                )
                 st.html(contexts_html([c for c in row["quantiles"] if c["band"] == band], index.vocab, scale))
     with right:
         if s["count"] > 0:
@@ -312,14 +391,28 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
         if index.signed:
             st.caption("For negative activations the roles swap: promoted tokens are suppressed and vice versa.")
         l1, l2 = st.columns(2)
-        l1.dataframe(_tokens_table(index, row["logit_pos_ids"], row["logit_pos_vals"], "promoted"), hide_index=True, key="logits_pos")
-        l2.dataframe(_tokens_table(index, row["logit_neg_ids"], row["logit_neg_vals"], "suppressed"), hide_index=True, key="logits_neg")
+        l1.dataframe(
+            _tokens_table(index, row["logit_pos_ids"], row["logit_pos_vals"], "promoted"),
+            hide_index=True,
+            key="logits_pos",
+        )
+        l2.dataframe(
+            _tokens_table(index, row["logit_neg_ids"], row["logit_neg_vals"], "suppressed"),
+            hide_index=True,
+            key="logits_neg",
+        )
         st.subheader("Nearest decoder directions")
         _feature_links(row["neighbour_ids"], [f"cos {c:.2f}" for c in row["neighbour_cos"]], "nb")
         st.subheader("Co-firing features")
         if row["cofire_ids"]:
-            st.caption("Ranked by the Jaccard index of the positions they fire on; the share is P(it fires | this feature fires).")
-            _feature_links(row["cofire_ids"], [f"J {j:.2f} · {100 * f:.0f}%" for j, f in zip(row["cofire_jaccard"], row["cofire_frac"])], "co")
+            st.caption(
+                "Ranked by the Jaccard index of the positions they fire on; the share is P(it fires | this feature fires)."
+            )
+            _feature_links(
+                row["cofire_ids"],
+                [f"J {j:.2f} · {100 * f:.0f}%" for j, f in zip(row["cofire_jaccard"], row["cofire_frac"])],
+                "co",
+            )
         else:
             st.caption("none on the indexed tokens")
 
@@ -331,7 +424,12 @@ def _histogram(row: dict) -> go.Figure:
     centres = [lo + (i + 0.5) * width for i in range(len(counts))]
     colours = ["#2f6fff" if c < 0 else "#ff8000" for c in centres]
     return go.Figure(go.Bar(x=centres, y=counts, width=width, marker_color=colours)).update_layout(
-        height=260, margin=dict(t=40, b=30), title="Activation histogram (where it fires)", xaxis_title="activation", yaxis_title="tokens")
+        height=260,
+        margin=dict(t=40, b=30),
+        title="Activation histogram (where it fires)",
+        xaxis_title="activation",
+        yaxis_title="tokens",
+    )
 
 
 def _tokens_table(index: FeatureIndex, ids: list[int], values: list[float], label: str) -> pd.DataFrame:
@@ -359,8 +457,10 @@ def prompt_explorer(ws: Workspace, entry: Entry) -> None:
     result = encode_prompt(model, sae, text)
     codes = result.codes
     l0 = [int((codes[i] != 0).sum()) for i, read in enumerate(result.read) if read]
-    st.caption(f"{len(result.tokens)} tokens · mean L0 {sum(l0) / max(len(l0), 1):.1f} on the {len(l0)} positions the SAE reads "
-               "(BOS and special tokens are not read)")
+    st.caption(
+        f"{len(result.tokens)} tokens · mean L0 {sum(l0) / max(len(l0), 1):.1f} on the {len(l0)} positions the SAE reads "
+        "(BOS and special tokens are not read)"
+    )
     strongest = codes.abs().amax(0)
     top = strongest.topk(min(12, int((strongest > 0).sum()))).indices.tolist() if (strongest > 0).any() else []
     if not top:
@@ -368,7 +468,9 @@ def prompt_explorer(ws: Workspace, entry: Entry) -> None:
         return
     st.subheader("Strongest features on the prompt")
     st.caption("Pick one to see its activation on every token; the buttons open the feature pages.")
-    choice = st.selectbox("Feature", top, format_func=lambda f: f"#{f} (max {float(codes[:, f].abs().max()):.2f})", key="prompt_feature")
+    choice = st.selectbox(
+        "Feature", top, format_func=lambda f: f"#{f} (max {float(codes[:, f].abs().max()):.2f})", key="prompt_feature"
+    )
     scale = float(codes[:, choice].abs().max())
     st.html(STYLE + tokens_html(result.tokens, codes[:, choice].tolist(), scale, label=f"#{choice}"))
     cols = st.columns(6)
@@ -378,13 +480,23 @@ def prompt_explorer(ws: Workspace, entry: Entry) -> None:
 
     st.subheader("Token by token")
     readable = [i for i, r in enumerate(result.read) if r]
-    position = st.select_slider("Token", options=readable, value=readable[-1] if readable else None,
-                                format_func=lambda i: f"{i}: {result.tokens[i]!r}", key="prompt_position")
+    position = st.select_slider(
+        "Token",
+        options=readable,
+        value=readable[-1] if readable else None,
+        format_func=lambda i: f"{i}: {result.tokens[i]!r}",
+        key="prompt_position",
+    )
     active = codes[position].nonzero().squeeze(1)
     order = active[codes[position, active].abs().argsort(descending=True)].tolist()
     density = _densities(ws, entry)
-    table = pd.DataFrame({"feature": order, "activation": [round(float(codes[position, f]), 3) for f in order],
-                          **({"density": [float(density[f]) for f in order]} if density is not None else {})})
+    table = pd.DataFrame(
+        {
+            "feature": order,
+            "activation": [round(float(codes[position, f]), 3) for f in order],
+            **({"density": [float(density[f]) for f in order]} if density is not None else {}),
+        }
+    )
     st.dataframe(table, hide_index=True, key="prompt_token_table")
     cols = st.columns(6)
     for i, f in enumerate(order[:12]):
@@ -411,7 +523,9 @@ def steering_playground(ws: Workspace, entry: Entry) -> None:
         unit_text = f"the feature's max activation on the indexed tokens ({unit:.3g})"
     except SaeKitError:
         unit, unit_text = 1.0, "1 (no index: strengths are absolute)"
-    st.caption(f"Adds strength × {unit_text} × its decoder direction at the SAE's hook, on every position the SAE reads.")
+    st.caption(
+        f"Adds strength × {unit_text} × its decoder direction at the SAE's hook, on every position the SAE reads."
+    )
     c1, c2 = st.columns([3, 1])
     alpha = c1.slider("Strength (negative: subtract the direction)", -20.0, 20.0, 4.0, 0.5, key="steer_alpha")
     n_tokens = c2.number_input("Tokens to generate", 1, 128, 24, key="steer_tokens")
@@ -435,18 +549,27 @@ def compare(ws: Workspace, entry: Entry) -> None:
     st.title("Compare eval reports")
     evals = ws.evaluations()
     if len(evals) < 2:
-        st.info("Compare needs two evaluated SAEs inside this directory. Run `sae-kit eval` on a sweep, "
-                f"or on each run with --out inside {ws.root}.")
+        st.info(
+            "Compare needs two evaluated SAEs inside this directory. Run `sae-kit eval` on a sweep, "
+            f"or on each run with --out inside {ws.root}."
+        )
         return
     labels = [e.label for e in evals]
     c1, c2 = st.columns(2)
-    a = c1.selectbox("A", labels, index=0, key="cmp_a")
-    b = c2.selectbox("B", labels, index=1, key="cmp_b")
+    a = c1.selectbox("A", labels, index=0, key="cmp_a") or labels[0]
+    b = c2.selectbox("B", labels, index=1, key="cmp_b") or labels[1]
     ea, eb = evals[labels.index(a)], evals[labels.index(b)]
     ma, mb = _metrics_of(ea), _metrics_of(eb)
-    rows = [{"metric": k, "A": ma.get(k), "B": mb.get(k), "B − A": (mb[k] - ma[k]) if k in ma and k in mb else None} for k in dict.fromkeys([*ma, *mb])]
-    head = {"metric": "SAE", "A": f"{ea.sae.get('architecture')} d_sae {ea.sae.get('d_sae')} k {ea.sae.get('k')}",
-            "B": f"{eb.sae.get('architecture')} d_sae {eb.sae.get('d_sae')} k {eb.sae.get('k')}", "B − A": None}
+    rows = [
+        {"metric": k, "A": ma.get(k), "B": mb.get(k), "B − A": (mb[k] - ma[k]) if k in ma and k in mb else None}
+        for k in dict.fromkeys([*ma, *mb])
+    ]
+    head = {
+        "metric": "SAE",
+        "A": f"{ea.sae.get('architecture')} d_sae {ea.sae.get('d_sae')} k {ea.sae.get('k')}",
+        "B": f"{eb.sae.get('architecture')} d_sae {eb.sae.get('d_sae')} k {eb.sae.get('k')}",
+        "B − A": None,
+    }
     st.dataframe(pd.DataFrame([head, *rows]).astype(str), hide_index=True, key="cmp_table", width="stretch")
     for name, title in FIGURES:
         figs = [ws.figure(e, name) if name in e.sae.get("figures", {}) else None for e in (ea, eb)]

@@ -48,17 +48,23 @@ def colour(act: float, scale: float) -> str:
     return f"rgba({r},{g},{b},{min(1.0, abs(act) / scale) * 0.85 + 0.05:.3f})"
 
 
-def tokens_html(tokens: list[str], acts: list[float], scale: float, peak: int | None = None, label: str | None = None) -> str:
+def tokens_html(
+    tokens: list[str], acts: list[float], scale: float, peak: int | None = None, label: str | None = None
+) -> str:
     """One context: each token highlighted by its activation (tooltip: the value), the peak token outlined."""
     spans = []
     for i, (tok, act) in enumerate(zip(tokens, acts)):
         cls = "sk-tok sk-peak" if i == peak else "sk-tok"
-        spans.append(f'<span class="{cls}" style="background:{colour(act, scale)}" title="{act:.3f}">{visible(tok)}</span>')
+        spans.append(
+            f'<span class="{cls}" style="background:{colour(act, scale)}" title="{act:.3f}">{visible(tok)}</span>'
+        )
     head = f'<span class="sk-act">{html.escape(label)}</span>' if label else ""
     return f'<div class="sk-ctx">{head}{"".join(spans)}</div>'
 
 
 def contexts_html(contexts: list[dict], vocab: list[str], scale: float) -> str:
     """A list of index contexts (CONTEXT structs) as highlighted blocks, each labelled with its peak activation."""
-    blocks = [tokens_html([vocab[t] for t in c["tokens"]], c["acts"], scale, c["peak"], f"{c['act']:+.2f}") for c in contexts]
+    blocks = [
+        tokens_html([vocab[t] for t in c["tokens"]], c["acts"], scale, c["peak"], f"{c['act']:+.2f}") for c in contexts
+    ]
     return STYLE + "".join(blocks)

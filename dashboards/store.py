@@ -33,30 +33,51 @@ from sae_kit.errors import SaeKitError
 SCHEMA = "sae-kit/feature-index"
 VERSION = 1
 
-CONTEXT = pa.struct([
-    ("row", pa.int32()), ("pos", pa.int32()), ("act", pa.float32()),
-    ("peak", pa.int32()),  # index of the peak token within `tokens`
-    ("tokens", pa.list_(pa.int32())), ("acts", pa.list_(pa.float32())),
-    ("band", pa.int8()),  # activation-quantile band (-1 for top contexts)
-])
-SHARD_SCHEMA = pa.schema([
-    ("feature", pa.int32()),
-    ("hist_counts", pa.list_(pa.int32())), ("hist_lo", pa.float32()), ("hist_hi", pa.float32()),
-    ("top", pa.list_(CONTEXT)),
-    ("top_negative", pa.list_(CONTEXT)),
-    ("quantiles", pa.list_(CONTEXT)),
-    ("band_lo", pa.list_(pa.float32())), ("band_hi", pa.list_(pa.float32())),  # |activation| range of each quantile band
-    ("logit_pos_ids", pa.list_(pa.int32())), ("logit_pos_vals", pa.list_(pa.float32())),
-    ("logit_neg_ids", pa.list_(pa.int32())), ("logit_neg_vals", pa.list_(pa.float32())),
-    ("neighbour_ids", pa.list_(pa.int32())), ("neighbour_cos", pa.list_(pa.float32())),
-    ("cofire_ids", pa.list_(pa.int32())), ("cofire_jaccard", pa.list_(pa.float32())), ("cofire_frac", pa.list_(pa.float32())),
-])
-SUMMARY_SCHEMA = pa.schema([
-    ("feature", pa.int32()), ("count", pa.int64()), ("density", pa.float64()),
-    ("max_act", pa.float32()), ("min_act", pa.float32()), ("mean_act", pa.float32()),
-    ("top_token_ids", pa.list_(pa.int32())),  # the token at the peak of each top context
-    ("logit_pos_ids", pa.list_(pa.int32())),
-])
+CONTEXT = pa.struct(
+    [
+        ("row", pa.int32()),
+        ("pos", pa.int32()),
+        ("act", pa.float32()),
+        ("peak", pa.int32()),  # index of the peak token within `tokens`
+        ("tokens", pa.list_(pa.int32())),
+        ("acts", pa.list_(pa.float32())),
+        ("band", pa.int8()),  # activation-quantile band (-1 for top contexts)
+    ]
+)
+SHARD_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("hist_counts", pa.list_(pa.int32())),
+        ("hist_lo", pa.float32()),
+        ("hist_hi", pa.float32()),
+        ("top", pa.list_(CONTEXT)),
+        ("top_negative", pa.list_(CONTEXT)),
+        ("quantiles", pa.list_(CONTEXT)),
+        ("band_lo", pa.list_(pa.float32())),
+        ("band_hi", pa.list_(pa.float32())),  # |activation| range of each quantile band
+        ("logit_pos_ids", pa.list_(pa.int32())),
+        ("logit_pos_vals", pa.list_(pa.float32())),
+        ("logit_neg_ids", pa.list_(pa.int32())),
+        ("logit_neg_vals", pa.list_(pa.float32())),
+        ("neighbour_ids", pa.list_(pa.int32())),
+        ("neighbour_cos", pa.list_(pa.float32())),
+        ("cofire_ids", pa.list_(pa.int32())),
+        ("cofire_jaccard", pa.list_(pa.float32())),
+        ("cofire_frac", pa.list_(pa.float32())),
+    ]
+)
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("count", pa.int64()),
+        ("density", pa.float64()),
+        ("max_act", pa.float32()),
+        ("min_act", pa.float32()),
+        ("mean_act", pa.float32()),
+        ("top_token_ids", pa.list_(pa.int32())),  # the token at the peak of each top context
+        ("logit_pos_ids", pa.list_(pa.int32())),
+    ]
+)
 
 
 class FeatureIndexError(SaeKitError):
@@ -77,7 +98,9 @@ def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise FeatureIndexError(f"{path} is damaged ({type(err).__name__}); rebuild it: sae-kit index {path.parent.parent} --force") from None
+        raise FeatureIndexError(
+            f"{path} is damaged ({type(err).__name__}); rebuild it: sae-kit index {path.parent.parent} --force"
+        ) from None
 
 
 class FeatureIndex:
@@ -87,12 +110,18 @@ class FeatureIndex:
         self.path = Path(path)
         meta_file = self.path / "index.json"
         if not meta_file.is_file():
-            raise FeatureIndexError(f"no feature index in {self.path.parent}; build it: sae-kit index {self.path.parent}")
+            raise FeatureIndexError(
+                f"no feature index in {self.path.parent}; build it: sae-kit index {self.path.parent}"
+            )
         self.meta = _json(self._inside(meta_file))
         if self.meta.get("schema") != SCHEMA or self.meta.get("version") != VERSION:
-            raise FeatureIndexError(f"{meta_file} is not a version-{VERSION} sae-kit feature index; rebuild it: sae-kit index {self.path.parent} --force")
+            raise FeatureIndexError(
+                f"{meta_file} is not a version-{VERSION} sae-kit feature index; rebuild it: sae-kit index {self.path.parent} --force"
+            )
         if not self.meta.get("complete"):
-            raise FeatureIndexError(f"the index in {self.path.parent} is unfinished; resume it: sae-kit index {self.path.parent}")
+            raise FeatureIndexError(
+                f"the index in {self.path.parent} is unfinished; resume it: sae-kit index {self.path.parent}"
+            )
         self.vocab: list[str] = _json(self._inside(self.path / "vocab.json"))
         self.d_sae: int = self.meta["sae"]["d_sae"]
         self.signed: bool = self.meta["sae"]["signed"]
@@ -103,7 +132,9 @@ class FeatureIndex:
         """The per-feature summary (SUMMARY_SCHEMA), read once."""
         table = self._read(self.path / "features.parquet", lambda f: f.read())
         if table.num_rows != self.d_sae:
-            raise FeatureIndexError(f"features.parquet has {table.num_rows} rows for {self.d_sae} features; rebuild it: sae-kit index {self.path.parent} --force")
+            raise FeatureIndexError(
+                f"features.parquet has {table.num_rows} rows for {self.d_sae} features; rebuild it: sae-kit index {self.path.parent} --force"
+            )
         return table
 
     @cached_property
@@ -134,7 +165,9 @@ class FeatureIndex:
         rows = self._read(file, lambda f: f.read_row_group((i - start) // group)).to_pylist()
         row = rows[(i - start) % group] if (i - start) % group < len(rows) else {"feature": None}
         if row["feature"] != i:
-            raise FeatureIndexError(f"{file} is damaged (feature {i} is not where it belongs); rebuild it: sae-kit index {self.path.parent} --force")
+            raise FeatureIndexError(
+                f"{file} is damaged (feature {i} is not where it belongs); rebuild it: sae-kit index {self.path.parent} --force"
+            )
         return row
 
     def _open(self, file: Path) -> pq.ParquetFile:
@@ -143,16 +176,22 @@ class FeatureIndex:
     def _inside(self, file: Path) -> Path:
         """`file`, or a one-line error when it resolves outside the index directory (a symlink out of it)."""
         if not file.resolve().is_relative_to(self.path.resolve()):
-            raise FeatureIndexError(f"{file} resolves to {file.resolve()}, outside the index {self.path}; the browser reads only inside the directory it was given")
+            raise FeatureIndexError(
+                f"{file} resolves to {file.resolve()}, outside the index {self.path}; the browser reads only inside the directory it was given"
+            )
         return file
 
     def _read(self, file: Path, how) -> pa.Table:
         self._inside(file)
         if not file.is_file():
-            raise FeatureIndexError(f"{file.relative_to(self.path.parent)} is missing; rebuild the index: sae-kit index {self.path.parent} --force")
+            raise FeatureIndexError(
+                f"{file.relative_to(self.path.parent)} is missing; rebuild the index: sae-kit index {self.path.parent} --force"
+            )
         try:
             return how(self._files(file))
         except (OSError, pa.ArrowException, ValueError, IndexError) as err:
             self._files.cache_clear()
             reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-            raise FeatureIndexError(f"{file.relative_to(self.path.parent)} is damaged ({reason}); rebuild it: sae-kit index {self.path.parent} --force") from None
+            raise FeatureIndexError(
+                f"{file.relative_to(self.path.parent)} is damaged ({reason}); rebuild it: sae-kit index {self.path.parent} --force"
+            ) from None

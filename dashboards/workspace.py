@@ -15,7 +15,6 @@ from typing import Any
 from sae_kit import rundir
 from sae_kit.errors import SaeKitError
 
-
 ROOT_ENV = "SAE_KIT_BROWSE_DIR"
 """The environment variable that tells the app which directory to browse (set by `sae-kit browse`)."""
 
@@ -55,7 +54,9 @@ class Workspace:
         """`path` (absolute or relative to the root) resolved, or a one-line error when it lies outside the root."""
         resolved = (self.root / path).resolve()
         if not resolved.is_relative_to(self.root):
-            raise BrowseError(f"{path} resolves to {resolved}, outside {self.root}; the browser reads only inside the directory it was given")
+            raise BrowseError(
+                f"{path} resolves to {resolved}, outside {self.root}; the browser reads only inside the directory it was given"
+            )
         return resolved
 
     def json(self, path: str | Path) -> Any:
@@ -63,15 +64,22 @@ class Workspace:
         try:
             return json.loads(file.read_text())
         except (OSError, ValueError) as err:
-            raise BrowseError(f"{file.relative_to(self.root)} is unreadable ({type(err).__name__}: {str(err)[:80]})") from None
+            raise BrowseError(
+                f"{file.relative_to(self.root)} is unreadable ({type(err).__name__}: {str(err)[:80]})"
+            ) from None
 
     def _find_saes(self) -> list[Entry]:
         found = rundir.find(self.root)
         if not found:
-            raise BrowseError(f"{self.root} is not a run: it holds no sae/cfg.json, cfg.json or <member>/sae/cfg.json; "
-                              "pass a directory written by sae-kit train")
+            raise BrowseError(
+                f"{self.root} is not a run: it holds no sae/cfg.json, cfg.json or <member>/sae/cfg.json; "
+                "pass a directory written by sae-kit train"
+            )
         inside = lambda d: d.resolve().is_relative_to(self.root)  # noqa: E731 (the run of a given <run>/sae is outside)
-        return [Entry(f.name.split("/")[-1], self.file(f.sae_dir), self.file(f.run_dir) if inside(f.run_dir) else self.root) for f in found]
+        return [
+            Entry(f.name.split("/")[-1], self.file(f.sae_dir), self.file(f.run_dir) if inside(f.run_dir) else self.root)
+            for f in found
+        ]
 
     def metrics(self, entry: Entry) -> list[dict[str, Any]]:
         """The training log (metrics.jsonl) of an SAE: its run's, or the sweep's shared one; [] when absent."""

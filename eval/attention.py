@@ -8,6 +8,8 @@ Head attribution (weight-based): w_{i,h} = ||W_dec[i, h, :]|| / Σ_h' ||W_dec[i,
 
 from __future__ import annotations
 
+from typing import Any
+
 import plotly.graph_objects as go
 import torch
 from torch import Tensor
@@ -40,20 +42,29 @@ def measure(inputs: EvalInputs, top: int = 10) -> Section:
     per_head = torch.bincount(main_head, minlength=n_heads)
     k = min(top, attribution.shape[0])
     top_features = attribution.topk(k, dim=0)
-    metrics = {
+    metrics: dict[str, Any] = {
         "n_heads": n_heads,
         "d_head": inputs.sae.cfg.d_in // n_heads,
         "features_per_head": per_head.tolist(),
         "mean_attribution_per_head": attribution.mean(0).tolist(),
         "frac_single_head_features": float((main_share > 0.5).float().mean()),
         "mean_main_head_share": float(main_share.mean()),
-        "top_features_per_head": [[{"feature": int(f), "share": float(s)} for f, s in zip(top_features.indices[:, h], top_features.values[:, h])]
-                                  for h in range(n_heads)],
+        "top_features_per_head": [
+            [
+                {"feature": int(f), "share": float(s)}
+                for f, s in zip(top_features.indices[:, h], top_features.values[:, h])
+            ]
+            for h in range(n_heads)
+        ],
     }
     fig = go.Figure(go.Bar(x=[f"head {h}" for h in range(n_heads)], y=per_head.tolist()))
     fig.update_layout(title=f"{inputs.hook}: features by main head", yaxis_title="features", xaxis_title="head")
     share = go.Figure(go.Histogram(x=main_share.tolist(), nbinsx=40))
-    share.update_layout(title="share of decoder norm on the feature's main head", xaxis_title="share", yaxis_title="features")
-    line = (f"attention: {100 * metrics['frac_single_head_features']:.0f}% of features put > 50% of their decoder norm on one head; "
-            f"features per head {per_head.tolist()}")
+    share.update_layout(
+        title="share of decoder norm on the feature's main head", xaxis_title="share", yaxis_title="features"
+    )
+    line = (
+        f"attention: {100 * metrics['frac_single_head_features']:.0f}% of features put > 50% of their decoder norm on one head; "
+        f"features per head {per_head.tolist()}"
+    )
     return Section(metrics, {"features_per_head": fig, "main_head_share": share}, [line])

@@ -39,7 +39,18 @@ def _fmt(value: Any, width: int) -> str:
 
 def table_text(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the rows (the stdout comparison)."""
-    columns = ("d_sae", "k", "l0", "fvu", "ce_loss_recovered", "delta_ce", "kl", "dead_frac", "dark_matter_norm_r2", "steering_score")
+    columns = (
+        "d_sae",
+        "k",
+        "l0",
+        "fvu",
+        "ce_loss_recovered",
+        "delta_ce",
+        "kl",
+        "dead_frac",
+        "dark_matter_norm_r2",
+        "steering_score",
+    )
     names = ("d_sae", "k", "L0", "FVU", "CE rec.", "ΔCE", "KL", "dead", "DM norm R²", "steer")
     width = max(12, *(len(r["name"]) for r in rows))
     lines = [f"{'SAE':<{width}}" + "".join(f"{n:>11}" for n in names)]
@@ -53,8 +64,16 @@ def _scatter(rows: list[dict[str, Any]], y: str, title: str, y_title: str) -> go
     fig = go.Figure()
     for arch in dict.fromkeys(r["architecture"] for r in points):
         mine = [r for r in points if r["architecture"] == arch]
-        fig.add_trace(go.Scatter(x=[r["l0"] for r in mine], y=[r[y] for r in mine], mode="markers+text", name=arch,
-                                 text=[r["name"] for r in mine], textposition="top center"))
+        fig.add_trace(
+            go.Scatter(
+                x=[r["l0"] for r in mine],
+                y=[r[y] for r in mine],
+                mode="markers+text",
+                name=arch,
+                text=[r["name"] for r in mine],
+                textposition="top center",
+            )
+        )
     fig.update_layout(title=title, xaxis_title="L0 (mean active latents per token)", yaxis_title=y_title)
     return fig
 
@@ -64,7 +83,11 @@ def compare(saes: list[dict[str, Any]]) -> Section:
     rows = [row(s) for s in saes]
     dead = go.Figure(go.Bar(x=[r["name"] for r in rows], y=[100 * (r["dead_frac"] or 0) for r in rows]))
     dead.update_layout(title="dead latents on the eval tokens", yaxis_title="dead %")
-    figures = {"pareto_l0_fvu": _scatter(rows, "fvu", "L0 vs FVU (lower-left is better)", "FVU"),
-               "pareto_l0_ce_recovered": _scatter(rows, "ce_loss_recovered", "L0 vs CE loss recovered (upper-left is better)", "CE loss recovered"),
-               "dead_per_sae": dead}
+    figures = {
+        "pareto_l0_fvu": _scatter(rows, "fvu", "L0 vs FVU (lower-left is better)", "FVU"),
+        "pareto_l0_ce_recovered": _scatter(
+            rows, "ce_loss_recovered", "L0 vs CE loss recovered (upper-left is better)", "CE loss recovered"
+        ),
+        "dead_per_sae": dead,
+    }
     return Section({"table": rows}, figures, [table_text(rows)])

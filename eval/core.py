@@ -93,7 +93,11 @@ def measure(inputs: EvalInputs, cfg: CoreConfig = CoreConfig()) -> Section:
     sae = inputs.sae.eval()
     check_grads(inputs)
     encoded = inputs.encoded()
-    metrics: dict[str, Any] = {"architecture": sae.cfg.architecture, "tokens": len(inputs.x), "input_scale": inputs.input_scale}
+    metrics: dict[str, Any] = {
+        "architecture": sae.cfg.architecture,
+        "tokens": len(inputs.x),
+        "input_scale": inputs.input_scale,
+    }
     metrics |= l0_stats(encoded.l0)
     metrics |= reconstruction(inputs.x, encoded.x_hat)
     metrics |= downstream(inputs, encoded.x_hat, cfg)
@@ -111,8 +115,10 @@ def measure(inputs: EvalInputs, cfg: CoreConfig = CoreConfig()) -> Section:
 def check_grads(inputs: EvalInputs) -> None:
     """A gradient-reading SAE (g-SAE) is evaluated with real gradients only."""
     if inputs.sae.sparsifier.uses_grad and inputs.grad is None:
-        raise EvalError(f"{inputs.sae.cfg.architecture} selects latents with dLoss/dx, but the inputs carry no gradients; "
-                        "build them with sae_kit.eval.inputs.prepare(), which harvests them for this SAE")
+        raise EvalError(
+            f"{inputs.sae.cfg.architecture} selects latents with dLoss/dx, but the inputs carry no gradients; "
+            "build them with sae_kit.eval.inputs.prepare(), which harvests them for this SAE"
+        )
 
 
 def ratio(num: float, den: float) -> float | None:
@@ -130,7 +136,10 @@ def l0_stats(l0: Tensor) -> dict[str, Any]:
     n = int(counts.sum())
     values, c = torch.arange(len(counts), dtype=torch.float64), counts.double()
     mean = float((values * c).sum()) / n
-    out: dict[str, Any] = {"l0_mean": mean, "l0_std": math.sqrt(float(((values - mean).square() * c).sum()) / (n - 1)) if n > 1 else 0.0}
+    out: dict[str, Any] = {
+        "l0_mean": mean,
+        "l0_std": math.sqrt(float(((values - mean).square() * c).sum()) / (n - 1)) if n > 1 else 0.0,
+    }
     cumulative = counts.cumsum(0)
 
     def order_statistic(i: int) -> int:  # the i-th smallest L0 (0-based)
@@ -168,8 +177,8 @@ def reconstruction(x: Tensor, x_hat: Tensor, chunk: int = 16384) -> dict[str, fl
         per_token["xh"].append((xs * hs).sum(-1))
     err, xx, hh, xh = (torch.cat(per_token[k]) for k in ("err", "xx", "hh", "xh"))
     tiny = torch.finfo(torch.float64).tiny
-    unexplained = fvu(x, x_hat, chunk)
-    unexplained = unexplained if math.isfinite(unexplained) else None
+    value = fvu(x, x_hat, chunk)
+    unexplained = value if math.isfinite(value) else None
     return {
         "mse": float(err.mean()),
         "normalized_mse": float((err / xx.clamp_min(tiny)).mean()),
@@ -194,7 +203,11 @@ def downstream(inputs: EvalInputs, x_hat: Tensor, cfg: CoreConfig) -> dict[str, 
             break
         batch = batch.first(cfg.ce_tokens - spliced)
         n = batch.n_kept
-        edits = {"spliced": splice(x_hat[rows.start : rows.start + n]), "zero": fill(torch.zeros_like(mean)), "mean": fill(mean)}
+        edits = {
+            "spliced": splice(x_hat[rows.start : rows.start + n]),
+            "zero": fill(torch.zeros_like(mean)),
+            "mean": fill(mean),
+        }
         ablated = batch.keep if cfg.ablation_positions == "kept" else torch.ones_like(batch.keep)
         clean, _ = run_lm(inputs.model, batch.tokens, inputs.hook)
         ce_clean, mask = next_token_ce(clean, batch.tokens, batch.pad)
@@ -210,23 +223,33 @@ def downstream(inputs: EvalInputs, x_hat: Tensor, cfg: CoreConfig) -> dict[str, 
     return downstream_metrics(ce, kl, positions, spliced, cfg)
 
 
-def downstream_metrics(ce: dict[str, float], kl: dict[str, float], positions: int, spliced: int, cfg: CoreConfig) -> dict[str, Any]:
+def downstream_metrics(
+    ce: dict[str, float], kl: dict[str, float], positions: int, spliced: int, cfg: CoreConfig
+) -> dict[str, Any]:
     """Means and scores from the summed CE/KL of each run (None where a run did not happen)."""
     ce_mean = {name: total / positions if positions else None for name, total in ce.items()}
     kl_mean = {name: total / positions if positions else None for name, total in kl.items()}
     clean, sae, zero, mean_abl = (ce_mean.get(name) for name in ("clean", "spliced", "zero", "mean"))
 
     def recovered(ablated: float | None) -> float | None:
-        return None if ablated is None or clean is None else ratio(ablated - sae, ablated - clean)
+        return None if ablated is None or clean is None or sae is None else ratio(ablated - sae, ablated - clean)
 
     kl_zero, kl_sae = kl_mean.get("zero"), kl_mean.get("spliced")
     return {
-        "ce_tokens": spliced, "ce_positions": positions, "ablation_positions": cfg.ablation_positions,
-        "ce_clean": clean, "ce_spliced": sae, "ce_zero_ablation": zero, "ce_mean_ablation": mean_abl,
-        "ce_loss_recovered": recovered(zero), "ce_loss_recovered_mean": recovered(mean_abl),
-        "delta_ce": None if clean is None else sae - clean,
-        "kl_spliced": kl_sae, "kl_zero": kl_zero, "kl_mean": kl_mean.get("mean"),
-        "kl_score": None if kl_zero is None else ratio(kl_zero - kl_sae, kl_zero),
+        "ce_tokens": spliced,
+        "ce_positions": positions,
+        "ablation_positions": cfg.ablation_positions,
+        "ce_clean": clean,
+        "ce_spliced": sae,
+        "ce_zero_ablation": zero,
+        "ce_mean_ablation": mean_abl,
+        "ce_loss_recovered": recovered(zero),
+        "ce_loss_recovered_mean": recovered(mean_abl),
+        "delta_ce": None if clean is None or sae is None else sae - clean,
+        "kl_spliced": kl_sae,
+        "kl_zero": kl_zero,
+        "kl_mean": kl_mean.get("mean"),
+        "kl_score": None if kl_zero is None or kl_sae is None else ratio(kl_zero - kl_sae, kl_zero),
     }
 
 
@@ -238,8 +261,12 @@ def mp_metrics(inputs: EvalInputs, cfg: CoreConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(inputs.seed)
     sample = inputs.x[torch.randperm(len(inputs.x), generator=generator)[: cfg.mp_curve_tokens]]
     l0, fvu = mp_curve(sae, sample, steps)
-    return {"mp_curve_tokens": len(sample), "mp_curve_l0": l0, "mp_curve_fvu": fvu,
-            "mp_fvu_at_k": fvu[sae.cfg.k - 1] if len(fvu) >= sae.cfg.k else None}
+    return {
+        "mp_curve_tokens": len(sample),
+        "mp_curve_l0": l0,
+        "mp_curve_fvu": fvu,
+        "mp_fvu_at_k": fvu[sae.cfg.k - 1] if len(fvu) >= sae.cfg.k else None,
+    }
 
 
 def mp_curve(sae: SAE, x: Tensor, steps: int, max_cells: int = 1 << 25) -> tuple[list[float], list[float]]:
@@ -266,17 +293,34 @@ def l0_figure(metrics: dict[str, Any]) -> go.Figure:
     edges, counts = metrics["l0_hist_edges"], metrics["l0_hist_counts"]
     width = edges[1] - edges[0]
     fig = go.Figure(go.Bar(x=[e + width / 2 for e in edges[:-1]], y=counts, width=width, name="tokens"))
-    fig.update_layout(title=f"L0 per token (mean {metrics['l0_mean']:.1f}, {metrics['tokens']} tokens)",
-                      xaxis_title="L0 (active latents)", yaxis_title="tokens", bargap=0.05)
+    fig.update_layout(
+        title=f"L0 per token (mean {metrics['l0_mean']:.1f}, {metrics['tokens']} tokens)",
+        xaxis_title="L0 (active latents)",
+        yaxis_title="tokens",
+        bargap=0.05,
+    )
     return fig
 
 
 def mp_figure(metrics: dict[str, Any]) -> go.Figure:
     """MP-SAE: FVU against mean L0 along the pursuit, with the eval-mode (adaptive stopping) point."""
-    fig = go.Figure(go.Scatter(x=metrics["mp_curve_l0"], y=metrics["mp_curve_fvu"], mode="lines+markers",
-                               name=f"fixed steps ({metrics['mp_curve_tokens']} tokens)"))
-    fig.add_trace(go.Scatter(x=[metrics["l0_mean"]], y=[metrics["fvu"]], mode="markers", marker={"size": 12, "symbol": "star"},
-                             name="eval mode (adaptive stopping)"))
+    fig = go.Figure(
+        go.Scatter(
+            x=metrics["mp_curve_l0"],
+            y=metrics["mp_curve_fvu"],
+            mode="lines+markers",
+            name=f"fixed steps ({metrics['mp_curve_tokens']} tokens)",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[metrics["l0_mean"]],
+            y=[metrics["fvu"]],
+            mode="markers",
+            marker={"size": 12, "symbol": "star"},
+            name="eval mode (adaptive stopping)",
+        )
+    )
     fig.update_layout(title="MP-SAE: FVU along the pursuit", xaxis_title="mean L0", yaxis_title="FVU", yaxis_type="log")
     return fig
 
@@ -286,20 +330,28 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     cos = "n/a" if m["cossim"] is None else f"{m['cossim']:.3f}"
     line = f"core: FVU {fmt(m['fvu'])}  L0 {m['l0_mean']:.1f}  cos {cos}"
     if m["ce_clean"] is not None:
-        line += (f"  CE clean {m['ce_clean']:.3f} → SAE {m['ce_spliced']:.3f} (recovered {fmt(m['ce_loss_recovered'])} against "
-                 f"ablating {'every position' if m['ablation_positions'] == 'all' else 'the kept positions'}, "
-                 f"ΔCE {m['delta_ce']:.3f}, KL {m['kl_spliced']:.3f})")
+        line += (
+            f"  CE clean {m['ce_clean']:.3f} → SAE {m['ce_spliced']:.3f} (recovered {fmt(m['ce_loss_recovered'])} against "
+            f"ablating {'every position' if m['ablation_positions'] == 'all' else 'the kept positions'}, "
+            f"ΔCE {m['delta_ce']:.3f}, KL {m['kl_spliced']:.3f})"
+        )
     lines = [line]
     if "l0_training_target" in m:
         trained = "" if m["l0_training"] is None else f", training L0 {m['l0_training']:.1f}"
-        lines.append(f"core: inference L0 {m['l0_mean']:.1f} with learned thresholds "
-                     f"(training target k={m['l0_training_target']}{trained})")
+        lines.append(
+            f"core: inference L0 {m['l0_mean']:.1f} with learned thresholds "
+            f"(training target k={m['l0_training_target']}{trained})"
+        )
     if "mp_curve_fvu" in m:
         l0, fvu = m["mp_curve_l0"], m["mp_curve_fvu"]
-        lines.append(f"core: MP curve FVU {fvu[0]:.3f} at L0 {l0[0]:.1f} → {fvu[-1]:.3f} at L0 {l0[-1]:.1f} "
-                     f"(at k: {fmt(m['mp_fvu_at_k'])})")
+        lines.append(
+            f"core: MP curve FVU {fvu[0]:.3f} at L0 {l0[0]:.1f} → {fvu[-1]:.3f} at L0 {l0[-1]:.1f} "
+            f"(at k: {fmt(m['mp_fvu_at_k'])})"
+        )
     if m["input_scale"] is not None:
-        lines.append(f"core: the SAE expects normalised inputs; scale {m['input_scale']:.4g} = sqrt(d_in)/E||x|| on held-out tokens folded in")
+        lines.append(
+            f"core: the SAE expects normalised inputs; scale {m['input_scale']:.4g} = sqrt(d_in)/E||x|| on held-out tokens folded in"
+        )
     return lines
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import plotly.graph_objects as go
 import torch
@@ -86,9 +87,9 @@ def fit_linear(X: Tensor, Y: Tensor, ridge: float = 0.0) -> Tensor:
     """
     X, Y = _columns(X), _columns(Y)
     n, d = X.shape
-    mx = sum(X[s].double().sum(0) for s in _rows(n)) / n
-    my = sum(Y[s].double().sum(0) for s in _rows(n)) / n
-    f64 = {"dtype": torch.float64, "device": X.device}
+    mx = torch.stack([X[s].double().sum(0) for s in _rows(n)]).sum(0) / n
+    my = torch.stack([Y[s].double().sum(0) for s in _rows(n)]).sum(0) / n
+    f64: dict[str, Any] = {"dtype": torch.float64, "device": X.device}
     xx = torch.zeros(d, d, **f64)
     xy = torch.zeros(d, Y.shape[1], **f64)
     for s in _rows(n):
@@ -139,8 +140,10 @@ def split_tokens(n: int, d_in: int, cfg: DarkMatterConfig, seed: int) -> tuple[T
     need = cfg.min_fit_tokens(d_in)
     if n_fit < need or n - n_fit < 2:
         total = max(math.ceil(need / cfg.fit_fraction), math.ceil(2 / (1 - cfg.fit_fraction)))
-        raise EvalError(f"dark matter needs {need} fit tokens for {d_in + 1} regressors ({cfg.fit_fraction:.0%} of at least {total} "
-                        f"evaluation tokens), but has {n}; raise --tokens to {total} or more")
+        raise EvalError(
+            f"dark matter needs {need} fit tokens for {d_in + 1} regressors ({cfg.fit_fraction:.0%} of at least {total} "
+            f"evaluation tokens), but has {n}; raise --tokens to {total} or more"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[:n_fit], perm[n_fit:]
 
@@ -218,8 +221,10 @@ def check(inputs: EvalInputs, cfg: DarkMatterConfig) -> tuple[Tensor, Tensor, in
     fit, held = split_tokens(n, d_in, cfg, inputs.seed)
     m, need = ce_rows(inputs, cfg.ce_tokens), cfg.min_fit_tokens(d_in)
     if n - m < need:
-        raise EvalError(f"dark matter fits its linear/nonlinear split on the tokens outside the CE contexts: needs {need}, but {m} of "
-                        f"the {n} evaluation tokens are in the CE contexts; raise --tokens to {m + need} or more, or lower --dark-matter.ce-tokens")
+        raise EvalError(
+            f"dark matter fits its linear/nonlinear split on the tokens outside the CE contexts: needs {need}, but {m} of "
+            f"the {n} evaluation tokens are in the CE contexts; raise --tokens to {m + need} or more, or lower --dark-matter.ce-tokens"
+        )
     return fit, held, m
 
 
@@ -238,42 +243,69 @@ def measure(inputs: EvalInputs, cfg: DarkMatterConfig = DarkMatterConfig()) -> S
     pred = predictability(x, e, fit, held, cfg.ridge)
     e_lin, e_nl = decompose(x, e, cfg.ridge, fit=slice(m, None))  # fitted outside the CE contexts
     total = _centred_energy(x[m:])
-    ce = {"ce_clean": ce_with(inputs, None, cfg.ce_tokens), "ce_sae": ce_with(inputs, x_hat[:m], cfg.ce_tokens),
-          "ce_sae_plus_linear": ce_with(inputs, x_hat[:m] + e_lin[:m], cfg.ce_tokens),
-          "ce_sae_plus_nonlinear": ce_with(inputs, x_hat[:m] + e_nl[:m], cfg.ce_tokens)}
+    ce = {
+        "ce_clean": ce_with(inputs, None, cfg.ce_tokens),
+        "ce_sae": ce_with(inputs, x_hat[:m], cfg.ce_tokens),
+        "ce_sae_plus_linear": ce_with(inputs, x_hat[:m] + e_lin[:m], cfg.ce_tokens),
+        "ce_sae_plus_nonlinear": ce_with(inputs, x_hat[:m] + e_nl[:m], cfg.ce_tokens),
+    }
     metrics = {
-        "vector_r2": pred.vector_r2, "vector_r2_skipped_dims": pred.skipped_dims, "norm_r2": pred.norm_r2,
-        "fvu_sae": _energy(e[m:]) / total, "fvu_linear_error": _energy(e_lin[m:]) / total, "fvu_nonlinear_error": _energy(e_nl[m:]) / total,
+        "vector_r2": pred.vector_r2,
+        "vector_r2_skipped_dims": pred.skipped_dims,
+        "norm_r2": pred.norm_r2,
+        "fvu_sae": _energy(e[m:]) / total,
+        "fvu_linear_error": _energy(e_lin[m:]) / total,
+        "fvu_nonlinear_error": _energy(e_nl[m:]) / total,
         **ce,
         "share_of_ce_gap_closed_by_linear": _share(ce["ce_sae"], ce["ce_sae_plus_linear"], ce["ce_clean"]),
         "share_of_ce_gap_closed_by_nonlinear": _share(ce["ce_sae"], ce["ce_sae_plus_nonlinear"], ce["ce_clean"]),
-        "fit_tokens": len(fit), "held_tokens": len(held), "ce_kept_tokens": m, "decomposition_tokens": len(x) - m,
+        "fit_tokens": len(fit),
+        "held_tokens": len(held),
+        "ce_kept_tokens": m,
+        "decomposition_tokens": len(x) - m,
         "paper_headline": dict(PAPER_HEADLINE),
     }
     return Section(metrics, _figures(pred, inputs.seed), [_line(metrics)])
 
 
 def _line(m: dict) -> str:
-    shares = "  ".join(f"CE gap closed by {name} {'n/a' if s is None else f'{s:.0%}'}" for name, s in
-                       (("e_L", m["share_of_ce_gap_closed_by_linear"]), ("e_NL", m["share_of_ce_gap_closed_by_nonlinear"])))
+    shares = "  ".join(
+        f"CE gap closed by {name} {'n/a' if s is None else f'{s:.0%}'}"
+        for name, s in (
+            ("e_L", m["share_of_ce_gap_closed_by_linear"]),
+            ("e_NL", m["share_of_ce_gap_closed_by_nonlinear"]),
+        )
+    )
     skipped = f"; {m['vector_r2_skipped_dims']} constant dimensions skipped" if m["vector_r2_skipped_dims"] else ""
-    return (f"dark matter: norm R² {m['norm_r2']:.2f} (paper: >0.9 on Gemma 2)  vector R² {m['vector_r2']:.2f} (paper: ~0.5{skipped})  "
-            f"FVU {m['fvu_sae']:.3f} = linear {m['fvu_linear_error']:.3f} + nonlinear {m['fvu_nonlinear_error']:.3f}  {shares}")
+    return (
+        f"dark matter: norm R² {m['norm_r2']:.2f} (paper: >0.9 on Gemma 2)  vector R² {m['vector_r2']:.2f} (paper: ~0.5{skipped})  "
+        f"FVU {m['fvu_sae']:.3f} = linear {m['fvu_linear_error']:.3f} + nonlinear {m['fvu_nonlinear_error']:.3f}  {shares}"
+    )
 
 
 def _figures(pred: Predictability, seed: int, points: int = 2000) -> dict[str, go.Figure]:
     pick = torch.randperm(len(pred.norm), generator=torch.Generator().manual_seed(seed))[:points]
     actual, guess = pred.norm[pick].tolist(), pred.norm_pred[pick].tolist()
     lo, hi = min(actual + guess), max(actual + guess)
-    scatter = go.Figure([go.Scatter(x=actual, y=guess, mode="markers", marker={"size": 3, "opacity": 0.5}, name="held-out tokens"),
-                         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dash"}, name="y = x")])
-    scatter.update_layout(title=f"Dark matter: ||e||² predicted linearly from x (held-out R² {pred.norm_r2:.3f})",
-                          xaxis_title="actual ||e||²", yaxis_title="predicted ||e||²")
+    scatter = go.Figure(
+        [
+            go.Scatter(x=actual, y=guess, mode="markers", marker={"size": 3, "opacity": 0.5}, name="held-out tokens"),
+            go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dash"}, name="y = x"),
+        ]
+    )
+    scatter.update_layout(
+        title=f"Dark matter: ||e||² predicted linearly from x (held-out R² {pred.norm_r2:.3f})",
+        xaxis_title="actual ||e||²",
+        yaxis_title="predicted ||e||²",
+    )
     r2s = pred.r2_per_dim
     hist = go.Figure([go.Histogram(x=r2s[~r2s.isnan()].tolist(), nbinsx=50)])
     skipped = f", {pred.skipped_dims} constant dimensions skipped" if pred.skipped_dims else ""
-    hist.update_layout(title=f"Dark matter: held-out R² per error dimension (mean {pred.vector_r2:.3f}{skipped})",
-                       xaxis_title="R² of e_j predicted from x", yaxis_title="dimensions")
+    hist.update_layout(
+        title=f"Dark matter: held-out R² per error dimension (mean {pred.vector_r2:.3f}{skipped})",
+        xaxis_title="R² of e_j predicted from x",
+        yaxis_title="dimensions",
+    )
     return {"norm_scatter": scatter, "r2_per_dim": hist}
 
 
@@ -291,9 +323,15 @@ def _check_group(inputs: list[EvalInputs]) -> list[EvalInputs]:
     first = inputs[0].contexts
     for other in inputs[1:]:
         c = other.contexts
-        if not (torch.equal(c.tokens, first.tokens) and torch.equal(c.keep, first.keep) and other.x.shape == inputs[0].x.shape):
-            raise EvalError("dark matter across widths needs the SAEs evaluated on the same tokens; "
-                            "prepare one EvalInputs and swap only its SAE (dataclasses.replace(inputs, sae=...))")
+        if not (
+            torch.equal(c.tokens, first.tokens)
+            and torch.equal(c.keep, first.keep)
+            and other.x.shape == inputs[0].x.shape
+        ):
+            raise EvalError(
+                "dark matter across widths needs the SAEs evaluated on the same tokens; "
+                "prepare one EvalInputs and swap only its SAE (dataclasses.replace(inputs, sae=...))"
+            )
     return sorted(inputs, key=lambda i: i.sae.cfg.d_sae)
 
 
@@ -320,14 +358,29 @@ def cross_width(inputs: list[EvalInputs], cfg: DarkMatterConfig = DarkMatterConf
     for (small, (norm_i, nl_i, l0_i)), (large, (norm_j, _, l0_j)) in zip(zip(runs, stats), zip(runs[1:], stats[1:])):
         old = _held_r2(norm_i, norm_j, fit, held)
         new = _held_r2(torch.stack([norm_i, nl_i], 1), norm_j, fit, held)
-        pairs.append({"d_sae_small": small.sae.cfg.d_sae, "d_sae_large": large.sae.cfg.d_sae, "l0_small": l0_i, "l0_large": l0_j,
-                      "r2_norm": old, "r2_norm_plus_nonlinear": new,
-                      "pct_remaining_variance_explained": (new - old) / (1 - old) * 100 if old < 1 else None})
-    lines = [f"dark matter across widths: ||e|| at {p['d_sae_large']} from {p['d_sae_small']}: R² {p['r2_norm']:.3f}, "
-             f"with ||e_NL|| {p['r2_norm_plus_nonlinear']:.3f} ({_pct(p['pct_remaining_variance_explained'])} of the remaining variance)"
-             for p in pairs]
-    metrics = {"widths": [r.sae.cfg.d_sae for r in runs], "l0": [s[2] for s in stats], "pairs": pairs,
-               "fit_tokens": len(fit), "held_tokens": len(held)}
+        pairs.append(
+            {
+                "d_sae_small": small.sae.cfg.d_sae,
+                "d_sae_large": large.sae.cfg.d_sae,
+                "l0_small": l0_i,
+                "l0_large": l0_j,
+                "r2_norm": old,
+                "r2_norm_plus_nonlinear": new,
+                "pct_remaining_variance_explained": (new - old) / (1 - old) * 100 if old < 1 else None,
+            }
+        )
+    lines = [
+        f"dark matter across widths: ||e|| at {p['d_sae_large']} from {p['d_sae_small']}: R² {p['r2_norm']:.3f}, "
+        f"with ||e_NL|| {p['r2_norm_plus_nonlinear']:.3f} ({_pct(p['pct_remaining_variance_explained'])} of the remaining variance)"
+        for p in pairs
+    ]
+    metrics = {
+        "widths": [r.sae.cfg.d_sae for r in runs],
+        "l0": [s[2] for s in stats],
+        "pairs": pairs,
+        "fit_tokens": len(fit),
+        "held_tokens": len(held),
+    }
     return Section(metrics, {"norm_r2": _pairs_figure(pairs)}, lines)
 
 
@@ -337,8 +390,16 @@ def _pct(value: float | None) -> str:
 
 def _pairs_figure(pairs: list[dict]) -> go.Figure:
     labels = [f"{p['d_sae_small']} → {p['d_sae_large']}" for p in pairs]
-    fig = go.Figure([go.Bar(x=labels, y=[p["r2_norm"] for p in pairs], name="from ||e_i||"),
-                     go.Bar(x=labels, y=[p["r2_norm_plus_nonlinear"] for p in pairs], name="from ||e_i|| and ||e_NL,i||")])
-    fig.update_layout(title="Dark matter across widths: held-out R² of the larger SAE's per-token error norm",
-                      xaxis_title="widths (smaller → larger)", yaxis_title="R²", barmode="group")
+    fig = go.Figure(
+        [
+            go.Bar(x=labels, y=[p["r2_norm"] for p in pairs], name="from ||e_i||"),
+            go.Bar(x=labels, y=[p["r2_norm_plus_nonlinear"] for p in pairs], name="from ||e_i|| and ||e_NL,i||"),
+        ]
+    )
+    fig.update_layout(
+        title="Dark matter across widths: held-out R² of the larger SAE's per-token error norm",
+        xaxis_title="widths (smaller → larger)",
+        yaxis_title="R²",
+        barmode="group",
+    )
     return fig

@@ -46,10 +46,16 @@ def measure(inputs: EvalInputs) -> Section:
     d_sae = len(density)
     dead = int((density == 0).sum())
     metrics: dict[str, Any] = {
-        "tokens": n, "d_sae": d_sae, "dead_count": dead, "dead_frac": dead / d_sae, "dead_detection_floor": 1 / max(n, 1),
+        "tokens": n,
+        "d_sae": d_sae,
+        "dead_count": dead,
+        "dead_frac": dead / d_sae,
+        "dead_detection_floor": 1 / max(n, 1),
         "alive_frac": 1 - dead / d_sae,
-        "dense_frac_1pct": float((density > 0.01).double().mean()), "dense_frac_10pct": float((density > 0.1).double().mean()),
-        "density_mean": float(density.mean()), "density_median": float(density.median()),
+        "dense_frac_1pct": float((density > 0.01).double().mean()),
+        "dense_frac_10pct": float((density > 0.1).double().mean()),
+        "density_mean": float(density.mean()),
+        "density_median": float(density.median()),
     }
     metrics |= prefixed("log10_density", log10_histogram(density.log10(), -math.inf))
     metrics["latent_density"] = density.tolist() if d_sae <= MAX_LISTED_LATENTS else None
@@ -80,9 +86,14 @@ def training_stats(inputs: EvalInputs) -> dict[str, Any]:
     sae = inputs.sae
     meta = sae.cfg.metadata
     dead = meta.get("training_dead_latents")
-    out: dict[str, Any] = {"training_dead_latents": dead, "training_dead_frac": None if dead is None else dead / sae.cfg.d_sae,
-                           "training_tokens": meta.get("training_tokens"), "training_log10_density_edges": None,
-                           "training_log10_density_counts": None, "training_never_fired": None}
+    out: dict[str, Any] = {
+        "training_dead_latents": dead,
+        "training_dead_frac": None if dead is None else dead / sae.cfg.d_sae,
+        "training_tokens": meta.get("training_tokens"),
+        "training_log10_density_edges": None,
+        "training_log10_density_counts": None,
+        "training_never_fired": None,
+    }
     if sae.sparsity is not None:
         hist = log10_histogram(sae.sparsity.float().cpu(), TRAINING_FLOOR)
         out |= prefixed("training_log10_density", hist) | {"training_never_fired": hist["zero"]}
@@ -95,18 +106,24 @@ def density_figure(m: dict[str, Any]) -> go.Figure:
     for prefix, label in (("", "eval"), ("training_", "training")):
         edges, counts = m[f"{prefix}log10_density_edges"], m[f"{prefix}log10_density_counts"]
         if counts:
-            fig.add_trace(go.Bar(x=[e + BIN_WIDTH / 2 for e in edges[:-1]], y=counts, width=BIN_WIDTH, name=label, opacity=0.7))
+            fig.add_trace(
+                go.Bar(x=[e + BIN_WIDTH / 2 for e in edges[:-1]], y=counts, width=BIN_WIDTH, name=label, opacity=0.7)
+            )
     title = f"Latent density: {m['dead_count']} of {m['d_sae']} dead on {m['tokens']} eval tokens"
     if m["training_dead_latents"] is not None:
         title += f", {m['training_dead_latents']} dead in training"
-    fig.update_layout(title=title, xaxis_title="log10 density (fraction of tokens firing)", yaxis_title="latents", barmode="overlay")
+    fig.update_layout(
+        title=title, xaxis_title="log10 density (fraction of tokens firing)", yaxis_title="latents", barmode="overlay"
+    )
     return fig
 
 
 def summary_lines(m: dict[str, Any]) -> list[str]:
     """Two short lines for stdout."""
     training = "" if m["training_dead_frac"] is None else f" (training {100 * m['training_dead_frac']:.1f}%)"
-    return [f"dead: {100 * m['dead_frac']:.1f}% dead on {m['tokens']} eval tokens (density below the detection floor "
-            f"{m['dead_detection_floor']:.1e}){training}; "
-            f"dense {100 * m['dense_frac_1pct']:.1f}% >1%, {100 * m['dense_frac_10pct']:.1f}% >10%",
-            f"dead: latent density mean {m['density_mean']:.2e}, median {m['density_median']:.2e}"]
+    return [
+        f"dead: {100 * m['dead_frac']:.1f}% dead on {m['tokens']} eval tokens (density below the detection floor "
+        f"{m['dead_detection_floor']:.1e}){training}; "
+        f"dense {100 * m['dense_frac_1pct']:.1f}% >1%, {100 * m['dense_frac_10pct']:.1f}% >10%",
+        f"dead: latent density mean {m['density_mean']:.2e}, median {m['density_median']:.2e}",
+    ]

@@ -81,12 +81,20 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
     if cfg.tokens < 1:
         raise EvalError(f"--tokens must be positive, got {cfg.tokens}")
     found = rundir.resolve(cfg.saes)
-    entries = [(f.name, f.sae_dir, load_sae(f.sae_dir, device=cfg.device)) for f in found]
+    entries: list[tuple[str, Path | None, SAE]] = [
+        (f.name, f.sae_dir, load_sae(f.sae_dir, device=cfg.device)) for f in found
+    ]
     # An SAE of the caller's that gets its input scale folded in is copied first, so the caller's object is unchanged.
-    entries += [(name, None, copy.deepcopy(sae) if sae.cfg.normalize_activations != "none" else sae) for name, sae in (saes or {}).items()]
+    entries += [
+        (name, None, copy.deepcopy(sae) if sae.cfg.normalize_activations != "none" else sae)
+        for name, sae in (saes or {}).items()
+    ]
     model_name = cfg.model or entries[0][2].cfg.metadata.get("model_name")
     model = model or load_model(model_name, device=cfg.device)
-    out = Path(cfg.out or (found[0].run_dir / rundir.EVAL_DIR if len(entries) == len(found) == 1 else rundir.default_eval_dir()))
+    out = Path(
+        cfg.out
+        or (found[0].run_dir / rundir.EVAL_DIR if len(entries) == len(found) == 1 else rundir.default_eval_dir())
+    )
     shared: dict[tuple, EvalInputs] = {}
     evaluated, prepare_seconds = [], []
     for _, _, sae in entries:  # the cheap part first, so bad settings fail before minutes of measuring
@@ -98,23 +106,47 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
     measured = [_measure(cfg, inputs) for inputs in evaluated]
     out.mkdir(parents=True, exist_ok=True)  # nothing is written until every measurement has succeeded
     write_plotly_js(out)
-    reports, png = [], cfg.png
+    reports: list[dict[str, Any]] = []
+    png = cfg.png
     for (name, path, sae), inputs, (sections, seconds), prep in zip(entries, evaluated, measured, prepare_seconds):
-        figures = {}
+        figures: dict[str, str] = {}
         for section_name, section in sections.items():
-            paths, png = write_figures(out, _slug(name), {f"{section_name}-{k}": f for k, f in section.figures.items()}, png)
+            paths, png = write_figures(
+                out, _slug(name), {f"{section_name}-{k}": f for k, f in section.figures.items()}, png
+            )
             figures |= paths
-        reports.append({"name": name, "path": None if path is None else str(path), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
-                        "k": sae.cfg.k if sae.cfg.rule.uses_k else None, "hook": inputs.hook, "tokens": len(inputs.x),
-                        "data": _data_settings(inputs), "input_scale": inputs.input_scale,
-                        "sections": {k: s.metrics for k, s in sections.items()}, "figures": figures, "seconds": {"prepare": prep, **seconds},
-                        "summary": [line for s in sections.values() for line in s.lines]})
+        reports.append(
+            {
+                "name": name,
+                "path": None if path is None else str(path),
+                "architecture": sae.cfg.architecture,
+                "d_sae": sae.cfg.d_sae,
+                "k": sae.cfg.k if sae.cfg.rule.uses_k else None,
+                "hook": inputs.hook,
+                "tokens": len(inputs.x),
+                "data": _data_settings(inputs),
+                "input_scale": inputs.input_scale,
+                "sections": {k: s.metrics for k, s in sections.items()},
+                "figures": figures,
+                "seconds": {"prepare": prep, **seconds},
+                "summary": [line for s in sections.values() for line in s.lines],
+            }
+        )
     comparison = _comparison(cfg, out, reports, evaluated, png)
     first = evaluated[0]
-    settings = {"model": getattr(model, "sae_kit_name", model_name), "hooks": sorted({r["hook"] for r in reports}),
-                "tokens": len(first.x), "requested_tokens": cfg.tokens, "contexts": int(first.contexts.tokens.shape[0]),
-                "context_size": int(first.contexts.tokens.shape[1]), "corpus": cfg.corpus or entries[0][2].cfg.metadata.get("dataset_path"),
-                "split": "heldout", "seed": cfg.seed, "sections": list(cfg.sections), "config": to_jsonable(dataclasses.asdict(cfg))}
+    settings = {
+        "model": getattr(model, "sae_kit_name", model_name),
+        "hooks": sorted({r["hook"] for r in reports}),
+        "tokens": len(first.x),
+        "requested_tokens": cfg.tokens,
+        "contexts": int(first.contexts.tokens.shape[0]),
+        "context_size": int(first.contexts.tokens.shape[1]),
+        "corpus": cfg.corpus or entries[0][2].cfg.metadata.get("dataset_path"),
+        "split": "heldout",
+        "seed": cfg.seed,
+        "sections": list(cfg.sections),
+        "config": to_jsonable(dataclasses.asdict(cfg)),
+    }
     report = build_report(settings, reports, comparison)
     save_report(out, report)
     return report | {"out": str(out)}
@@ -123,9 +155,15 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
 def summary_text(report: dict[str, Any]) -> str:
     """The plain-text summary `sae-kit eval` prints."""
     s = report["settings"]
-    short = f" (asked for {s['requested_tokens']:,}: the held-out split holds no more)" if s["tokens"] < s["requested_tokens"] else ""
-    lines = [f"evaluated on {s['tokens']:,} held-out tokens{short} ({s['contexts']} contexts of {s['context_size']}) of {s['corpus']}, "
-             f"model {s['model']}, seed {s['seed']}"]
+    short = (
+        f" (asked for {s['requested_tokens']:,}: the held-out split holds no more)"
+        if s["tokens"] < s["requested_tokens"]
+        else ""
+    )
+    lines = [
+        f"evaluated on {s['tokens']:,} held-out tokens{short} ({s['contexts']} contexts of {s['context_size']}) of {s['corpus']}, "
+        f"model {s['model']}, seed {s['seed']}"
+    ]
     for sae in report["saes"]:
         k = "" if sae["k"] is None else f", k {sae['k']}"
         lines += ["", f"{sae['name']} ({sae['architecture']}, d_sae {sae['d_sae']}{k}) at {sae['hook']}"]
@@ -144,28 +182,56 @@ def _inputs(shared: dict[tuple, EvalInputs], cfg: EvalConfig, model, sae: SAE) -
     """Held-out inputs for `sae`, shared with earlier SAEs of the same hook and data settings (corpus, split,
     tokenisation and position rules: every field of the SAE's harvest config) that read gradients alike."""
     if not (cfg.hook or sae.cfg.metadata.get("hook_name")):
-        raise EvalError("the SAE does not record its hook (cfg.json metadata.hook_name); pass --hook, e.g. --hook blocks.6.hook_resid_post")
-    data = harvest_config_for(sae, hook=cfg.hook, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size)
+        raise EvalError(
+            "the SAE does not record its hook (cfg.json metadata.hook_name); pass --hook, e.g. --hook blocks.6.hook_resid_post"
+        )
+    data = harvest_config_for(
+        sae, hook=cfg.hook, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size
+    )
     key = (tuple(sorted(dataclasses.asdict(data).items())), sae.sparsifier.uses_grad)
     if key not in shared:
-        shared[key] = prepare(model, sae, cfg.tokens, hook=cfg.hook, corpus=cfg.corpus, context_size=cfg.context_size, lm_batch_size=cfg.lm_batch_size, seed=cfg.seed)
+        shared[key] = prepare(
+            model,
+            sae,
+            cfg.tokens,
+            hook=cfg.hook,
+            corpus=cfg.corpus,
+            context_size=cfg.context_size,
+            lm_batch_size=cfg.lm_batch_size,
+            seed=cfg.seed,
+        )
         return shared[key]
     return with_sae(shared[key], sae)
 
 
 def _data_settings(inputs: EvalInputs) -> dict[str, Any]:
     """The data settings an SAE was evaluated with (its own: corpus, held-out split, tokenisation, position rules)."""
-    keys = ("corpus", "holdout_fraction", "context_size", "prepend_bos", "packing", "separator", "exclude_special_tokens", "exclude_first_position")
+    keys = (
+        "corpus",
+        "holdout_fraction",
+        "context_size",
+        "prepend_bos",
+        "packing",
+        "separator",
+        "exclude_special_tokens",
+        "exclude_first_position",
+    )
     return {k: getattr(inputs.data, k) for k in keys} | {"contexts": int(inputs.contexts.tokens.shape[0])}
 
 
 def _measure(cfg: EvalConfig, inputs: EvalInputs) -> tuple[dict[str, Section], dict[str, float]]:
     """Every requested measurement that applies to this SAE, and the seconds each took."""
-    runs = {"core": lambda: core.measure(inputs, cfg.core), "dead": lambda: dead.measure(inputs),
-            "dark_matter": lambda: dark_matter.measure(inputs, cfg.dark_matter), "steering": lambda: steering.measure(inputs, cfg.steering),
-            "attention": lambda: attention.measure(inputs)}
-    applies = {"steering": inputs.hook.endswith(("hook_resid_post", "hook_resid_pre", "hook_resid_mid")),
-               "attention": attention.is_attention_hook(inputs.hook)}
+    runs = {
+        "core": lambda: core.measure(inputs, cfg.core),
+        "dead": lambda: dead.measure(inputs),
+        "dark_matter": lambda: dark_matter.measure(inputs, cfg.dark_matter),
+        "steering": lambda: steering.measure(inputs, cfg.steering),
+        "attention": lambda: attention.measure(inputs),
+    }
+    applies = {
+        "steering": inputs.hook.endswith(("hook_resid_post", "hook_resid_pre", "hook_resid_mid")),
+        "attention": attention.is_attention_hook(inputs.hook),
+    }
     out: dict[str, Section] = {}
     seconds: dict[str, float] = {}
     for name in cfg.sections:
@@ -190,8 +256,12 @@ def _comparison(cfg: EvalConfig, out: Path, reports: list[dict], evaluated: list
     for (hook, _), group in same_tokens.items():
         if "dark_matter" in cfg.sections and len({i.sae.cfg.d_sae for i in group}) > 1:
             cross = dark_matter.cross_width(group, cfg.dark_matter)
-            key = hook if hook not in result.get("cross_width", {}) else f"{hook}#{len(result['cross_width'])}"  # other data settings
-            paths, png = write_figures(out, "comparison", {f"cross_width-{key}-{k}": f for k, f in cross.figures.items()}, png)
+            key = (
+                hook if hook not in result.get("cross_width", {}) else f"{hook}#{len(result['cross_width'])}"
+            )  # other data settings
+            paths, png = write_figures(
+                out, "comparison", {f"cross_width-{key}-{k}": f for k, f in cross.figures.items()}, png
+            )
             result.setdefault("cross_width", {})[key] = cross.metrics | {"figures": paths}
             result["summary"] = result["summary"] + cross.lines
     return result

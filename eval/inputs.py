@@ -4,13 +4,24 @@ sae_kit.heldout) and what it returns (`Section`: JSON metrics and plotly figures
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from torch import Tensor
 
 from sae_kit.activations import HarvestConfig
-from sae_kit.heldout import Encoded, HeldoutContexts, HeldoutError, activations, check_pair, encode, fold_input_scale, harvest_config_for, heldout_contexts
+from sae_kit.heldout import (
+    Encoded,
+    HeldoutContexts,
+    HeldoutError,
+    activations,
+    check_pair,
+    encode,
+    fold_input_scale,
+    harvest_config_for,
+    heldout_contexts,
+)
 from sae_kit.sae import SAE
 
 
@@ -68,8 +79,17 @@ class Section:
     """A few plain-text lines for the stdout summary of `sae-kit eval`."""
 
 
-def prepare(model, sae: SAE, n_tokens: int, *, hook: str | None = None, corpus: str | None = None, context_size: int | None = None,
-            lm_batch_size: int = 16, seed: int = 0) -> EvalInputs:
+def prepare(
+    model,
+    sae: SAE,
+    n_tokens: int,
+    *,
+    hook: str | None = None,
+    corpus: str | None = None,
+    context_size: int | None = None,
+    lm_batch_size: int = 16,
+    seed: int = 0,
+) -> EvalInputs:
     """Held-out contexts of the SAE's own data settings and the clean activations (and gradients, for g-SAE) at its hook."""
     cfg = harvest_config_for(sae, hook=hook, corpus=corpus, context_size=context_size, lm_batch_size=lm_batch_size)
     check_pair(model, sae, cfg.hook[0])

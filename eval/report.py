@@ -58,13 +58,23 @@ def write_plotly_js(out: Path) -> None:
         write_bytes(target, get_plotlyjs().encode())
 
 
-def build_report(settings: dict[str, Any], saes: list[dict[str, Any]], comparison: dict[str, Any] | None) -> dict[str, Any]:
+def build_report(
+    settings: dict[str, Any], saes: list[dict[str, Any]], comparison: dict[str, Any] | None
+) -> dict[str, Any]:
     """The report.json content."""
     from sae_kit.sae import package_version
 
-    return _finite({"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "sae_kit_version": package_version(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings, "saes": saes,
-                    "comparison": comparison})
+    return _finite(
+        {
+            "schema": REPORT_SCHEMA,
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "sae_kit_version": package_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": settings,
+            "saes": saes,
+            "comparison": comparison,
+        }
+    )
 
 
 def save_report(out: Path, report: dict[str, Any]) -> Path:

@@ -46,14 +46,26 @@ from sae_kit.activations import HarvestConfig
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section
 from sae_kit.heldout import HeldoutContexts, generate, kl_from, logit_lens, mean_activation, run_lm, steer_edit
 
-POSITIVE = ("I love this movie, it was wonderful.", "What a beautiful, happy day!",
-            "The food was delicious and the staff were kind.", "She was thrilled with the excellent results.",
-            "This is the best gift I have ever received.", "We had a fantastic time at the party.",
-            "The team did a great job and everyone is delighted.", "I feel so grateful and joyful today.")
-NEGATIVE = ("I hate this movie, it was awful.", "What a miserable, sad day!",
-            "The food was disgusting and the staff were rude.", "She was upset with the terrible results.",
-            "This is the worst gift I have ever received.", "We had a horrible time at the party.",
-            "The team did a poor job and everyone is disappointed.", "I feel so angry and miserable today.")
+POSITIVE = (
+    "I love this movie, it was wonderful.",
+    "What a beautiful, happy day!",
+    "The food was delicious and the staff were kind.",
+    "She was thrilled with the excellent results.",
+    "This is the best gift I have ever received.",
+    "We had a fantastic time at the party.",
+    "The team did a great job and everyone is delighted.",
+    "I feel so grateful and joyful today.",
+)
+NEGATIVE = (
+    "I hate this movie, it was awful.",
+    "What a miserable, sad day!",
+    "The food was disgusting and the staff were rude.",
+    "She was upset with the terrible results.",
+    "This is the worst gift I have ever received.",
+    "We had a horrible time at the party.",
+    "The team did a poor job and everyone is disappointed.",
+    "I feel so angry and miserable today.",
+)
 
 
 @dataclass
@@ -88,7 +100,9 @@ class SteeringConfig:
 
     def __post_init__(self) -> None:
         if self.positions != "all":
-            raise EvalError(f"SteeringConfig.positions={self.positions!r}; only 'all' (every kept position) is supported")
+            raise EvalError(
+                f"SteeringConfig.positions={self.positions!r}; only 'all' (every kept position) is supported"
+            )
         if self.n_features < 1 or self.top_tokens < 1 or self.contexts < 1 or not self.alphas:
             raise EvalError("SteeringConfig: n_features, top_tokens and contexts must be >= 1, and alphas non-empty")
         if not self.contrast_positive or not self.contrast_negative:
@@ -96,8 +110,14 @@ class SteeringConfig:
 
 
 # ------------------------------------------------------------------------------------------------------ pure helpers
-def token_mass_increase(model, inputs: EvalInputs, direction: Tensor, alpha: float, token_ids: Tensor,
-                        contexts: int = SteeringConfig.contexts) -> tuple[float, float]:
+def token_mass_increase(
+    model,
+    inputs: EvalInputs,
+    direction: Tensor,
+    alpha: float,
+    token_ids: Tensor,
+    contexts: int = SteeringConfig.contexts,
+) -> tuple[float, float]:
     """(mean increase of the next-token probability mass on `token_ids`, mean KL(clean ‖ steered)) over the kept
     positions of the first `contexts` held-out contexts, with alpha·direction added at each of them."""
     return _Probe.on(model, inputs, contexts).effect(direction, alpha, token_ids)
@@ -111,12 +131,15 @@ def dim_vector(model, data: HarvestConfig, positive: tuple[str, ...], negative: 
 
 def contrast_tokens(model, positive: tuple[str, ...], negative: tuple[str, ...]) -> Tensor:
     """Token ids [n] that occur in some `positive` prompt and in no `negative` one (special tokens excluded)."""
+
     def ids(prompts: tuple[str, ...]) -> set[int]:
         return {int(i) for p in prompts for i in model.to_tokens(p)[0]}
 
     chosen = ids(positive) - ids(negative) - set(model.tokenizer.all_special_ids)
     if not chosen:
-        raise EvalError("every token of the positive contrast prompts also occurs in the negative ones; use contrasting prompts")
+        raise EvalError(
+            "every token of the positive contrast prompts also occurs in the negative ones; use contrasting prompts"
+        )
     return torch.tensor(sorted(chosen))
 
 
@@ -161,7 +184,9 @@ class _Probe:
             n += len(clean)
         return d_mass / n, kl / n
 
-    def curve(self, direction: Tensor, unit: float, alphas: tuple[float, ...], token_ids: Tensor) -> tuple[list[float], list[float]]:
+    def curve(
+        self, direction: Tensor, unit: float, alphas: tuple[float, ...], token_ids: Tensor
+    ) -> tuple[list[float], list[float]]:
         """(Δmass per α, KL per α) steering with alpha·unit·direction."""
         points = [self.effect(direction, a * unit, token_ids) for a in alphas]
         return [p[0] for p in points], [p[1] for p in points]
@@ -177,7 +202,9 @@ def measure(inputs: EvalInputs, cfg: SteeringConfig = SteeringConfig()) -> Secti
         raise EvalError("no feature fires on the evaluation tokens, so none can be steered")
     chosen = cfg.generate_feature
     if chosen is not None and not (0 <= chosen < inputs.sae.cfg.d_sae and max_act[chosen] > 0):
-        raise EvalError(f"generate_feature={chosen} is not a live feature of this SAE; pick one that fires on the evaluation tokens")
+        raise EvalError(
+            f"generate_feature={chosen} is not a live feature of this SAE; pick one that fires on the evaluation tokens"
+        )
     pick = torch.randperm(len(live), generator=torch.Generator().manual_seed(inputs.seed))[: cfg.n_features]
     features = live[pick].sort().values
     directions, units = _atoms(inputs, features, max_act)
@@ -195,19 +222,34 @@ def _atoms(inputs: EvalInputs, features: Tensor, max_act: Tensor) -> tuple[Tenso
     return atoms / norms[:, None], max_act[features] * norms
 
 
-def _feature_curves(inputs: EvalInputs, cfg: SteeringConfig, probe: _Probe, features: Tensor, directions: Tensor,
-                    units: Tensor, signed: bool) -> tuple[dict[str, Any], Tensor]:
+def _feature_curves(
+    inputs: EvalInputs,
+    cfg: SteeringConfig,
+    probe: _Probe,
+    features: Tensor,
+    directions: Tensor,
+    units: Tensor,
+    signed: bool,
+) -> tuple[dict[str, Any], Tensor]:
     """(the features' metrics: curves per side, per-feature and SAE scores; scores per feature and side [n, sides])."""
     lens = logit_lens(inputs.model, directions)
     sides = [("", 1.0, lens.topk(cfg.top_tokens).indices)]
     if signed:
         sides.append(("_negative", -1.0, (-lens).topk(cfg.top_tokens).indices))
-    metrics: dict[str, Any] = {"features": features.tolist(), "alphas": list(cfg.alphas), "kl_budget": cfg.kl_budget,
-                               "signed": signed, "contexts": sum(len(b.tokens) for b in probe.batches),
-                               "positions": sum(len(c) for c in probe.clean), "max_activation": units.tolist()}
+    metrics: dict[str, Any] = {
+        "features": features.tolist(),
+        "alphas": list(cfg.alphas),
+        "kl_budget": cfg.kl_budget,
+        "signed": signed,
+        "contexts": sum(len(b.tokens) for b in probe.batches),
+        "positions": sum(len(c) for c in probe.clean),
+        "max_activation": units.tolist(),
+    }
     side_scores = torch.zeros(len(features), len(sides))
     for s, (suffix, sign, targets) in enumerate(sides):
-        curves = [probe.curve(sign * directions[j], float(units[j]), cfg.alphas, targets[j]) for j in range(len(features))]
+        curves = [
+            probe.curve(sign * directions[j], float(units[j]), cfg.alphas, targets[j]) for j in range(len(features))
+        ]
         metrics["target_tokens" + suffix] = [_decode(inputs.model, t) for t in targets]
         metrics["delta_mass" + suffix] = [m for m, _ in curves]
         metrics["kl" + suffix] = [k for _, k in curves]
@@ -233,14 +275,24 @@ def _dim(inputs: EvalInputs, cfg: SteeringConfig, probe: _Probe, signed: bool, m
     d_closest = sign * W_dec[closest] / W_dec[closest].norm()
     dim_mass, dim_kl = probe.curve(v_hat, norm, cfg.alphas, targets)
     feat_mass, feat_kl = probe.curve(d_closest, norm, cfg.alphas, targets)
-    return {"norm": norm, "target_tokens": _decode(model, targets), "delta_mass": dim_mass, "kl": dim_kl,
-            "score": budgeted_best(dim_mass, dim_kl, cfg.kl_budget), "closest_feature": closest,
-            "closest_cosine": float(cos[closest]), "closest_live": bool(max_act[closest] > 0),
-            "closest_delta_mass": feat_mass, "closest_kl": feat_kl,
-            "closest_score": budgeted_best(feat_mass, feat_kl, cfg.kl_budget)}
+    return {
+        "norm": norm,
+        "target_tokens": _decode(model, targets),
+        "delta_mass": dim_mass,
+        "kl": dim_kl,
+        "score": budgeted_best(dim_mass, dim_kl, cfg.kl_budget),
+        "closest_feature": closest,
+        "closest_cosine": float(cos[closest]),
+        "closest_live": bool(max_act[closest] > 0),
+        "closest_delta_mass": feat_mass,
+        "closest_kl": feat_kl,
+        "closest_score": budgeted_best(feat_mass, feat_kl, cfg.kl_budget),
+    }
 
 
-def _generation(inputs: EvalInputs, cfg: SteeringConfig, features: Tensor, side_scores: Tensor, max_act: Tensor) -> dict[str, Any]:
+def _generation(
+    inputs: EvalInputs, cfg: SteeringConfig, features: Tensor, side_scores: Tensor, max_act: Tensor
+) -> dict[str, Any]:
     """Greedy text, clean and steered, for cfg.generate_feature or the best-scoring sampled feature (on its better side)."""
     feature, alpha = cfg.generate_feature, cfg.generate_alpha
     if feature is None:
@@ -248,9 +300,13 @@ def _generation(inputs: EvalInputs, cfg: SteeringConfig, features: Tensor, side_
         feature, alpha = int(features[j]), (-alpha if side == 1 else alpha)
     direction, unit = _atoms(inputs, torch.tensor([feature]), max_act)
     edit = steer_edit(direction[0], alpha * float(unit[0]))
-    return {"feature": feature, "alpha": alpha, "prompt": cfg.generate_prompt,
-            "clean": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens),
-            "steered": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens, edit)}
+    return {
+        "feature": feature,
+        "alpha": alpha,
+        "prompt": cfg.generate_prompt,
+        "clean": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens),
+        "steered": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens, edit),
+    }
 
 
 def _decode(model, ids: Tensor) -> list[str]:
@@ -267,17 +323,38 @@ def _figures(metrics: dict[str, Any]) -> dict[str, go.Figure]:
         for suffix, sign in sides:
             xs = [sign * a for a in metrics["alphas"]]
             for feature, ys in list(zip(metrics["features"], metrics[key + suffix]))[:5]:
-                fig.add_scatter(x=xs, y=ys, mode="lines", line={"width": 1}, opacity=0.5, name=f"feature {feature}",
-                                legendgroup=str(feature), showlegend=sign > 0)
-            fig.add_scatter(x=xs, y=metrics["mean_" + key + suffix], mode="lines+markers", line={"width": 3, "color": "black"},
-                            name="mean" + (" (−α)" if sign < 0 else ""))
-        fig.update_layout(title=f"Steering: {title}", xaxis_title="α (× the feature's max |activation|)", yaxis_title=key)
+                fig.add_scatter(
+                    x=xs,
+                    y=ys,
+                    mode="lines",
+                    line={"width": 1},
+                    opacity=0.5,
+                    name=f"feature {feature}",
+                    legendgroup=str(feature),
+                    showlegend=sign > 0,
+                )
+            fig.add_scatter(
+                x=xs,
+                y=metrics["mean_" + key + suffix],
+                mode="lines+markers",
+                line={"width": 3, "color": "black"},
+                name="mean" + (" (−α)" if sign < 0 else ""),
+            )
+        fig.update_layout(
+            title=f"Steering: {title}", xaxis_title="α (× the feature's max |activation|)", yaxis_title=key
+        )
         figs[f"steering_{key}"] = fig
     dim, fig = metrics["dim"], go.Figure()
     fig.add_scatter(x=metrics["alphas"], y=dim["delta_mass"], mode="lines+markers", name="DiM vector")
-    fig.add_scatter(x=metrics["alphas"], y=dim["closest_delta_mass"], mode="lines+markers",
-                    name=f"feature {dim['closest_feature']} (cos {dim['closest_cosine']:.2f})")
-    fig.update_layout(title="Steering toward the positive contrast prompts' tokens", xaxis_title="α (× ‖v‖)", yaxis_title="Δ mass")
+    fig.add_scatter(
+        x=metrics["alphas"],
+        y=dim["closest_delta_mass"],
+        mode="lines+markers",
+        name=f"feature {dim['closest_feature']} (cos {dim['closest_cosine']:.2f})",
+    )
+    fig.update_layout(
+        title="Steering toward the positive contrast prompts' tokens", xaxis_title="α (× ‖v‖)", yaxis_title="Δ mass"
+    )
     figs["steering_dim"] = fig
     return figs
 
@@ -288,11 +365,17 @@ def _lines(metrics: dict[str, Any]) -> list[str]:
     kls = "/".join(f"{k:.2f}" for k in metrics["mean_kl"])
     alphas = "/".join(f"{a:g}" for a in metrics["alphas"])
     dim, gen = metrics["dim"], metrics["generation"]
-    lines = [f"steering: score {metrics['score']:.4f} over {len(metrics['features'])} live features (best Δmass with KL ≤ "
-             f"{metrics['kl_budget']:g}); α={alphas}: Δmass {curve}, KL {kls}"]
+    lines = [
+        f"steering: score {metrics['score']:.4f} over {len(metrics['features'])} live features (best Δmass with KL ≤ "
+        f"{metrics['kl_budget']:g}); α={alphas}: Δmass {curve}, KL {kls}"
+    ]
     if metrics["signed"]:
         lines.append("steering −α: Δmass " + "/".join(f"{m:+.4f}" for m in metrics["mean_delta_mass_negative"]))
-    lines.append(f"steering: DiM vector score {dim['score']:.4f} → closest feature {dim['closest_feature']} "
-                 f"(cos {dim['closest_cosine']:.2f}) score {dim['closest_score']:.4f}")
-    lines.append(f"steering text, feature {gen['feature']} at α={gen['alpha']:g}: {gen['steered']!r} (clean: {gen['clean']!r})")
+    lines.append(
+        f"steering: DiM vector score {dim['score']:.4f} → closest feature {dim['closest_feature']} "
+        f"(cos {dim['closest_cosine']:.2f}) score {dim['closest_score']:.4f}"
+    )
+    lines.append(
+        f"steering text, feature {gen['feature']} at α={gen['alpha']:g}: {gen['steered']!r} (clean: {gen['clean']!r})"
+    )
     return lines

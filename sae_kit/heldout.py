@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,17 @@ MAX_CELLS = 1 << 25
 """Code entries [rows × d_sae] one encode chunk may hold (dense rules materialise them)."""
 SCALE_TOKENS = 8192
 """Leading held-out positions the input scale of a normalising SAE is estimated on."""
-_DATA_KEYS = ("context_size", "prepend_bos", "dataset_path", "text_field", "packing", "separator", "exclude_special_tokens",
-              "exclude_first_position", "holdout_fraction")
+_DATA_KEYS = (
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "text_field",
+    "packing",
+    "separator",
+    "exclude_special_tokens",
+    "exclude_first_position",
+    "holdout_fraction",
+)
 
 
 class HeldoutError(SaeKitError):
@@ -71,7 +81,7 @@ class HeldoutContexts:
 def harvest_config_for(sae: SAE, **overrides) -> HarvestConfig:
     """The tokenisation, held-out split and position rules the SAE was trained with (its metadata), with `overrides`."""
     meta = sae.cfg.metadata
-    settings = {"hook": (meta["hook_name"],)} if meta.get("hook_name") else {}
+    settings: dict[str, Any] = {"hook": (meta["hook_name"],)} if meta.get("hook_name") else {}
     for key in _DATA_KEYS:
         if meta.get(key) is not None:
             settings["corpus" if key == "dataset_path" else key] = meta[key]
@@ -92,11 +102,15 @@ def check_pair(model, sae: SAE, hook: str) -> None:
         validate_hooks(model, [hook])
     except SaeKitError as err:
         raise HeldoutError(str(err)) from None
-    probe, _ = harvester_for(model, HarvestConfig(hook=(hook,))).run(torch.full((1, 2), model.tokenizer.bos_token_id or 0))
+    probe, _ = harvester_for(model, HarvestConfig(hook=(hook,))).run(
+        torch.full((1, 2), model.tokenizer.bos_token_id or 0)
+    )
     width = probe[hook].shape[-1]
     if width != sae.cfg.d_in:
-        raise HeldoutError(f"the SAE reads d_in={sae.cfg.d_in}, but {hook} of {getattr(model, 'sae_kit_name', 'the model')} has width {width}; "
-                           "pick the hook the SAE was trained on (cfg.json metadata.hook_name) or the matching model")
+        raise HeldoutError(
+            f"the SAE reads d_in={sae.cfg.d_in}, but {hook} of {getattr(model, 'sae_kit_name', 'the model')} has width {width}; "
+            "pick the hook the SAE was trained on (cfg.json metadata.hook_name) or the matching model"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ held-out data
@@ -111,7 +125,9 @@ def heldout_contexts(model, cfg: HarvestConfig, n_tokens: int) -> HeldoutContext
         if kept >= n_tokens:
             break
     if not parts:
-        raise HeldoutError(f"corpus {cfg.corpus!r} has no held-out documents; raise --holdout-fraction or use another corpus")
+        raise HeldoutError(
+            f"corpus {cfg.corpus!r} has no held-out documents; raise --holdout-fraction or use another corpus"
+        )
     return HeldoutContexts(*(torch.cat([p[i] for p in parts]) for i in range(3))).first(n_tokens)
 
 
@@ -136,10 +152,16 @@ def prompt_tokens(model, cfg: HarvestConfig, text: str) -> tuple[Tensor, Tensor]
 
 
 # ------------------------------------------------------------------------------------------------ the LM runner
-def run_lm(model, tokens: Tensor, hook: str, edit: Edit | None = None, keep: Tensor | None = None,
-           capture: bool = False, stop_at_layer: int | None = None) -> tuple[Tensor | None, Tensor | None]:
-    """One forward pass: (logits [R, T, vocab] in fp32, or None when stopped early; the hook's activations [R, T, d_in]
-    before any edit, when `capture`). `edit` replaces the activations at `hook` (see `Edit`)."""
+def run_lm(
+    model,
+    tokens: Tensor,
+    hook: str,
+    edit: Edit | None = None,
+    keep: Tensor | None = None,
+    capture: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One forward pass: (logits [R, T, vocab] in fp32; the hook's activations [R, T, d_in] before any edit, when
+    `capture`). `edit` replaces the activations at `hook` (see `Edit`). (To capture only: `activations`.)"""
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     keep = keep.to(device) if keep is not None else torch.ones_like(tokens, dtype=torch.bool)
@@ -154,13 +176,13 @@ def run_lm(model, tokens: Tensor, hook: str, edit: Edit | None = None, keep: Ten
         return edit(flat, keep).to(act.dtype).reshape(act.shape)
 
     with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, fn)]):
-        out = model(tokens, stop_at_layer=stop_at_layer) if stop_at_layer is not None else model(tokens)
-    logits = None if stop_at_layer is not None else out.float()
+        logits = model(tokens).float()
     return logits, captured.get("acts")
 
 
 def splice(x_new: Tensor) -> Edit:
     """An edit that writes the rows of `x_new` [n_kept, d_in] into the kept positions (in row-major order)."""
+
     def edit(acts: Tensor, keep: Tensor) -> Tensor:
         out = acts.clone()
         out[keep] = x_new.to(out.device, out.dtype)
@@ -171,6 +193,7 @@ def splice(x_new: Tensor) -> Edit:
 
 def fill(value: Tensor) -> Edit:
     """An edit that sets every kept position to `value` [d_in] (zero and mean ablation)."""
+
     def edit(acts: Tensor, keep: Tensor) -> Tensor:
         return torch.where(keep.unsqueeze(-1), value.to(acts.device, acts.dtype), acts)
 
@@ -179,6 +202,7 @@ def fill(value: Tensor) -> Edit:
 
 def steer_edit(direction: Tensor, alpha: float) -> Edit:
     """An edit adding alpha·direction [d_in] at the kept positions."""
+
     def edit(acts: Tensor, keep: Tensor) -> Tensor:
         return acts + keep.unsqueeze(-1).to(acts.dtype) * (alpha * direction).to(acts.device, acts.dtype)
 
@@ -231,13 +255,10 @@ def generate(model, cfg: HarvestConfig, prompt: str, n_tokens: int, edit: Edit |
 
 def mean_activation(model, cfg: HarvestConfig, prompts: tuple[str, ...]) -> Tensor:
     """Mean activation [d_in] at cfg's hook over the positions of all `prompts` pooled that the SAE's rule keeps."""
-    from sae_kit.models import stop_layer
-
-    stop = stop_layer(model, [cfg.hook[0]])
-    acts = []
+    harvester, acts = harvester_for(model, cfg), []  # (it stops the forward after the hook's block)
     for prompt in prompts:
         tokens, keep = prompt_tokens(model, cfg, prompt)
-        _, act = run_lm(model, tokens, cfg.hook[0], capture=True, stop_at_layer=stop)
+        act = harvester.run(tokens)[0][cfg.hook[0]]
         acts.append(act[keep.to(act.device)].float().cpu())
     return torch.cat(acts).mean(0)
 
@@ -250,7 +271,9 @@ def row_chunks(n: int, d_sae: int, max_cells: int = MAX_CELLS) -> list[slice]:
 
 
 @torch.no_grad()
-def encode_chunks(sae: SAE, x: Tensor, grad: Tensor | None = None, max_cells: int = MAX_CELLS) -> Iterator[tuple[slice, Codes]]:
+def encode_chunks(
+    sae: SAE, x: Tensor, grad: Tensor | None = None, max_cells: int = MAX_CELLS
+) -> Iterator[tuple[slice, Codes]]:
     """(rows, codes) for the `row_chunks` of x [n, d_in], encoded on the SAE's device in its current mode (callers
     put it in eval mode), with the matching rows of `grad`."""
     device = sae.W_dec.device
@@ -291,8 +314,13 @@ def encode(sae: SAE, x: Tensor, grad: Tensor | None = None, max_cells: int = MAX
         max_abs.scatter_reduce_(0, latent, value.abs().float(), "amax")
         signed |= (value < 0).any()
     empty = torch.zeros(0, sae.cfg.d_in)
-    return Encoded(torch.cat(x_hat) if x_hat else empty, torch.cat(l0) if l0 else torch.zeros(0, dtype=torch.int64),
-                   counts.cpu(), max_abs.cpu(), bool(signed))
+    return Encoded(
+        torch.cat(x_hat) if x_hat else empty,
+        torch.cat(l0) if l0 else torch.zeros(0, dtype=torch.int64),
+        counts.cpu(),
+        max_abs.cpu(),
+        bool(signed),
+    )
 
 
 def fvu(x: Tensor, x_hat: Tensor, chunk: int = 16384) -> float:

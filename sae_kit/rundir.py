@@ -105,10 +105,14 @@ def resolve(paths: tuple[Path, ...] | list[Path]) -> list[Located]:
     for path in paths:
         here = find(Path(path))
         if not here:
-            raise RunDirError(f"{path} holds no SAE (no cfg.json, sae/cfg.json or <member>/sae/cfg.json); pass an SAE or run directory")
+            raise RunDirError(
+                f"{path} holds no SAE (no cfg.json, sae/cfg.json or <member>/sae/cfg.json); pass an SAE or run directory"
+            )
         found += here
     names = [f.name for f in found]
-    return [f if names.count(f.name) == 1 else Located(f"{f.name}#{i}", f.sae_dir, f.run_dir) for i, f in enumerate(found)]
+    return [
+        f if names.count(f.name) == 1 else Located(f"{f.name}#{i}", f.sae_dir, f.run_dir) for i, f in enumerate(found)
+    ]
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -118,5 +122,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if data.get("schema") != REPORT_SCHEMA:
         raise ValueError(f"{path} is not an sae-kit eval report (schema {data.get('schema')!r})")
     if data.get("schema_version", 0) > REPORT_SCHEMA_VERSION:
-        raise ValueError(f"{path} has report schema {data['schema_version']}; this sae-kit reads up to {REPORT_SCHEMA_VERSION}: upgrade sae-kit")
+        raise ValueError(
+            f"{path} has report schema {data['schema_version']}; this sae-kit reads up to {REPORT_SCHEMA_VERSION}: upgrade sae-kit"
+        )
     return data

@@ -91,8 +91,11 @@ def test_feature_list_sorts_filters_and_jumps(browse_run, monkeypatch, topk):
     s = topk.summary
     assert int(table["feature"].iloc[0]) == int(s["max_act"].idxmax())
     assert table["max_act"].is_monotonic_decreasing
-    f, token = next((g, word) for g in s["max_act"].sort_values(ascending=False).index
-                    if (word := peak_word(topk, int(g))) is not None)
+    f, token = next(
+        (g, word)
+        for g in s["max_act"].sort_values(ascending=False).index
+        if (word := peak_word(topk, int(g))) is not None
+    )
     at.text_input(key="list_token").input(token).run()
     listed = at.dataframe(key="list_table").value["feature"].astype(int).tolist()
     ids = {i for i, t in enumerate(topk.vocab) if t.strip().lower() == token.lower()}
@@ -211,8 +214,11 @@ def test_a_corrupt_shard_is_explained(browse_run, monkeypatch, tmp_path):
     data[len(data) // 3 : len(data) // 3 + 256] = bytes(256)
     shard.write_bytes(bytes(data))
     clean(app(run, monkeypatch, page="Feature", feature="3"))  # other shards still open
-    found = [one_line_error(app(run, monkeypatch, page="Feature", feature=str(f)), "is damaged", "--force")
-             for f in range(256, 512, 8) if app(run, monkeypatch, page="Feature", feature=str(f)).error]
+    found = [
+        one_line_error(app(run, monkeypatch, page="Feature", feature=str(f)), "is damaged", "--force")
+        for f in range(256, 512, 8)
+        if app(run, monkeypatch, page="Feature", feature=str(f)).error
+    ]
     assert found, "no feature of the damaged shard reported the damage"
 
 
@@ -240,5 +246,14 @@ def test_browse_refuses_a_missing_directory_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "sae_kit.cli", "browse", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and res.stderr.strip() == f"sae-kit browse: error: {tmp_path / 'nope'} does not exist; pass a run directory written by sae-kit train"
+    res = subprocess.run(
+        [sys.executable, "-m", "sae_kit.cli", "browse", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        res.returncode == 2
+        and res.stderr.strip()
+        == f"sae-kit browse: error: {tmp_path / 'nope'} does not exist; pass a run directory written by sae-kit train"
+    )

@@ -27,8 +27,16 @@ SAE_KIT = [sys.executable, "-m", "sae_kit.cli"]
 MEMBER = "topk-k16-1152-s0"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 # Headless and quiet: the network is closed, and without these Chromium keeps dialling out (refused connections).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-proxy-server"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-proxy-server",
+]
 VISIBLE = {" ": "·", "\n": "↵\n", "\t": "⇥", "\r": "␍"}  # how dashboards/render.py shows whitespace
 WAIT_MS = 60_000
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -38,7 +46,11 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def chromium() -> str:
     """Chromium's path. Without it or playwright: skip, or fail where SAE_KIT_REQUIRE_BROWSER=1 (CI)."""
     path = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
-    missing = [name for name, found in (("playwright", importlib.util.find_spec("playwright")), ("chromium", path)) if not found]
+    missing = [
+        name
+        for name, found in (("playwright", importlib.util.find_spec("playwright")), ("chromium", path))
+        if not found
+    ]
     if missing:
         msg = f"{' and '.join(missing)} not installed: `python3 bootstrap.py test` installs {'them' if len(missing) > 1 else 'it'} (chromium as root)"
         if os.environ.get("SAE_KIT_REQUIRE_BROWSER") == "1":
@@ -70,13 +82,18 @@ def healthy(port: int) -> bool:
 def server(run: Path, port: int, log: Path) -> Iterator[subprocess.Popen]:
     """`sae-kit browse RUN --port PORT`, once its health check answers; stopped by its PID (it execs Streamlit in place)."""
     with log.open("w") as out:
-        proc = subprocess.Popen([*SAE_KIT, "browse", str(run), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*SAE_KIT, "browse", str(run), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 90
         while not healthy(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 state = f"exited with {proc.returncode}" if proc.returncode is not None else "still starting after 90 s"
-                pytest.fail(f"sae-kit browse never answered on port {port} ({state}); its output:\n{log.read_text()}", pytrace=False)
+                pytest.fail(
+                    f"sae-kit browse never answered on port {port} ({state}); its output:\n{log.read_text()}",
+                    pytrace=False,
+                )
             time.sleep(0.5)
         yield proc
     finally:
@@ -134,9 +151,13 @@ def test_feature_page(chromium: str, browse_run: Path, tmp_path: Path) -> None:
         assert peak_el.text_content() == peak
         assert first.locator(".sk-act").text_content() == f"{top['act']:+.2f}"
         style = peak_el.evaluate("e => { const s = getComputedStyle(e); return [s.backgroundColor, s.outlineStyle]; }")
-        assert style[0] not in ("transparent", "rgba(0, 0, 0, 0)") and style[1] == "solid", f"the peak token is not highlighted: {style}"
+        assert style[0] not in ("transparent", "rgba(0, 0, 0, 0)") and style[1] == "solid", (
+            f"the peak token is not highlighted: {style}"
+        )
 
-        height = page.get_by_test_id("stMain").evaluate("e => e.scrollHeight")  # Streamlit scrolls inside stMain, not the page
+        height = page.get_by_test_id("stMain").evaluate(
+            "e => e.scrollHeight"
+        )  # Streamlit scrolls inside stMain, not the page
         page.set_viewport_size({"width": 1400, "height": max(height, 1000)})
         page.screenshot(path=shot, full_page=True)
 
@@ -147,4 +168,6 @@ def test_feature_page(chromium: str, browse_run: Path, tmp_path: Path) -> None:
 
     assert not listening(port), f"port {port} still answers after sae-kit browse (PID) was stopped"
     width, height = png_size(shot)
-    assert width >= 1000 and height >= 1000 and shot.stat().st_size > 50_000, f"{shot} looks empty ({width}x{height}, {shot.stat().st_size} bytes)"
+    assert width >= 1000 and height >= 1000 and shot.stat().st_size > 50_000, (
+        f"{shot} looks empty ({width}x{height}, {shot.stat().st_size} bytes)"
+    )

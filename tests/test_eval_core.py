@@ -21,7 +21,9 @@ D = 576
 
 def make_sae(architecture: str = "topk", d_sae: int = 256, k: int = 8, **metadata) -> SAE:
     torch.manual_seed(0)
-    return SAE(SAEConfig(architecture=architecture, d_in=D, d_sae=d_sae, k=k, metadata={"hook_name": HOOK, **metadata})).eval()
+    return SAE(
+        SAEConfig(architecture=architecture, d_in=D, d_sae=d_sae, k=k, metadata={"hook_name": HOOK, **metadata})
+    ).eval()
 
 
 def identity_sae() -> SAE:
@@ -52,14 +54,20 @@ def test_identity_sae_recovers_everything(model, base):
     m = core.measure(base, CoreConfig(ce_tokens=64)).metrics
     assert m["tokens"] == len(x) >= 200
     assert m["fvu"] < 1e-12 and m["mse"] < 1e-12 and m["explained_variance"] == pytest.approx(1)
-    assert m["cossim"] == pytest.approx(1) and m["l2_ratio"] == pytest.approx(1) and m["relative_reconstruction_bias"] == pytest.approx(1)
+    assert (
+        m["cossim"] == pytest.approx(1)
+        and m["l2_ratio"] == pytest.approx(1)
+        and m["relative_reconstruction_bias"] == pytest.approx(1)
+    )
     used = int((base.contexts.keep.sum(1).cumsum(0) < 64).sum()) + 1  # whole contexts holding 64 kept positions
     tokens, pad = base.contexts.tokens[:used], base.contexts.pad[:used]
     ce, mask = next_token_ce(run_lm(model, tokens, HOOK)[0], tokens, pad)
     assert m["ce_tokens"] == int(base.contexts.keep[:used].sum()) >= 64 and m["ce_positions"] == int(mask.sum())
     assert m["ce_clean"] == pytest.approx(float(ce[mask].mean()), rel=1e-5)
     assert m["ce_zero_ablation"] > m["ce_mean_ablation"] > m["ce_clean"] + 0.1  # the ablations really hurt
-    assert m["ce_loss_recovered"] == pytest.approx(1, abs=1e-6) and m["ce_loss_recovered_mean"] == pytest.approx(1, abs=1e-6)
+    assert m["ce_loss_recovered"] == pytest.approx(1, abs=1e-6) and m["ce_loss_recovered_mean"] == pytest.approx(
+        1, abs=1e-6
+    )
     assert abs(m["delta_ce"]) < 1e-6 and abs(m["kl_spliced"]) < 1e-6 and m["kl_zero"] > 1
     assert m["kl_score"] == pytest.approx(1, abs=1e-6)
     nonzero = (x != 0).sum(-1)  # ReLU(x) and ReLU(−x) together fire once per nonzero coordinate
@@ -74,8 +82,12 @@ def test_ablating_every_position_is_an_option_and_is_reported(base):
     section = core.measure(base, CoreConfig(ce_tokens=64, ablation_positions="all"))
     every = section.metrics
     assert every["ablation_positions"] == "all" and "ablating every position" in section.lines[0]
-    assert every["ce_spliced"] == kept["ce_spliced"] and every["ce_clean"] == kept["ce_clean"]  # x̂ still goes to the kept positions
-    assert abs(every["ce_zero_ablation"] - kept["ce_zero_ablation"]) > 0.1 and every["kl_zero"] != kept["kl_zero"]  # BOS edited too
+    assert (
+        every["ce_spliced"] == kept["ce_spliced"] and every["ce_clean"] == kept["ce_clean"]
+    )  # x̂ still goes to the kept positions
+    assert (
+        abs(every["ce_zero_ablation"] - kept["ce_zero_ablation"]) > 0.1 and every["kl_zero"] != kept["kl_zero"]
+    )  # BOS edited too
     assert abs(every["ce_mean_ablation"] - kept["ce_mean_ablation"]) > 0.1
     with pytest.raises(EvalError, match="ablation_positions"):
         CoreConfig(ablation_positions="some")
@@ -89,7 +101,9 @@ def test_zero_sae_recovers_nothing(base):
     section = core.measure(with_sae(base, sae), CoreConfig(ce_tokens=32))
     m = section.metrics
     x = base.x.double()
-    assert m["fvu"] == pytest.approx(float(x.square().sum() / (x - x.mean(0)).square().sum()), rel=1e-9) and m["fvu"] > 1
+    assert (
+        m["fvu"] == pytest.approx(float(x.square().sum() / (x - x.mean(0)).square().sum()), rel=1e-9) and m["fvu"] > 1
+    )
     assert m["normalized_mse"] == pytest.approx(1) and m["cossim"] == 0 and m["l2_ratio"] == 0
     assert m["relative_reconstruction_bias"] is None  # 0/0
     assert m["ce_spliced"] == m["ce_zero_ablation"] and m["ce_loss_recovered"] == 0
@@ -111,7 +125,9 @@ def test_random_topk_sits_between(base):
     assert m["mse"] == pytest.approx(float((x - x_hat).square().sum(-1).mean()), rel=1e-6)
     assert m["l0_mean"] == 16 and m["l0_p1"] == m["l0_p99"] == 16
     assert m["ce_clean"] < m["ce_spliced"] < m["ce_zero_ablation"] and 0 < m["ce_loss_recovered"] < 1
-    assert m["ce_loss_recovered"] == pytest.approx((m["ce_zero_ablation"] - m["ce_spliced"]) / (m["ce_zero_ablation"] - m["ce_clean"]))
+    assert m["ce_loss_recovered"] == pytest.approx(
+        (m["ce_zero_ablation"] - m["ce_spliced"]) / (m["ce_zero_ablation"] - m["ce_clean"])
+    )
     assert 0 < m["kl_spliced"] < m["kl_zero"] and 0 < m["kl_score"] < 1
     assert m["delta_ce"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])
     assert 0 < m["cossim"] < 1 and f"recovered {m['ce_loss_recovered']:.3f}" in section.lines[0]
@@ -162,7 +178,10 @@ def test_mutual_choice_uses_its_inference_threshold(base):
     sae.sparsifier.threshold.fill_(theta)
     section = core.measure(with_sae(base, sae), CoreConfig(ce_tokens=0))
     high = section.metrics
-    assert high["l0_mean"] == pytest.approx(float((r > theta).sum(-1).double().mean())) and high["l0_mean"] < low["l0_mean"] / 5
+    assert (
+        high["l0_mean"] == pytest.approx(float((r > theta).sum(-1).double().mean()))
+        and high["l0_mean"] < low["l0_mean"] / 5
+    )
     assert high["l0_training_target"] == 8 and high["l0_training"] == 8.0 and "learned thresholds" in section.lines[1]
 
 

@@ -8,8 +8,19 @@ import math
 import pytest
 import torch
 
-from sae_kit.eval.dark_matter import (DarkMatterConfig, ce_rows, ce_with, cross_width, decompose, fit_linear, measure, predict,
-                                      predictability, r2, split_tokens)
+from sae_kit.eval.dark_matter import (
+    DarkMatterConfig,
+    ce_rows,
+    ce_with,
+    cross_width,
+    decompose,
+    fit_linear,
+    measure,
+    predict,
+    predictability,
+    r2,
+    split_tokens,
+)
 from sae_kit.eval.inputs import EvalError
 from sae_kit.sae import SAE, SAEConfig
 
@@ -19,7 +30,9 @@ N, D = 5000, 16
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Generator]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, D, generator=g, dtype=torch.float64) * 3 + 10, g  # an offset and scale the intercept must absorb
+    return torch.randn(
+        N, D, generator=g, dtype=torch.float64
+    ) * 3 + 10, g  # an offset and scale the intercept must absorb
 
 
 def _split(cfg: DarkMatterConfig = DarkMatterConfig()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +41,9 @@ def _split(cfg: DarkMatterConfig = DarkMatterConfig()) -> tuple[torch.Tensor, to
 
 def test_linear_error_plus_noise_recovers_the_analytic_r2():
     X, g = _data()
-    A = torch.randn(D, D, generator=g, dtype=torch.float64) / 3 * torch.linspace(0.2, 1.5, D)  # per-dim signal variances differ
+    A = (
+        torch.randn(D, D, generator=g, dtype=torch.float64) / 3 * torch.linspace(0.2, 1.5, D)
+    )  # per-dim signal variances differ
     sigma = 1.0
     E = X @ A + 5 + sigma * torch.randn(N, D, generator=g, dtype=torch.float64)
     signal_var = 9 * A.pow(2).sum(0)  # Var(X) = 9 per input dimension
@@ -73,7 +88,9 @@ def test_fit_linear_is_exact_without_noise_and_handles_a_constant_column():
 
 def test_decompose_splits_the_error_into_a_linear_part_and_an_uncorrelated_rest():
     X, g = _data(4)
-    E = torch.tanh(X @ torch.randn(D, D, generator=g, dtype=torch.float64) / 10) + 0.3 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    E = torch.tanh(X @ torch.randn(D, D, generator=g, dtype=torch.float64) / 10) + 0.3 * torch.randn(
+        N, D, generator=g, dtype=torch.float64
+    )
     e_lin, e_nl = decompose(X, E)
     assert torch.allclose(e_lin + e_nl, E, atol=1e-12)
     centred = X - X.mean(0)
@@ -82,7 +99,9 @@ def test_decompose_splits_the_error_into_a_linear_part_and_an_uncorrelated_rest(
 
 
 def test_too_few_tokens_names_the_need_and_the_flag():
-    with pytest.raises(EvalError, match=r"needs 5770 fit tokens.*at least 9617 evaluation tokens.*has 1500; raise --tokens to 9617"):
+    with pytest.raises(
+        EvalError, match=r"needs 5770 fit tokens.*at least 9617 evaluation tokens.*has 1500; raise --tokens to 9617"
+    ):
         split_tokens(1500, 576, DarkMatterConfig(), seed=0)
     split_tokens(9617, 576, DarkMatterConfig(), seed=0)  # exactly enough
     with pytest.raises(EvalError, match="fit_fraction"):
@@ -114,10 +133,25 @@ def section(inputs):
 
 def test_measure_reports_every_metric_finite(section):
     m = section.metrics
-    names = ["vector_r2", "norm_r2", "fvu_sae", "fvu_linear_error", "fvu_nonlinear_error", "ce_clean", "ce_sae", "ce_sae_plus_linear",
-             "ce_sae_plus_nonlinear", "share_of_ce_gap_closed_by_linear", "share_of_ce_gap_closed_by_nonlinear"]
+    names = [
+        "vector_r2",
+        "norm_r2",
+        "fvu_sae",
+        "fvu_linear_error",
+        "fvu_nonlinear_error",
+        "ce_clean",
+        "ce_sae",
+        "ce_sae_plus_linear",
+        "ce_sae_plus_nonlinear",
+        "share_of_ce_gap_closed_by_linear",
+        "share_of_ce_gap_closed_by_nonlinear",
+    ]
     assert all(isinstance(m[k], float) and math.isfinite(m[k]) for k in names), {k: m.get(k) for k in names}
-    assert m["paper_headline"] == {"norm_r2": ">0.9", "vector_r2": "~0.5", "model": "Gemma 2 9B layer 20, Gemma Scope, L0≈60"}
+    assert m["paper_headline"] == {
+        "norm_r2": ">0.9",
+        "vector_r2": "~0.5",
+        "model": "Gemma 2 9B layer 20, Gemma Scope, L0≈60",
+    }
     assert m["fit_tokens"] >= 1000 and m["held_tokens"] > 0 and 64 <= m["ce_kept_tokens"] < 200
     assert abs(m["fvu_linear_error"] + m["fvu_nonlinear_error"] - m["fvu_sae"]) < 1e-4 * m["fvu_sae"]
     assert m["ce_sae"] > m["ce_clean"]
@@ -129,7 +163,9 @@ def test_splicing_both_error_parts_back_gives_the_clean_ce(inputs, section):
     x_hat = inputs.encoded().x_hat
     e_lin, e_nl = decompose(inputs.x, inputs.x - x_hat)
     m = ce_rows(inputs, SMALL_CFG.ce_tokens)
-    assert abs(ce_with(inputs, x_hat[:m] + e_lin[:m] + e_nl[:m], SMALL_CFG.ce_tokens) - section.metrics["ce_clean"]) < 1e-3
+    assert (
+        abs(ce_with(inputs, x_hat[:m] + e_lin[:m] + e_nl[:m], SMALL_CFG.ce_tokens) - section.metrics["ce_clean"]) < 1e-3
+    )
 
 
 def test_the_linear_nonlinear_split_is_fitted_outside_the_ce_contexts(inputs, section):
@@ -170,15 +206,24 @@ def test_cross_width_in_evaluate_uses_the_dark_matter_settings(model, tmp_path):
     other_split = _sae(512, 2)
     other_split.cfg.metadata["holdout_fraction"] = 0.2  # its own held-out tokens: compared with no width of the others
     saes = {"narrow": _sae(256, 0), "wide": _sae(512, 1), "other": other_split}
-    cfg = EvalConfig(out=tmp_path / "ev", tokens=2000, sections=("dark_matter",), png=False,
-                     dark_matter=DarkMatterConfig(min_tokens=1000, ce_tokens=64, fit_fraction=0.5))
+    cfg = EvalConfig(
+        out=tmp_path / "ev",
+        tokens=2000,
+        sections=("dark_matter",),
+        png=False,
+        dark_matter=DarkMatterConfig(min_tokens=1000, ce_tokens=64, fit_fraction=0.5),
+    )
     report = evaluate(cfg, model=model, saes=saes)
     cross = report["comparison"]["cross_width"][HOOK]
     n = report["saes"][0]["tokens"]
-    assert cross["fit_tokens"] == n // 2 and cross["held_tokens"] == n - n // 2  # the 0.5 asked for, not the default 0.6
+    assert (
+        cross["fit_tokens"] == n // 2 and cross["held_tokens"] == n - n // 2
+    )  # the 0.5 asked for, not the default 0.6
     assert report["saes"][0]["sections"]["dark_matter"]["fit_tokens"] == n // 2
     assert list(report["comparison"]["cross_width"]) == [HOOK] and cross["widths"] == [256, 512]
-    assert report["saes"][2]["data"]["holdout_fraction"] == 0.2 and report["saes"][0]["data"]["holdout_fraction"] == 0.05
+    assert (
+        report["saes"][2]["data"]["holdout_fraction"] == 0.2 and report["saes"][0]["data"]["holdout_fraction"] == 0.05
+    )
 
 
 def test_cross_width_refuses_one_sae_other_hooks_or_other_tokens(inputs):

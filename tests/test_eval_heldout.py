@@ -15,8 +15,18 @@ import torch
 from sae_kit import rundir
 from sae_kit.eval import core
 from sae_kit.eval.dark_matter import DarkMatterConfig, predictability, split_tokens
-from sae_kit.heldout import (SCALE_TOKENS, activations, encode, fvu, generate, harvest_config_for, heldout_contexts, mean_activation,
-                             prompt_tokens, run_lm)
+from sae_kit.heldout import (
+    SCALE_TOKENS,
+    activations,
+    encode,
+    fvu,
+    generate,
+    harvest_config_for,
+    heldout_contexts,
+    mean_activation,
+    prompt_tokens,
+    run_lm,
+)
 from sae_kit.sae import SAE, SAEConfig
 from sae_kit.training.run import heldout_metrics
 
@@ -25,7 +35,15 @@ HOOK = "blocks.6.hook_resid_post"
 
 def small_sae(architecture: str = "topk", d_in: int = 576, d_sae: int = 256, k: int = 8, **metadata) -> SAE:
     torch.manual_seed(0)
-    return SAE(SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, k=k, metadata={"hook_name": HOOK, "context_size": 32, **metadata})).eval()
+    return SAE(
+        SAEConfig(
+            architecture=architecture,
+            d_in=d_in,
+            d_sae=d_sae,
+            k=k,
+            metadata={"hook_name": HOOK, "context_size": 32, **metadata},
+        )
+    ).eval()
 
 
 # ------------------------------------------------------------------------------------------------ without the LM
@@ -42,7 +60,9 @@ def test_training_summary_and_eval_report_share_one_heldout_fvu(architecture):
     x_hat = sae(x, grad=grad).x_hat.detach().double()
     reference = float((x.double() - x_hat).square().sum() / (x.double() - x.double().mean(0)).square().sum())
     assert summary["fvu"] == report["fvu"] == fvu(x, x_hat.float())
-    assert summary["fvu"] == pytest.approx(reference, rel=1e-6) and summary["mse"] == pytest.approx(report["mse"], rel=1e-12)
+    assert summary["fvu"] == pytest.approx(reference, rel=1e-6) and summary["mse"] == pytest.approx(
+        report["mse"], rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("architecture", ["topk", "abstopk", "relu", "mutual_choice"])
@@ -51,8 +71,12 @@ def test_encode_is_the_same_in_any_chunking(architecture):
     x = torch.randn(500, 32)
     sae = small_sae(architecture, d_in=32, d_sae=96, k=4)
     whole, chunked = encode(sae, x), encode(sae, x, max_cells=96 * 7)
-    assert torch.equal(whole.l0, chunked.l0) and torch.equal(whole.counts, chunked.counts)  # (BLAS sums differ by chunk size)
-    assert torch.allclose(whole.x_hat, chunked.x_hat, atol=1e-6) and torch.allclose(whole.max_abs, chunked.max_abs, atol=1e-6)
+    assert torch.equal(whole.l0, chunked.l0) and torch.equal(
+        whole.counts, chunked.counts
+    )  # (BLAS sums differ by chunk size)
+    assert torch.allclose(whole.x_hat, chunked.x_hat, atol=1e-6) and torch.allclose(
+        whole.max_abs, chunked.max_abs, atol=1e-6
+    )
     assert whole.signed == chunked.signed == (architecture == "abstopk")
     dense = sae.encode(x).detach()
     assert torch.equal(whole.counts, (dense != 0).sum(0)) and torch.allclose(whole.max_abs, dense.abs().amax(0))
@@ -69,7 +93,10 @@ def test_l0_percentiles_are_exact_beyond_torch_quantile_limit():
     assert stats["l0_std"] == pytest.approx(float(values.std(ddof=1, dtype=np.float64)), rel=1e-9)
     assert sum(stats["l0_hist_counts"]) == len(l0) and stats["l0_hist_edges"][1] == 2  # 70 values in bins of width 2
     small = core.l0_stats(torch.tensor([3, 1, 4, 1, 5, 9, 2, 6]))
-    expected = torch.quantile(torch.tensor([3, 1, 4, 1, 5, 9, 2, 6], dtype=torch.float64), torch.tensor(core.PERCENTILES, dtype=torch.float64) / 100)
+    expected = torch.quantile(
+        torch.tensor([3, 1, 4, 1, 5, 9, 2, 6], dtype=torch.float64),
+        torch.tensor(core.PERCENTILES, dtype=torch.float64) / 100,
+    )
     assert [small[f"l0_p{p}"] for p in core.PERCENTILES] == pytest.approx(expected.tolist())
 
 
@@ -98,9 +125,13 @@ def test_training_layout_is_what_eval_index_and_browse_find(tmp_path):
         assert [e.sae_dir for e in ws.entries] == [f.sae_dir.resolve() for f in found]
         assert [e.run_dir for e in ws.entries] == [f.run_dir.resolve() for f in found]
         assert [e.name for e in ws.entries] == [f.name.split("/")[-1] for f in found]
-    assert [f.name for f in rundir.find(tmp_path / "solo")] == ["solo"] and rundir.find(tmp_path / "solo")[0].index_dir == tmp_path / "solo" / "index"
+    assert [f.name for f in rundir.find(tmp_path / "solo")] == ["solo"] and rundir.find(tmp_path / "solo")[
+        0
+    ].index_dir == tmp_path / "solo" / "index"
     assert [f.name for f in rundir.find(tmp_path / "sweep")] == ["sweep/topk-k2-8-s0", "sweep/topk-k2-8-s1"]
-    given_sae_dir = Workspace(tmp_path / "solo" / "sae").entries[0]  # the browser confined to a run's sae/: its run is outside
+    given_sae_dir = Workspace(tmp_path / "solo" / "sae").entries[
+        0
+    ]  # the browser confined to a run's sae/: its run is outside
     assert given_sae_dir.name == "solo" and given_sae_dir.run_dir == (tmp_path / "solo" / "sae").resolve()
     assert rundir.holds_run(tmp_path / "solo") and not rundir.holds_run(tmp_path / "new")
 
@@ -112,8 +143,10 @@ def test_the_dashboards_import_no_eval_module():
 
     for file in Path(sae_kit.dashboards.__file__).parent.glob("*.py"):
         assert "sae_kit.eval" not in file.read_text(), file
-    code = ("import sys, sae_kit.dashboards.indexer, sae_kit.dashboards.live, sae_kit.dashboards.workspace, sae_kit.dashboards.pages; "
-            "print(sorted(m for m in sys.modules if m.startswith('sae_kit.eval')))")
+    code = (
+        "import sys, sae_kit.dashboards.indexer, sae_kit.dashboards.live, sae_kit.dashboards.workspace, sae_kit.dashboards.pages; "
+        "print(sorted(m for m in sys.modules if m.startswith('sae_kit.eval')))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"
@@ -130,10 +163,13 @@ def test_generation_and_dim_use_the_sae_s_own_position_rule(model):
         def edit(acts, keep):
             seen[name].append(keep.cpu().clone())
             return acts
+
         return edit
 
     text = generate(model, harvest_config_for(keeps_all), "The cat sat on the", 2, edit=spy("all"))
-    assert text == generate(model, harvest_config_for(default), "The cat sat on the", 2, edit=spy("default"))  # the spy edits nothing
+    assert text == generate(
+        model, harvest_config_for(default), "The cat sat on the", 2, edit=spy("default")
+    )  # the spy edits nothing
     assert all(k.all() for k in seen["all"]) and all(not k[0, 0] for k in seen["default"])
     assert seen["all"][1].shape[1] == seen["all"][0].shape[1] + 1  # the generated token is edited as well
     prompts = ("I love this movie.", "What a happy day!")
@@ -160,7 +196,9 @@ def test_eval_inputs_follow_each_sae_s_data_settings(model):
     a, b, c, d = (_inputs(shared, cfg, model, s) for s in (first, twin, other_split, keeps_first))
     assert b.x is a.x and b.sae is twin and len(shared) == 3  # same settings: shared tokens; others: their own
     assert c.data.holdout_fraction == 0.2
-    assert not (c.contexts.tokens.shape == a.contexts.tokens.shape and torch.equal(c.contexts.tokens, a.contexts.tokens))
+    assert not (
+        c.contexts.tokens.shape == a.contexts.tokens.shape and torch.equal(c.contexts.tokens, a.contexts.tokens)
+    )
     assert d.contexts.keep[:, 0].all() and not a.contexts.keep[:, 0].any() and d.data.exclude_first_position is False
 
 
@@ -187,8 +225,14 @@ def test_an_sae_expecting_normalised_inputs_is_scaled_everywhere(model):
     m_raw = core.measure(with_sae(base, raw), core.CoreConfig(ce_tokens=0)).metrics
     inputs = with_sae(base, normalised)
     m_norm = core.measure(inputs, core.CoreConfig(ce_tokens=0)).metrics
-    assert inputs.input_scale == pytest.approx(s, rel=1e-12) and m_norm["input_scale"] == inputs.input_scale and m_raw["input_scale"] is None
+    assert (
+        inputs.input_scale == pytest.approx(s, rel=1e-12)
+        and m_norm["input_scale"] == inputs.input_scale
+        and m_raw["input_scale"] is None
+    )
     assert m_norm["fvu"] == pytest.approx(m_raw["fvu"], rel=1e-5) and m_norm["l0_mean"] == m_raw["l0_mean"]
     text = "The meeting moved to Thursday."
-    assert torch.allclose(encode_prompt(model, unfolded, text).codes, encode_prompt(model, raw, text).codes, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(
+        encode_prompt(model, unfolded, text).codes, encode_prompt(model, raw, text).codes, rtol=1e-4, atol=1e-4
+    )
     assert unfolded.cfg.normalize_activations == "none"

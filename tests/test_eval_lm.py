@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from sae_kit import HarvestConfig
-from sae_kit.heldout import HeldoutError, check_pair, harvest_config_for, heldout_contexts, kl_from, next_token_ce, run_lm, splice
+from sae_kit.heldout import (
+    HeldoutError,
+    check_pair,
+    harvest_config_for,
+    heldout_contexts,
+    kl_from,
+    next_token_ce,
+    run_lm,
+    splice,
+)
 from sae_kit.sae import SAE, SAEConfig
 
 HOOK = "blocks.6.hook_resid_post"
@@ -46,11 +55,25 @@ def test_bad_pairs_give_one_line_errors(model):
 
 
 def test_harvest_config_comes_from_the_sae_metadata():
-    sae = SAE(SAEConfig(d_in=4, d_sae=8, k=2, metadata={"hook_name": "blocks.3.hook_resid_post", "context_size": 64, "dataset_path": "fortunes",
-                                                       "holdout_fraction": 0.2, "packing": "doc"}))
+    sae = SAE(
+        SAEConfig(
+            d_in=4,
+            d_sae=8,
+            k=2,
+            metadata={
+                "hook_name": "blocks.3.hook_resid_post",
+                "context_size": 64,
+                "dataset_path": "fortunes",
+                "holdout_fraction": 0.2,
+                "packing": "doc",
+            },
+        )
+    )
     cfg = harvest_config_for(sae, context_size=32)
     assert cfg.hook == ("blocks.3.hook_resid_post",) and cfg.corpus == "fortunes" and cfg.context_size == 32
-    assert cfg.holdout_fraction == 0.2 and cfg.packing == "doc"  # the SAE's own held-out split, tokenised as in training
+    assert (
+        cfg.holdout_fraction == 0.2 and cfg.packing == "doc"
+    )  # the SAE's own held-out split, tokenised as in training
 
 
 def test_prepare_captures_the_kept_activations_in_order(model):
@@ -64,7 +87,13 @@ def test_prepare_captures_the_kept_activations_in_order(model):
     _, acts = run_lm(model, first.tokens, HOOK, capture=True)
     assert torch.allclose(acts[first.keep], inputs.x[rows], atol=1e-4)
     encoded = inputs.encoded()
-    assert encoded.x_hat.shape == inputs.x.shape and (encoded.l0 == 4).all() and inputs.encoded() is encoded  # encoded once
-    gsae = SAE(SAEConfig(architecture="gsae", d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "context_size": 32}))
+    assert (
+        encoded.x_hat.shape == inputs.x.shape and (encoded.l0 == 4).all() and inputs.encoded() is encoded
+    )  # encoded once
+    gsae = SAE(
+        SAEConfig(architecture="gsae", d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "context_size": 32})
+    )
     with_grads = prepare(model, gsae, 50, lm_batch_size=2)
-    assert with_grads.grad is not None and with_grads.grad.shape == with_grads.x.shape and with_grads.grad.abs().sum() > 0
+    assert (
+        with_grads.grad is not None and with_grads.grad.shape == with_grads.x.shape and with_grads.grad.abs().sum() > 0
+    )

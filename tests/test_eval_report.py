@@ -8,13 +8,13 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+from sae_kit import HarvestConfig
 from sae_kit.eval.attention import head_attribution
 from sae_kit.eval.compare import compare
 from sae_kit.eval.inputs import EvalError
 from sae_kit.eval.report import build_report, load_report, save_report, write_figures, write_plotly_js
 from sae_kit.heldout import heldout_contexts, next_token_ce, run_lm, splice
 from sae_kit.sae import SAE, SAEConfig
-from sae_kit import HarvestConfig
 
 Z_HOOK = "blocks.6.attn.hook_z"
 
@@ -74,16 +74,31 @@ def test_resolve_finds_sae_run_and_sweep_dirs(tmp_path):
     sae.save(tmp_path / "sweep" / "topk-k2-8-s1" / "sae")
     found = resolve((tmp_path / "run", tmp_path / "run" / "sae", tmp_path / "sweep"))
     assert [f.name for f in found] == ["run#0", "run#1", "sweep/topk-k2-8-s0", "sweep/topk-k2-8-s1"]
-    assert [f.run_dir for f in found] == [tmp_path / "run", tmp_path / "run", tmp_path / "sweep" / "topk-k2-8-s0", tmp_path / "sweep" / "topk-k2-8-s1"]
+    assert [f.run_dir for f in found] == [
+        tmp_path / "run",
+        tmp_path / "run",
+        tmp_path / "sweep" / "topk-k2-8-s0",
+        tmp_path / "sweep" / "topk-k2-8-s1",
+    ]
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunDirError, match="holds no SAE"):
         resolve((tmp_path / "empty",))
 
 
 def test_comparison_table_and_pareto_figures():
-    saes = [{"name": f"s{i}", "architecture": arch, "d_sae": 64, "k": 8,
-             "sections": {"core": {"l0_mean": 8.0 + i, "fvu": 0.3 - 0.1 * i, "ce_loss_recovered": 0.8}, "dead": {"dead_frac": 0.1 * i}}}
-            for i, arch in enumerate(["topk", "abstopk"])]
+    saes = [
+        {
+            "name": f"s{i}",
+            "architecture": arch,
+            "d_sae": 64,
+            "k": 8,
+            "sections": {
+                "core": {"l0_mean": 8.0 + i, "fvu": 0.3 - 0.1 * i, "ce_loss_recovered": 0.8},
+                "dead": {"dead_frac": 0.1 * i},
+            },
+        }
+        for i, arch in enumerate(["topk", "abstopk"])
+    ]
     section = compare(saes)
     rows = section.metrics["table"]
     assert rows[1]["fvu"] == pytest.approx(0.2) and rows[0]["steering_score"] is None

@@ -11,18 +11,35 @@ import pytest
 import torch
 
 from sae_kit.eval.inputs import EvalError, prepare
-from sae_kit.eval.steering import NEGATIVE, POSITIVE, SteeringConfig, budgeted_best, dim_vector, measure, token_mass_increase
+from sae_kit.eval.steering import (
+    NEGATIVE,
+    POSITIVE,
+    SteeringConfig,
+    budgeted_best,
+    dim_vector,
+    measure,
+    token_mass_increase,
+)
 from sae_kit.heldout import logit_lens
 from sae_kit.sae import SAE, SAEConfig
 
 HOOK = "blocks.6.hook_resid_post"
-SMALL = SteeringConfig(n_features=2, alphas=(1.0, 8.0), contexts=2, generate_tokens=8, generate_alpha=16.0,
-                       contrast_positive=POSITIVE[:3], contrast_negative=NEGATIVE[:3])
+SMALL = SteeringConfig(
+    n_features=2,
+    alphas=(1.0, 8.0),
+    contexts=2,
+    generate_tokens=8,
+    generate_alpha=16.0,
+    contrast_positive=POSITIVE[:3],
+    contrast_negative=NEGATIVE[:3],
+)
 
 
 def random_sae(architecture: str, seed: int = 0) -> SAE:
     torch.manual_seed(seed)
-    return SAE(SAEConfig(architecture=architecture, d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "context_size": 32}))
+    return SAE(
+        SAEConfig(architecture=architecture, d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "context_size": 32})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +68,9 @@ def test_steering_along_a_token_unembedding_raises_its_probability(model, inputs
     ids = torch.tensor([cat])
     zero = token_mass_increase(model, inputs, u / u.norm(), 0.0, ids, contexts=2)
     assert zero == (0.0, 0.0)
-    (m1, kl1), (m2, kl2) = (token_mass_increase(model, inputs, u / u.norm(), a, ids, contexts=2) for a in (150.0, 400.0))
+    (m1, kl1), (m2, kl2) = (
+        token_mass_increase(model, inputs, u / u.norm(), a, ids, contexts=2) for a in (150.0, 400.0)
+    )
     assert 0 < m1 < m2 and m2 > 0.1  # the residual norm is ~100 at layer 6: a few hundred takes the token over
     assert 0 < kl1 < kl2
 
@@ -82,7 +101,9 @@ def test_measure_reports_curves_score_dim_and_text(model, inputs, v):
 
 
 def test_abstopk_is_steered_both_ways_and_dim_finds_a_flipped_atom(model, inputs, v):
-    section = measure(plant(inputs, "abstopk", -v), dataclasses.replace(SMALL, generate_feature=5, generate_alpha=-16.0))
+    section = measure(
+        plant(inputs, "abstopk", -v), dataclasses.replace(SMALL, generate_feature=5, generate_alpha=-16.0)
+    )
     m = section.metrics
     assert m["signed"]
     for key in ("delta_mass_negative", "kl_negative"):

@@ -21,7 +21,19 @@ from sae_kit.sae import load_sae
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--tokens", "3000", "--context-size", "64", "--chunk-contexts", "8", "--shard-size", "128", "--row-group", "8", "--no-progress"]
+SMALL = [
+    "--tokens",
+    "3000",
+    "--context-size",
+    "64",
+    "--chunk-contexts",
+    "8",
+    "--shard-size",
+    "128",
+    "--row-group",
+    "8",
+    "--no-progress",
+]
 
 
 def cli(*args: str) -> list[str]:
@@ -86,7 +98,11 @@ def wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "index.json"}
+    return {
+        str(f.relative_to(folder)): f.read_bytes()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != "index.json"
+    }
 
 
 @pytest.mark.parametrize("stage", ["pass", "shards"])
@@ -95,9 +111,13 @@ def test_a_killed_index_resumes_to_the_same_files(browse_run, tmp_path, stage):
     clean = tmp_path / "clean"
     subprocess.run(cli(str(sae), "--out", str(clean), *SMALL), check=True, capture_output=True, timeout=600)
     out = tmp_path / "resumed"
-    proc = subprocess.Popen(cli(str(sae), "--out", str(out), *SMALL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli(str(sae), "--out", str(out), *SMALL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        wait_for((out / ".work", "pass-00001.safetensors") if stage == "pass" else (out / "shards", "00128-*.parquet"), proc)
+        wait_for(
+            (out / ".work", "pass-00001.safetensors") if stage == "pass" else (out / "shards", "00128-*.parquet"), proc
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -123,8 +143,12 @@ def test_rerun_settings_and_damage(model, browse_run, tmp_path):
     build_index(cfg, model=model)
     assert (out / "features.parquet").stat().st_mtime_ns == stamp, "an up-to-date index was rebuilt"
     assert time.perf_counter() - start < 30
-    res = subprocess.run(cli(str(sae), "--out", str(out), "--tokens", "1500", "--context-size", "64", "--top", "5", "--no-progress"),
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        cli(str(sae), "--out", str(out), "--tokens", "1500", "--context-size", "64", "--top", "5", "--no-progress"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "other settings; rebuild it with --force" in res.stderr
     shard = out / "shards" / "00256-00511.parquet"
@@ -141,11 +165,26 @@ def test_rerun_settings_and_damage(model, browse_run, tmp_path):
 
 
 def test_cli_reports_throughput_and_bad_input(browse_run, tmp_path):
-    res = subprocess.run(cli(str(member(browse_run, "topk")), "--out", str(tmp_path / "ix"), "--tokens", "800", "--context-size", "64", "--no-progress"),
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        cli(
+            str(member(browse_run, "topk")),
+            "--out",
+            str(tmp_path / "ix"),
+            "--tokens",
+            "800",
+            "--context-size",
+            "64",
+            "--no-progress",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "index of 1,152 features on" in res.stdout and "tok/s" in res.stdout and "features/s" in res.stdout
-    res = subprocess.run(cli(str(browse_run), "--out", str(tmp_path / "x")), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        cli(str(browse_run), "--out", str(tmp_path / "x")), capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 2 and "holds 2 SAEs; drop --out" in res.stderr
     res = subprocess.run(cli(str(tmp_path)), capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "holds no SAE" in res.stderr
@@ -155,7 +194,9 @@ def test_a_moved_run_keeps_its_index(model, browse_run, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(member(browse_run, "topk"), moved)
     stamp = (moved / "index" / "features.parquet").stat().st_mtime_ns
-    meta = build_index(IndexConfig(sae=moved, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model)[0]
+    meta = build_index(
+        IndexConfig(sae=moved, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model
+    )[0]
     assert meta["complete"] and (moved / "index" / "features.parquet").stat().st_mtime_ns == stamp
 
 
@@ -187,5 +228,8 @@ def test_an_sae_expecting_normalised_inputs_is_indexed_on_scaled_inputs(model, b
 def test_force_never_deletes_a_folder_that_is_not_an_index(model, browse_run, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(FeatureIndexError, match="exists and is not a feature index"):
-        build_index(IndexConfig(sae=member(browse_run, "topk"), out=tmp_path, tokens=500, force=True, progress=False), model=model)
+        build_index(
+            IndexConfig(sae=member(browse_run, "topk"), out=tmp_path, tokens=500, force=True, progress=False),
+            model=model,
+        )
     assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -90,7 +90,9 @@ def test_context_windows_carry_the_features_activation_on_every_token(p):
     T = p.tokens.shape[1]
     for f, ctxs in enumerate(lists):
         for c in ctxs:
-            positions = [c["row"] * T + t for t in range(max(0, c["pos"] - 3), min(T, c["pos"] + 3)) if p.valid[c["row"], t]]
+            positions = [
+                c["row"] * T + t for t in range(max(0, c["pos"] - 3), min(T, c["pos"] + 3)) if p.valid[c["row"], t]
+            ]
             assert c["tokens"] == [int(p.tokens.flatten()[q]) for q in positions]
             assert c["acts"] == pytest.approx([float(d[q, f]) for q in positions])
             assert c["acts"][c["peak"]] == pytest.approx(c["act"])
