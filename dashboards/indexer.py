@@ -37,7 +37,8 @@ from sae_kit.heldout import (
     heldout_contexts,
     logit_lens,
 )
-from sae_kit.sae import SAE, load_sae
+from sae_kit.sae import SAE
+from sae_kit.sae_io import load_sae
 
 
 @dataclass

@@ -34,7 +34,7 @@ def _index(path: str, stamp: float) -> FeatureIndex:
 
 @st.cache_resource(show_spinner="Loading the SAE...", max_entries=4)
 def _sae(path: str):
-    from sae_kit.sae import load_sae
+    from sae_kit.sae_io import load_sae
 
     return load_sae(path)
 

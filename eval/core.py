@@ -52,9 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section
-from sae_kit.heldout import fill, fvu, kl_from, next_token_ce, row_chunks, run_lm, splice
+from sae_kit.heldout import fill, fvu, kl_from, next_token_ce, run_lm, splice
 from sae_kit.sae import SAE
-from sae_kit.sparsifiers.batch_choice import BatchChoice
 
 PERCENTILES = (1, 10, 25, 50, 75, 90, 99)
 MAX_L0_BINS = 64
@@ -102,13 +101,14 @@ def measure(inputs: EvalInputs, cfg: CoreConfig = CoreConfig()) -> Section:
     metrics |= reconstruction(inputs.x, encoded.x_hat)
     metrics |= downstream(inputs, encoded.x_hat, cfg)
     figures = {"l0_hist": l0_figure(metrics)}
-    # ---- Architecture-specific metrics: the one place they are chosen. To be replaced by the rule's own
-    # ---- sae.sparsifier.eval_metrics(sae, x, grad, ...) (issue 11 §1); no architecture names here.
-    metrics |= training_l0(sae)
-    if getattr(sae.sparsifier, "curve", None) is not None:  # MP-SAE's pursuit curve
-        metrics |= mp_metrics(inputs, cfg)
+    # Architecture-specific metrics come from the rule (MP-SAE's pursuit curve, the batch rules' training budget).
+    metrics |= sae.sparsifier.eval_metrics(
+        sae, inputs.x, inputs.grad, curve_steps=cfg.mp_curve_steps, curve_tokens=cfg.mp_curve_tokens, seed=inputs.seed
+    )
+    if "l0_training_target" in metrics:
+        metrics["l0_training"] = sae.cfg.metadata.get("training_l0")
+    if "mp_curve_fvu" in metrics:
         figures["mp_curve"] = mp_figure(metrics)
-    # ---- end of the architecture-specific metrics
     return Section(metrics, figures, summary_lines(metrics))
 
 
@@ -155,13 +155,6 @@ def l0_stats(l0: Tensor) -> dict[str, Any]:
     out["l0_hist_edges"] = [i * width for i in range(len(binned) + 1)]
     out["l0_hist_counts"] = binned.tolist()
     return out
-
-
-def training_l0(sae: SAE) -> dict[str, Any]:
-    """For batch-allocating rules (MC/FC): the training L0 next to the inference L0 measured here."""
-    if not isinstance(sae.sparsifier, BatchChoice):
-        return {}
-    return {"l0_training_target": sae.cfg.k, "l0_training": sae.cfg.metadata.get("training_l0")}
 
 
 # ------------------------------------------------------------------------------------------- reconstruction
@@ -251,40 +244,6 @@ def downstream_metrics(
         "kl_mean": kl_mean.get("mean"),
         "kl_score": None if kl_zero is None or kl_sae is None else ratio(kl_zero - kl_sae, kl_zero),
     }
-
-
-# -------------------------------------------------------------------------------------------------- MP-SAE
-def mp_metrics(inputs: EvalInputs, cfg: CoreConfig) -> dict[str, Any]:
-    """The MP-SAE (L0, FVU) curve on a seeded sample of rows, and its value at the trained k."""
-    sae = inputs.sae
-    steps = cfg.mp_curve_steps or 2 * sae.cfg.k
-    generator = torch.Generator().manual_seed(inputs.seed)
-    sample = inputs.x[torch.randperm(len(inputs.x), generator=generator)[: cfg.mp_curve_tokens]]
-    l0, fvu = mp_curve(sae, sample, steps)
-    return {
-        "mp_curve_tokens": len(sample),
-        "mp_curve_l0": l0,
-        "mp_curve_fvu": fvu,
-        "mp_fvu_at_k": fvu[sae.cfg.k - 1] if len(fvu) >= sae.cfg.k else None,
-    }
-
-
-def mp_curve(sae: SAE, x: Tensor, steps: int, max_cells: int = 1 << 25) -> tuple[list[float], list[float]]:
-    """sae.mp_curve over all rows of x, run in row_chunks of at most `max_cells` [rows × d_sae] correlations.
-
-    Each chunk's FVU is relative to its own mean, so it is turned back into a residual sum of squares (times the
-    chunk's Σ||x − mean||²) and divided by the total over x; chunk L0s are weighted by their rows.
-    """
-    x = x.to(sae.W_dec.device, sae.W_dec.dtype)
-    parts = [x[rows] for rows in row_chunks(len(x), sae.cfg.d_sae, max_cells)]
-    l0_sum = torch.zeros(steps, dtype=torch.float64)
-    residual = torch.zeros(steps, dtype=torch.float64)
-    for part in parts:
-        l0, fvu = sae.mp_curve(part, steps)
-        l0_sum += l0.double().cpu() * len(part)
-        residual += fvu.double().cpu() * float((part.double() - part.double().mean(0)).square().sum())
-    total = float((x.double() - x.double().mean(0)).square().sum())
-    return (l0_sum / len(x)).tolist(), (residual / total).tolist()
 
 
 # -------------------------------------------------------------------------------------------------- output

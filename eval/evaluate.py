@@ -24,8 +24,8 @@ from sae_kit.eval import attention, compare, core, dark_matter, dead, steering
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section, prepare, with_sae
 from sae_kit.eval.report import build_report, save_report, write_figures, write_plotly_js
 from sae_kit.heldout import harvest_config_for
-from sae_kit.rundir import run_dir_of  # noqa: F401 (sae_kit.cli imports it from here)
-from sae_kit.sae import SAE, load_sae
+from sae_kit.sae import SAE
+from sae_kit.sae_io import load_sae
 
 SectionName = Literal["core", "dead", "dark_matter", "steering", "attention"]
 

@@ -71,7 +71,7 @@ def _eval(args) -> None:
 
 def _index(args) -> None:
     from sae_kit.dashboards.indexer import build_index
-    from sae_kit.eval.evaluate import run_dir_of
+    from sae_kit.rundir import run_dir_of
 
     for meta in build_index(args):
         short = " (the held-out split holds no more)" if meta["short"] else ""

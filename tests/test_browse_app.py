@@ -16,7 +16,7 @@ from sae_kit.dashboards.store import FeatureIndex
 from sae_kit.dashboards.workspace import ROOT_ENV
 from sae_kit.heldout import generate, harvest_config_for
 from sae_kit.rundir import load_report
-from sae_kit.sae import load_sae
+from sae_kit.sae_io import load_sae
 
 pytestmark = pytest.mark.slow
 

@@ -144,10 +144,12 @@ def test_mpsae_curve_is_monotone_and_chunking_is_exact(base):
     assert all(b >= a for a, b in zip(l0, l0[1:])) and 0 < l0[0] <= 1 and l0[-1] > l0[0]
     assert m["mp_fvu_at_k"] == fvu[7] and m["l0_mean"] <= 8
     assert set(section.figures) == {"l0_hist", "mp_curve"} and m["ce_clean"] is None and m["ce_loss_recovered"] is None
-    whole_l0, whole_fvu = sae.mp_curve(base.x, 5)  # chunked (tiny chunks) == one pass
-    l0_chunked, fvu_chunked = core.mp_curve(sae, base.x, 5, max_cells=256 * 37)
-    assert torch.allclose(torch.tensor(l0_chunked, dtype=torch.float64), whole_l0.double(), rtol=1e-5)
-    assert torch.allclose(torch.tensor(fvu_chunked, dtype=torch.float64), whole_fvu.double(), rtol=1e-4)
+    whole = sae.sparsifier.eval_metrics(
+        sae, base.x, curve_steps=5, curve_tokens=len(base.x)
+    )  # chunked (tiny chunks) == one pass
+    chunked = sae.sparsifier.eval_metrics(sae, base.x, curve_steps=5, curve_tokens=len(base.x), max_cells=256 * 37)
+    assert torch.allclose(torch.tensor(chunked["mp_curve_l0"]), torch.tensor(whole["mp_curve_l0"]), rtol=1e-5)
+    assert torch.allclose(torch.tensor(chunked["mp_curve_fvu"]), torch.tensor(whole["mp_curve_fvu"]), rtol=1e-4)
 
 
 def test_gsae_uses_real_gradients(model):

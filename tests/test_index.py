@@ -17,7 +17,7 @@ import torch
 from sae_kit.dashboards.indexer import IndexConfig, build_index, token_strings
 from sae_kit.dashboards.store import FeatureIndex, FeatureIndexError
 from sae_kit.eval.inputs import prepare
-from sae_kit.sae import load_sae
+from sae_kit.sae_io import load_sae
 
 pytestmark = pytest.mark.slow
 
