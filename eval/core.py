@@ -53,7 +53,6 @@ from torch import Tensor
 
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section
 from sae_kit.heldout import fill, fvu, kl_from, next_token_ce, run_lm, splice
-from sae_kit.sae import SAE
 
 PERCENTILES = (1, 10, 25, 50, 75, 90, 99)
 MAX_L0_BINS = 64

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 from sae_kit.errors import SaeKitError
 
@@ -27,8 +27,10 @@ def _hooks(args: HooksArgs) -> None:
     names = hook_names(model)
     shown = [name for name in names if args.filter in name]
     if not shown:
-        raise SaeKitError(f"no hook name of {model.sae_kit_name} contains {args.filter!r}; try e.g. resid_post, hook_z or mlp_out, "
-                          f"or drop --filter to list all {len(names)}")
+        raise SaeKitError(
+            f"no hook name of {model.sae_kit_name} contains {args.filter!r}; try e.g. resid_post, hook_z or mlp_out, "
+            f"or drop --filter to list all {len(names)}"
+        )
     print("\n".join(shown))
 
 
@@ -44,19 +46,29 @@ def _train(args) -> None:
     from sae_kit.training.run import TrainRunConfig, train
 
     if args.resume is not None:
-        changed = [f.name for f in fields(args) if f.name not in ("resume", "progress", "wandb", "wandb_project", "prefetch")
-                   and getattr(args, f.name) != getattr(TrainRunConfig(), f.name)]
+        changed = [
+            f.name
+            for f in fields(args)
+            if f.name not in ("resume", "progress", "wandb", "wandb_project", "prefetch")
+            and getattr(args, f.name) != getattr(TrainRunConfig(), f.name)
+        ]
         if changed:
-            raise SaeKitError(f"--resume continues a run with its saved config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}")
+            raise SaeKitError(
+                f"--resume continues a run with its saved config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}"
+            )
     s = train(args)
     if len(s["members"]) == 1:
         m = s["members"][0]
         h = m["heldout"]
         print(f"SAE saved to {m['sae_dir']} ({s['steps']} steps, {s['tokens']:,} tokens)")
-        print(f"held-out ({h['tokens']:,} tokens): FVU {h['fvu']:.4f}  L0 {h['l0']:.1f}  dead {100 * h['dead_frac']:.1f}%"
-              + (f"  (training L0 {m['training']['l0']:.1f})" if abs(m["training"]["l0"] - h["l0"]) > 0.05 else ""))
+        print(
+            f"held-out ({h['tokens']:,} tokens): FVU {h['fvu']:.4f}  L0 {h['l0']:.1f}  dead {100 * h['dead_frac']:.1f}%"
+            + (f"  (training L0 {m['training']['l0']:.1f})" if abs(m["training"]["l0"] - h["l0"]) > 0.05 else "")
+        )
     else:
-        print(f"{len(s['members'])} SAEs trained on the same {s['tokens']:,} tokens ({s['steps']} steps); held-out results:")
+        print(
+            f"{len(s['members'])} SAEs trained on the same {s['tokens']:,} tokens ({s['steps']} steps); held-out results:"
+        )
         print(s["table"])
         print(f"SAEs saved to {Path(s['members'][0]['sae_dir']).parent.parent}/<member>/sae")
     if any("failed" in m for m in s["members"]):
@@ -75,9 +87,11 @@ def _index(args) -> None:
 
     for meta in build_index(args):
         short = " (the held-out split holds no more)" if meta["short"] else ""
-        print(f"index of {meta['sae']['d_sae']:,} features on {meta['tokens']:,} held-out tokens{short}: "
-              f"pass {meta['seconds']['pass']:.1f} s ({meta['throughput']['tokens_per_s']:,} tok/s), "
-              f"features {meta['seconds']['features']:.1f} s ({meta['throughput']['features_per_s']:,} features/s)")
+        print(
+            f"index of {meta['sae']['d_sae']:,} features on {meta['tokens']:,} held-out tokens{short}: "
+            f"pass {meta['seconds']['pass']:.1f} s ({meta['throughput']['tokens_per_s']:,} tok/s), "
+            f"features {meta['seconds']['features']:.1f} s ({meta['throughput']['features_per_s']:,} features/s)"
+        )
         print(f"browse it: sae-kit browse {run_dir_of(Path(meta['sae']['dir']))}")
 
 
@@ -95,9 +109,21 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from sae_kit.training.run import TrainRunConfig
 
     return {
-        "train": (TrainRunConfig, _train, "train an SAE from the model or an activation cache (no flags: TopK on the default)"),
-        "eval": (EvalConfig, _eval, "evaluate SAEs on held-out tokens: core, dead features, dark matter, steering -> report.json"),
-        "index": (IndexConfig, _index, "precompute every feature's contexts, histogram, logits, neighbours for the browser (resumable)"),
+        "train": (
+            TrainRunConfig,
+            _train,
+            "train an SAE from the model or an activation cache (no flags: TopK on the default)",
+        ),
+        "eval": (
+            EvalConfig,
+            _eval,
+            "evaluate SAEs on held-out tokens: core, dead features, dark matter, steering -> report.json",
+        ),
+        "index": (
+            IndexConfig,
+            _index,
+            "precompute every feature's contexts, histogram, logits, neighbours for the browser (resumable)",
+        ),
         "browse": (BrowseConfig, _browse, "open the Streamlit feature browser on a run (127.0.0.1:8501 by default)"),
         "cache": (CacheConfig, _cache, "harvest activations into an on-disk ActivationCache (resumable)"),
         "hooks": (HooksArgs, _hooks, "list a model's hook names"),
@@ -142,7 +168,7 @@ def _config_file(config_cls: type, argv: list[str]):
             path = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
             if not path:
                 raise SaeKitError("--config needs a file: --config sweep.yaml")
-            rest = argv[:i] + argv[i + (1 if "=" in arg else 2):]
+            rest = argv[:i] + argv[i + (1 if "=" in arg else 2) :]
             return rest, load_config(config_cls, path)
     return argv, None
 

@@ -38,7 +38,9 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigFileError("no such file") from None
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigFileError(f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {' '.join(str(err).split())}") from None
+        raise ConfigFileError(
+            f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {' '.join(str(err).split())}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -57,7 +59,9 @@ def load_config(cls: type[T], path: str | Path) -> T:
 def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """An instance of dataclass `cls` from a mapping, every value checked against its field's type."""
     if not isinstance(data, dict):
-        raise ConfigFileError(f"{where.rstrip('.') or 'the file'} must be a mapping of {cls.__name__} settings, got {data!r}")
+        raise ConfigFileError(
+            f"{where.rstrip('.') or 'the file'} must be a mapping of {cls.__name__} settings, got {data!r}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]  # cls is a dataclass
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -66,8 +70,11 @@ def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             hint = f"did you mean '{where}{close[0]}'? " if close else ""
             raise ConfigFileError(f"unknown key '{where}{key}'; {hint}valid keys: {', '.join(fields)}")
     values = {key: _value(hints[key], value, f"{where}{key}") for key, value in data.items()}
-    missing = [name for name, f in fields.items() if name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigFileError(f"missing required key {', '.join(repr(where + m) for m in missing)}")
     try:
@@ -122,14 +129,20 @@ def _describe(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:
-        return f"a list of {_describe(args[0])}" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} values"
+        return (
+            f"a list of {_describe(args[0])}"
+            if len(args) == 2 and args[1] is Ellipsis
+            else f"a list of {len(args)} values"
+        )
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
     if tp is type(None):
         return "null"
     if tp is Path:
         return "a path"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -41,34 +41,77 @@ from torch import Tensor
 
 from sae_kit.atomic import atomic_dir, save_tensors, write_json
 from sae_kit.errors import SaeKitError
-from sae_kit.sae import (CFG_FILE, DTYPES, NORMALIZE_ACTIVATIONS, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError, dtype_name,
-                         load_sparsity, package_version, read_cfg, read_tensors)
+from sae_kit.sae import (
+    CFG_FILE,
+    DTYPES,
+    NORMALIZE_ACTIVATIONS,
+    SAE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    SAEConfig,
+    SAEFormatError,
+    dtype_name,
+    load_sparsity,
+    package_version,
+    read_cfg,
+    read_tensors,
+)
 from sae_kit.sparsifiers import ARCHITECTURES, canonical_name, get_sparsifier
 
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 SAELENS_CFG_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version when the SAE carries none >= 6: SAELens reads it to pick its v6 cfg parser."""
 
-_SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "abstopk": "abstopk", "jumprelu": "jumprelu",
-                          "batchtopk": "mutual_choice", "matching_pursuit": "mpsae", "gated": "gated"}
-_SAELENS_UNSUPPORTED = {"transcoder": "transcoders (they predict another hook's output)",
-                        "skip_transcoder": "transcoders", "jumprelu_transcoder": "transcoders",
-                        "jumprelu_skip_transcoder": "transcoders", "temporal": "temporal SAEs",
-                        "matryoshka_batchtopk": "matryoshka checkpoints (load the jumprelu SAE SAELens saves after training)"}
-_PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "hook_point_layer": "hook_layer",
-                 "activation_fn_str": "activation_fn"}
-_PRE6_METADATA = ("model_name", "hook_name", "hook_layer", "hook_head_index", "model_class_name", "model_from_pretrained_kwargs",
-                  "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
-                  "sae_lens_training_version")
+_SAELENS_ARCHITECTURES = {
+    "standard": "relu",
+    "topk": "topk",
+    "abstopk": "abstopk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "mutual_choice",
+    "matching_pursuit": "mpsae",
+    "gated": "gated",
+}
+_SAELENS_UNSUPPORTED = {
+    "transcoder": "transcoders (they predict another hook's output)",
+    "skip_transcoder": "transcoders",
+    "jumprelu_transcoder": "transcoders",
+    "jumprelu_skip_transcoder": "transcoders",
+    "temporal": "temporal SAEs",
+    "matryoshka_batchtopk": "matryoshka checkpoints (load the jumprelu SAE SAELens saves after training)",
+}
+_PRE6_RENAMES = {
+    "hook_point": "hook_name",
+    "hook_point_head_index": "hook_head_index",
+    "hook_point_layer": "hook_layer",
+    "activation_fn_str": "activation_fn",
+}
+_PRE6_METADATA = (
+    "model_name",
+    "hook_name",
+    "hook_layer",
+    "hook_head_index",
+    "model_class_name",
+    "model_from_pretrained_kwargs",
+    "prepend_bos",
+    "exclude_special_tokens",
+    "neuronpedia_id",
+    "context_size",
+    "seqpos_slice",
+    "dataset_path",
+    "sae_lens_training_version",
+)
 _SAELENS_TENSORS: dict[tuple[str, str], str] = {("gated", "b_enc"): "b_gate"}
 """(SAELens architecture, our tensor name) -> SAELens's name for it, where they differ (renamed back on load)."""
 _SAELENS_JUMPRELU_TRAINED = ("mutual_choice", "feature_choice", "matryoshka_batchtopk")
 """Our batch-level rules that SAELens stores as jumprelu: metadata.training_architecture brings them back."""
 _SAELENS_NAMES = {"relu": "standard", "mutual_choice": "batchtopk", "mpsae": "matching_pursuit"}
 """Our architecture -> the SAELens name written as metadata.training_architecture."""
-_SPARSIFY_UNSUPPORTED = {"transcode": "a transcoder (it predicts another hook's output)",
-                         "skip_connection": "a skip connection (W_skip)", "embed_skip": "an embedding skip connection",
-                         "gram_lookup": "an n-gram lookup subtracted from its input"}
+_SPARSIFY_UNSUPPORTED = {
+    "transcode": "a transcoder (it predicts another hook's output)",
+    "skip_connection": "a skip connection (W_skip)",
+    "embed_skip": "an embedding skip connection",
+    "gram_lookup": "an n-gram lookup subtracted from its input",
+}
 
 
 def _integral(value: Any) -> bool:
@@ -87,8 +130,10 @@ def _make_sae(cfg_file: Path, fields: dict[str, Any], tensors: dict[str, Tensor]
 def _check_shapes(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], file: Path) -> None:
     for name, shape in shapes.items():
         if name in tensors and tuple(tensors[name].shape) != shape:
-            raise SAEFormatError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, but this format stores it as "
-                                 f"{shape} for cfg.json's d_in and d_sae; check the tensor's orientation")
+            raise SAEFormatError(
+                f"{file}: {name} has shape {tuple(tensors[name].shape)}, but this format stores it as "
+                f"{shape} for cfg.json's d_in and d_sae; check the tensor's orientation"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------- detection
@@ -110,16 +155,21 @@ def detect_format(path: Path) -> tuple[str, dict[str, Any]]:
             raise FileNotFoundError(f"{cfg_file} is missing; an SAE directory needs {CFG_FILE} beside {weights[0]}")
         hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
         if hooks:
-            raise SAEFormatError(f"{path} holds {len(hooks)} SAE(s), one per hook (a sparsify run); pass one of: "
-                                 + ", ".join(str(path / name) for name in hooks))
-        raise SAEFormatError(f"{path} is not an SAE directory: sae-kit and SAELens need {CFG_FILE} + {WEIGHTS_FILE}, "
-                             f"sparsify needs {CFG_FILE} + {SPARSIFY_WEIGHTS_FILE} (its runs hold one such folder per hook)")
+            raise SAEFormatError(
+                f"{path} holds {len(hooks)} SAE(s), one per hook (a sparsify run); pass one of: "
+                + ", ".join(str(path / name) for name in hooks)
+            )
+        raise SAEFormatError(
+            f"{path} is not an SAE directory: sae-kit and SAELens need {CFG_FILE} + {WEIGHTS_FILE}, "
+            f"sparsify needs {CFG_FILE} + {SPARSIFY_WEIGHTS_FILE} (its runs hold one such folder per hook)"
+        )
     raw = read_cfg(cfg_file)
     metadata = raw.get("metadata")
     if isinstance(metadata, dict) and "sae_kit_version" in metadata:
         return "sae_kit", raw
-    if weights == [SPARSIFY_WEIGHTS_FILE] or (not weights and "d_sae" not in raw
-                                              and ("num_latents" in raw or "expansion_factor" in raw)):
+    if weights == [SPARSIFY_WEIGHTS_FILE] or (
+        not weights and "d_sae" not in raw and ("num_latents" in raw or "expansion_factor" in raw)
+    ):
         return "sparsify", raw
     return "saelens", raw
 
@@ -145,14 +195,18 @@ def _saelens_cfg(raw: dict[str, Any], cfg_file: Path) -> tuple[dict[str, Any], d
     if activation == "topk" and k is not None:
         cfg |= {"architecture": "topk", "k": k}
     elif activation != "relu":
-        raise SAEFormatError(f"{cfg_file}: pre-6 SAELens activation_fn={activation!r} is unsupported; sae-kit reads relu and topk (with activation_fn_kwargs.k)")
+        raise SAEFormatError(
+            f"{cfg_file}: pre-6 SAELens activation_fn={activation!r} is unsupported; sae-kit reads relu and topk (with activation_fn_kwargs.k)"
+        )
     norm = cfg.get("normalize_activations")
     if norm is None or isinstance(norm, bool):
         cfg["normalize_activations"] = "expected_average_only_in" if norm else "none"
     return cfg, {key: cfg[key] for key in _PRE6_METADATA if key in cfg}
 
 
-def _saelens_fields(name: str, cfg: dict[str, Any], metadata: dict[str, Any], cfg_file: Path) -> tuple[str, dict[str, Any]]:
+def _saelens_fields(
+    name: str, cfg: dict[str, Any], metadata: dict[str, Any], cfg_file: Path
+) -> tuple[str, dict[str, Any]]:
     """Our architecture and its rule fields for SAELens architecture `name`: training-only settings from
     metadata.training_architecture_details (SAELens's record of how the SAE was trained), inference ones from cfg."""
     arch = _SAELENS_ARCHITECTURES[name]
@@ -168,17 +222,26 @@ def _saelens_fields(name: str, cfg: dict[str, Any], metadata: dict[str, Any], cf
     if "threshold_ema" in config_fields and "topk_threshold_lr" in details:
         fields.setdefault("threshold_ema", details["topk_threshold_lr"])  # SAELens batchtopk's name for the EMA rate
     widths = details.get("matryoshka_widths")  # SAELens's absolute prefix widths (the last one may be d_sae)
-    if "matryoshka_prefix_fractions" in config_fields and isinstance(widths, list) and all(_integral(w) for w in widths):
+    if (
+        "matryoshka_prefix_fractions" in config_fields
+        and isinstance(widths, list)
+        and all(_integral(w) for w in widths)
+    ):
         fields.setdefault("matryoshka_prefix_fractions", tuple(w / cfg["d_sae"] for w in widths if w < cfg["d_sae"]))
     if name in ("topk", "abstopk", "batchtopk"):
         fields["k"] = cfg.get("k", 100)  # SAELens's default k
     if arch == "mpsae":
         if cfg.get("residual_threshold", 1e-2) != 0:
-            raise SAEFormatError(f"{cfg_file}: matching_pursuit residual_threshold={cfg.get('residual_threshold', 1e-2)!r} stops on an "
-                                 "absolute residual norm, which sae-kit cannot express (its mp_stop_residual is relative); use 0")
+            raise SAEFormatError(
+                f"{cfg_file}: matching_pursuit residual_threshold={cfg.get('residual_threshold', 1e-2)!r} stops on an "
+                "absolute residual norm, which sae-kit cannot express (its mp_stop_residual is relative); use 0"
+            )
         steps = cfg.get("max_iterations") or cfg["d_in"]  # SAELens's default: d_in
-        fields |= {"mp_stop_residual": 0.0, "mp_signed": False,
-                   "mp_stop_on_same_support": bool(cfg.get("stop_on_duplicate_support", True))}
+        fields |= {
+            "mp_stop_residual": 0.0,
+            "mp_signed": False,
+            "mp_stop_on_same_support": bool(cfg.get("stop_on_duplicate_support", True)),
+        }
         fields.setdefault("k", min(steps, cfg["d_sae"]))
         fields["mp_max_steps"] = None if fields["k"] == steps else steps  # None: k steps
     if _integral(fields.get("k")):
@@ -193,19 +256,27 @@ def read_saelens(path: Path, raw: dict[str, Any], device: str | None = None, dty
     cfg, metadata = _saelens_cfg(raw, cfg_file)
     name = cfg.get("architecture")
     if name in _SAELENS_UNSUPPORTED:
-        raise SAEFormatError(f"{cfg_file}: SAELens architecture {name!r} is unsupported: sae-kit has no {_SAELENS_UNSUPPORTED[name]}")
+        raise SAEFormatError(
+            f"{cfg_file}: SAELens architecture {name!r} is unsupported: sae-kit has no {_SAELENS_UNSUPPORTED[name]}"
+        )
     if name not in _SAELENS_ARCHITECTURES:
-        raise SAEFormatError(f"{cfg_file}: unknown SAELens architecture {name!r}; sae-kit reads {', '.join(_SAELENS_ARCHITECTURES)}")
+        raise SAEFormatError(
+            f"{cfg_file}: unknown SAELens architecture {name!r}; sae-kit reads {', '.join(_SAELENS_ARCHITECTURES)}"
+        )
     missing = [key for key in ("d_in", "d_sae") if key not in cfg]
     if missing:
         raise SAEFormatError(f"{cfg_file} lacks {', '.join(missing)}; a SAELens cfg.json needs d_in and d_sae")
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     norm = cfg.get("normalize_activations", "none")
     if norm not in NORMALIZE_ACTIVATIONS:
-        raise SAEFormatError(f"{cfg_file}: normalize_activations={norm!r} rescales each token inside SAELens, which sae-kit "
-                             f"cannot do; it supports {', '.join(NORMALIZE_ACTIVATIONS)}")
+        raise SAEFormatError(
+            f"{cfg_file}: normalize_activations={norm!r} rescales each token inside SAELens, which sae-kit "
+            f"cannot do; it supports {', '.join(NORMALIZE_ACTIVATIONS)}"
+        )
     if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
-        raise SAEFormatError(f"{cfg_file}: reshape_activations={cfg['reshape_activations']!r} is unsupported; use none or hook_z")
+        raise SAEFormatError(
+            f"{cfg_file}: reshape_activations={cfg['reshape_activations']!r} is unsupported; use none or hook_z"
+        )
     if cfg.get("reshape_activations") == "hook_z":
         metadata["reshape_activations"] = "hook_z"
 
@@ -213,9 +284,20 @@ def read_saelens(path: Path, raw: dict[str, Any], device: str | None = None, dty
     for (saelens_arch, ours), theirs in _SAELENS_TENSORS.items():
         if saelens_arch == name and theirs in tensors and ours not in tensors:
             tensors[ours] = tensors.pop(theirs)
-    _check_shapes(tensors, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
-                            "threshold": (d_sae,), "log_threshold": (d_sae,), "scaling_factor": (d_sae,),
-                            "topk_threshold": ()}, weights_file)
+    _check_shapes(
+        tensors,
+        {
+            "W_enc": (d_in, d_sae),
+            "b_enc": (d_sae,),
+            "W_dec": (d_sae, d_in),
+            "b_dec": (d_in,),
+            "threshold": (d_sae,),
+            "log_threshold": (d_sae,),
+            "scaling_factor": (d_sae,),
+            "topk_threshold": (),
+        },
+        weights_file,
+    )
     if "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     if "topk_threshold" in tensors:
@@ -223,11 +305,17 @@ def read_saelens(path: Path, raw: dict[str, Any], device: str | None = None, dty
     scale = tensors.pop("scaling_factor", None)
     if scale is not None and not bool((scale == 1).all()):
         if not cfg.get("finetuning_scaling_factor"):
-            raise SAEFormatError(f"{weights_file} holds a scaling_factor but cfg.json's finetuning_scaling_factor is false; set it to true")
+            raise SAEFormatError(
+                f"{weights_file} holds a scaling_factor but cfg.json's finetuning_scaling_factor is false; set it to true"
+            )
         tensors["W_dec"] = tensors["W_dec"] * scale[:, None]
     if cfg.get("rescale_acts_by_decoder_norm") and name in ("topk", "abstopk", "batchtopk") and "W_dec" in tensors:
         norms = tensors["W_dec"].norm(dim=-1).clamp_min(1e-8)
-        tensors |= {"W_enc": tensors["W_enc"] * norms, "b_enc": tensors["b_enc"] * norms, "W_dec": tensors["W_dec"] / norms[:, None]}
+        tensors |= {
+            "W_enc": tensors["W_enc"] * norms,
+            "b_enc": tensors["b_enc"] * norms,
+            "W_dec": tensors["W_dec"] / norms[:, None],
+        }
 
     arch, fields = _saelens_fields(name, cfg, metadata, cfg_file)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
@@ -237,9 +325,22 @@ def read_saelens(path: Path, raw: dict[str, Any], device: str | None = None, dty
     dtype = dtype or str(cfg.get("dtype", "float32")).removeprefix("torch.")
     if arch == "jumprelu" and "threshold" in tensors and dtype in DTYPES:
         tensors["threshold"] = tensors["threshold"].clamp_min(torch.finfo(DTYPES[dtype]).tiny)
-    sae = _make_sae(cfg_file, {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "dtype": dtype,
-                               "device": device or "cpu", "apply_b_dec_to_input": apply_b_dec,
-                               "normalize_activations": norm, "metadata": metadata, **fields}, tensors, weights_file)
+    sae = _make_sae(
+        cfg_file,
+        {
+            "architecture": arch,
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "dtype": dtype,
+            "device": device or "cpu",
+            "apply_b_dec_to_input": apply_b_dec,
+            "normalize_activations": norm,
+            "metadata": metadata,
+            **fields,
+        },
+        tensors,
+        weights_file,
+    )
     return load_sparsity(sae, path).eval()
 
 
@@ -256,31 +357,55 @@ def write_saelens(sae: SAE, path: Path) -> Path:
     arch = canonical_name(cfg.architecture)
     saelens_arch = cfg.rule.saelens_name
     if saelens_arch is None:
-        raise SAEFormatError(f"SAELens has no architecture that encodes like {arch!r}, so an export would not load there; "
-                             "save it as sae_kit (the default format)")
+        raise SAEFormatError(
+            f"SAELens has no architecture that encodes like {arch!r}, so an export would not load there; "
+            "save it as sae_kit (the default format)"
+        )
     extra: dict[str, Any] = {}
     if saelens_arch in ("topk", "abstopk"):
         extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     elif saelens_arch == "matching_pursuit":
         mp: Any = cfg.rule_config
         if mp.stop_residual or mp.signed:
-            raise SAEFormatError("SAELens matching_pursuit has no relative residual stop and no signed pursuit; "
-                                 "set mp_stop_residual=0 and mp_signed=False to save it as saelens")
-        extra = {"residual_threshold": 0.0, "max_iterations": mp.max_steps or cfg.k,
-                 "stop_on_duplicate_support": mp.stop_on_same_support}
+            raise SAEFormatError(
+                "SAELens matching_pursuit has no relative residual stop and no signed pursuit; "
+                "set mp_stop_residual=0 and mp_signed=False to save it as saelens"
+            )
+        extra = {
+            "residual_threshold": 0.0,
+            "max_iterations": mp.max_steps or cfg.k,
+            "stop_on_duplicate_support": mp.stop_on_same_support,
+        }
     trained_as = _SAELENS_NAMES.get(arch, arch)
     metadata = {key: value for key, value in cfg.metadata.items() if key != "sae_kit_version"}
-    details = metadata.get("training_architecture_details") if metadata.get("training_architecture") == trained_as else None
+    details = (
+        metadata.get("training_architecture_details") if metadata.get("training_architecture") == trained_as else None
+    )
     details = details if isinstance(details, dict) else {}
-    metadata = {**dict.fromkeys(("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", "dataset_path")),
-                **metadata, "sae_lens_version": metadata.get("sae_lens_version") if _saelens_v6(metadata) else SAELENS_CFG_VERSION,
-                "training_architecture": trained_as,
-                "training_architecture_details": {**details, **({"k": cfg.k} if cfg.rule.uses_k else {}), **cfg.settings.to_flat()},
-                "sae_kit_export_version": package_version()}
-    out = {"architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": dtype_name(sae.W_dec.dtype),
-           "device": str(sae.W_dec.device), "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
-           "normalize_activations": cfg.normalize_activations,
-           "reshape_activations": metadata.get("reshape_activations", "none"), **extra, "metadata": metadata}
+    metadata = {
+        **dict.fromkeys(("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", "dataset_path")),
+        **metadata,
+        "sae_lens_version": metadata.get("sae_lens_version") if _saelens_v6(metadata) else SAELENS_CFG_VERSION,
+        "training_architecture": trained_as,
+        "training_architecture_details": {
+            **details,
+            **({"k": cfg.k} if cfg.rule.uses_k else {}),
+            **cfg.settings.to_flat(),
+        },
+        "sae_kit_export_version": package_version(),
+    }
+    out = {
+        "architecture": saelens_arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": dtype_name(sae.W_dec.dtype),
+        "device": str(sae.W_dec.device),
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": cfg.normalize_activations,
+        "reshape_activations": metadata.get("reshape_activations", "none"),
+        **extra,
+        "metadata": metadata,
+    }
     weights = {_SAELENS_TENSORS.get((saelens_arch, name), name): t for name, t in sae.weights().items()}
     with atomic_dir(path) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, weights, metadata={"format": "pt"})
@@ -304,8 +429,11 @@ def _sparsify_metadata(path: Path) -> dict[str, Any]:
             run = read_cfg(run_cfg)
         except SAEFormatError:
             return metadata  # the run's config is provenance only
-        metadata |= {ours: run[theirs] for theirs, ours in (("model", "model_name"), ("dataset", "dataset_path"),
-                                                           ("ctx_len", "context_size")) if theirs in run}
+        metadata |= {
+            ours: run[theirs]
+            for theirs, ours in (("model", "model_name"), ("dataset", "dataset_path"), ("ctx_len", "context_size"))
+            if theirs in run
+        }
     return metadata
 
 
@@ -317,22 +445,43 @@ def read_sparsify(path: Path, raw: dict[str, Any], device: str | None = None, dt
         if raw.get(key):
             raise SAEFormatError(f"{cfg_file}: sparsify {key}=true makes {what}, which sae-kit does not support")
     if raw.get("activation", "topk") != "topk":
-        raise SAEFormatError(f"{cfg_file}: sparsify activation={raw['activation']!r} is unsupported; sae-kit reads topk")
+        raise SAEFormatError(
+            f"{cfg_file}: sparsify activation={raw['activation']!r} is unsupported; sae-kit reads topk"
+        )
     if not isinstance(raw.get("d_in"), int):
-        raise SAEFormatError(f"{cfg_file} lacks an integer d_in; a sparsify cfg.json records it beside the coder's settings")
+        raise SAEFormatError(
+            f"{cfg_file} lacks an integer d_in; a sparsify cfg.json records it beside the coder's settings"
+        )
     d_in = raw["d_in"]
     d_sae = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)
     tensors = read_tensors(weights_file)
     names = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
     if set(tensors) != names:
-        raise SAEFormatError(f"{weights_file} holds {sorted(tensors)}; a sparsify SAE holds exactly {sorted(names)}"
-                             + (" (W_skip: a skip connection, unsupported)" if "W_skip" in tensors else ""))
-    _check_shapes(tensors, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in),
-                            "b_dec": (d_in,)}, weights_file)
-    fields = {"architecture": "abstopk" if raw.get("signed") else "topk", "d_in": d_in, "d_sae": d_sae, "k": raw.get("k", 32),
-              "dtype": dtype or str(tensors["encoder.weight"].dtype).removeprefix("torch."), "device": device or "cpu",
-              "apply_b_dec_to_input": True, "metadata": _sparsify_metadata(path)}
-    ours = {"W_enc": tensors["encoder.weight"].t(), "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+        raise SAEFormatError(
+            f"{weights_file} holds {sorted(tensors)}; a sparsify SAE holds exactly {sorted(names)}"
+            + (" (W_skip: a skip connection, unsupported)" if "W_skip" in tensors else "")
+        )
+    _check_shapes(
+        tensors,
+        {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
+        weights_file,
+    )
+    fields = {
+        "architecture": "abstopk" if raw.get("signed") else "topk",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": raw.get("k", 32),
+        "dtype": dtype or str(tensors["encoder.weight"].dtype).removeprefix("torch."),
+        "device": device or "cpu",
+        "apply_b_dec_to_input": True,
+        "metadata": _sparsify_metadata(path),
+    }
+    ours = {
+        "W_enc": tensors["encoder.weight"].t(),
+        "b_enc": tensors["encoder.bias"],
+        "W_dec": tensors["W_dec"],
+        "b_dec": tensors["b_dec"],
+    }
     return _make_sae(cfg_file, fields, ours, weights_file).eval()
 
 
@@ -346,17 +495,33 @@ def write_sparsify(sae: SAE, path: Path) -> Path:
     """
     cfg = sae.cfg
     if canonical_name(cfg.architecture) != "topk":
-        raise SAEFormatError(f"sparsify stores per-token TopK SAEs only; save the {cfg.architecture} SAE as sae_kit or saelens")
+        raise SAEFormatError(
+            f"sparsify stores per-token TopK SAEs only; save the {cfg.architecture} SAE as sae_kit or saelens"
+        )
     if cfg.normalize_activations != "none":
-        raise SAEFormatError(f"sparsify has no input normalisation and this SAE expects {cfg.normalize_activations!r} inputs; "
-                             "fold the scale in first (SAE.fold_activation_scale)")
+        raise SAEFormatError(
+            f"sparsify has no input normalisation and this SAE expects {cfg.normalize_activations!r} inputs; "
+            "fold the scale in first (SAE.fold_activation_scale)"
+        )
     w = sae.weights()
     b_enc = w["b_enc"] if cfg.apply_b_dec_to_input else w["b_enc"] + w["b_dec"] @ w["W_enc"]
-    out = {"activation": "topk", "expansion_factor": cfg.d_sae // cfg.d_in, "normalize_decoder": True,
-           "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": cfg.d_in}
+    out = {
+        "activation": "topk",
+        "expansion_factor": cfg.d_sae // cfg.d_in,
+        "normalize_decoder": True,
+        "num_latents": cfg.d_sae,
+        "k": cfg.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": cfg.d_in,
+    }
     with atomic_dir(path) as tmp:
-        save_tensors(tmp / SPARSIFY_WEIGHTS_FILE, {"encoder.weight": w["W_enc"].t(), "encoder.bias": b_enc,
-                                                   "W_dec": w["W_dec"], "b_dec": w["b_dec"]}, metadata={"format": "pt"})
+        save_tensors(
+            tmp / SPARSIFY_WEIGHTS_FILE,
+            {"encoder.weight": w["W_enc"].t(), "encoder.bias": b_enc, "W_dec": w["W_dec"], "b_dec": w["b_dec"]},
+            metadata={"format": "pt"},
+        )
         write_json(tmp / CFG_FILE, out)
     return path
 

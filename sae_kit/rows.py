@@ -49,13 +49,16 @@ class ActivationRows:
         return out
 
     @staticmethod
-    def from_tensors(tensors: dict[str, torch.Tensor]) -> "ActivationRows":
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> ActivationRows:
         """Inverse of `tensors`."""
         grads = {k.removeprefix("grads/"): v for k, v in tensors.items() if k.startswith("grads/")}
-        return ActivationRows(acts={k.removeprefix("acts/"): v for k, v in tensors.items() if k.startswith("acts/")},
-                              grads=grads or None, **{name: tensors[name] for name in META_FIELDS})
+        return ActivationRows(
+            acts={k.removeprefix("acts/"): v for k, v in tensors.items() if k.startswith("acts/")},
+            grads=grads or None,
+            **{name: tensors[name] for name in META_FIELDS},
+        )
 
-    def select(self, idx: torch.Tensor | slice) -> "ActivationRows":
+    def select(self, idx: torch.Tensor | slice) -> ActivationRows:
         """Rows at `idx` (an index tensor, boolean mask or slice)."""
         return ActivationRows(
             acts={h: a[idx] for h, a in self.acts.items()},
@@ -63,7 +66,7 @@ class ActivationRows:
             **{name: t[idx] for name, t in self.meta().items()},
         )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ActivationRows":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ActivationRows:
         """Move to `device`; cast activations and gradients (never the integer fields) to `dtype`."""
         return ActivationRows(
             acts={h: a.to(device=device, dtype=dtype) for h, a in self.acts.items()},
@@ -72,7 +75,7 @@ class ActivationRows:
         )
 
     @staticmethod
-    def cat(parts: list["ActivationRows"]) -> "ActivationRows":
+    def cat(parts: list[ActivationRows]) -> ActivationRows:
         """Concatenate row sets that share hooks (and gradients, if any)."""
         if not parts:
             raise ValueError("ActivationRows.cat needs at least one part")

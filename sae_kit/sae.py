@@ -29,8 +29,12 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 SPARSITY_FILE = "sparsity.safetensors"
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
-                                  "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
 METADATA_KEYS = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens")
 _COMMON_KEYS = ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations")
@@ -112,13 +116,17 @@ class SAEConfig:
         except (RuntimeError, TypeError):
             fail(f"device={self.device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:0'")
         if self.normalize_activations not in NORMALIZE_ACTIVATIONS:
-            fail(f"normalize_activations={self.normalize_activations!r}; use one of: {', '.join(NORMALIZE_ACTIVATIONS)}")
+            fail(
+                f"normalize_activations={self.normalize_activations!r}; use one of: {', '.join(NORMALIZE_ACTIVATIONS)}"
+            )
         if not self.apply_b_dec_to_input and not rule.uses_encoder:
             fail(f"{self.architecture} pursues the residual x − b_dec; set apply_b_dec_to_input=True")
         if self.rule_config is None:
             self.rule_config = rule.Config()
         elif type(self.rule_config) is not rule.Config:
-            fail(f"rule_config is a {type(self.rule_config).__name__}, but architecture {self.architecture!r} takes a {rule.Config.__name__}")
+            fail(
+                f"rule_config is a {type(self.rule_config).__name__}, but architecture {self.architecture!r} takes a {rule.Config.__name__}"
+            )
         try:
             self.rule_config.check()
         except SaeKitError as err:
@@ -161,9 +169,13 @@ class SAEConfig:
         """Rebuild from flat cfg.json content (that of every sae-kit version); keys sae-kit does not know are ignored."""
         missing = [key for key in ("architecture", "d_in", "d_sae") if key not in data]
         if missing:
-            raise ValueError(f"SAEConfig: cfg lacks {', '.join(missing)}; an SAE config needs architecture, d_in and d_sae")
+            raise ValueError(
+                f"SAEConfig: cfg lacks {', '.join(missing)}; an SAE config needs architecture, d_in and d_sae"
+            )
         if not isinstance(data["architecture"], str):
-            raise SaeKitError(f"SAEConfig: architecture={data['architecture']!r}; use one of: {', '.join(ARCHITECTURES)}")
+            raise SaeKitError(
+                f"SAEConfig: architecture={data['architecture']!r}; use one of: {', '.join(ARCHITECTURES)}"
+            )
         try:
             rule_config = get_sparsifier(data["architecture"]).Config.from_flat(data)
         except SaeKitError as err:
@@ -333,15 +345,21 @@ class SAE(nn.Module):
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
-            raise SAEFormatError(f"{source}: architecture {self.cfg.architecture!r} needs tensors {sorted(expected)}, "
-                                 f"but {'lacks ' + str(missing) if missing else 'has extra ' + str(unexpected)}")
+            raise SAEFormatError(
+                f"{source}: architecture {self.cfg.architecture!r} needs tensors {sorted(expected)}, "
+                f"but {'lacks ' + str(missing) if missing else 'has extra ' + str(unexpected)}"
+            )
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
-                raise SAEFormatError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, but cfg.json implies {shape}")
+                raise SAEFormatError(
+                    f"{source}: {name} has shape {tuple(tensors[name].shape)}, but cfg.json implies {shape}"
+                )
             bad = int((~torch.isfinite(tensors[name])).sum()) if tensors[name].is_floating_point() else 0
             if bad:
-                raise SAEFormatError(f"{source}: {name} holds {bad} NaN/inf value(s), so every code and reconstruction would be "
-                                     "NaN; re-train the SAE or load an earlier checkpoint")
+                raise SAEFormatError(
+                    f"{source}: {name} holds {bad} NaN/inf value(s), so every code and reconstruction would be "
+                    "NaN; re-train the SAE or load an earlier checkpoint"
+                )
         cast = {name: tensors[name].to(device=self.W_dec.device, dtype=self.W_dec.dtype) for name in expected}
         own = set(self.sparsifier.state_tensors())
         for name, value in cast.items():
@@ -380,6 +398,8 @@ def load_sparsity(sae: SAE, path: Path) -> SAE:
     if sparsity_file.exists():
         sparsity = read_tensors(sparsity_file).get("sparsity")
         if sparsity is None or tuple(sparsity.shape) != (sae.cfg.d_sae,):
-            raise SAEFormatError(f"{sparsity_file} needs a 'sparsity' tensor of shape ({sae.cfg.d_sae},); re-save the SAE")
+            raise SAEFormatError(
+                f"{sparsity_file} needs a 'sparsity' tensor of shape ({sae.cfg.d_sae},); re-save the SAE"
+            )
         sae.sparsity = sparsity
     return sae

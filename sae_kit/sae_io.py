@@ -16,8 +16,17 @@ from torch import Tensor
 
 from sae_kit.atomic import atomic_dir, save_tensors, write_json
 from sae_kit.formats import READERS, WRITERS, detect_format
-from sae_kit.sae import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError, dtype_name, load_sparsity,
-                         read_tensors)
+from sae_kit.sae import (
+    CFG_FILE,
+    SAE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    SAEConfig,
+    SAEFormatError,
+    dtype_name,
+    load_sparsity,
+    read_tensors,
+)
 
 FORMATS = ("sae_kit", *WRITERS)
 """What `save_sae(format=...)` writes."""
@@ -35,12 +44,18 @@ def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None, format:
         raise SAEFormatError(f"format={format!r}; use one of: {', '.join(FORMATS)}")
     if sparsity is not None:
         if tuple(sparsity.shape) != (sae.cfg.d_sae,):
-            raise ValueError(f"sparsity has shape {tuple(sparsity.shape)}; pass log10 densities of shape ({sae.cfg.d_sae},)")
+            raise ValueError(
+                f"sparsity has shape {tuple(sparsity.shape)}; pass log10 densities of shape ({sae.cfg.d_sae},)"
+            )
         sae.sparsity = sparsity.detach().float().cpu()
     if format != "sae_kit":
         return WRITERS[format](sae, Path(path))
-    cfg = replace(sae.cfg, dtype=dtype_name(sae.W_dec.dtype), device=portable_device(str(sae.W_dec.device)),
-                  metadata=dict(sae.cfg.metadata))
+    cfg = replace(
+        sae.cfg,
+        dtype=dtype_name(sae.W_dec.dtype),
+        device=portable_device(str(sae.W_dec.device)),
+        metadata=dict(sae.cfg.metadata),
+    )
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, sae.weights(), metadata={"format": "pt"})

@@ -15,9 +15,10 @@ dLoss/dx through SAEBench, so it encodes with its plain-TopK selection (and warn
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +29,19 @@ from sae_kit.sparsifiers import ALIASES
 if TYPE_CHECKING:
     from sae_kit.sae import SAE
 
-_METADATA_FIELDS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
-                    "dataset_path", "neuronpedia_id", "sae_lens_training_version", "sae_lens_version",
-                    "model_from_pretrained_kwargs")
+_METADATA_FIELDS = (
+    "model_name",
+    "hook_name",
+    "hook_layer",
+    "hook_head_index",
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "neuronpedia_id",
+    "sae_lens_training_version",
+    "sae_lens_version",
+    "model_from_pretrained_kwargs",
+)
 
 
 @dataclass
@@ -77,8 +88,15 @@ def _required(value: Any, name: str, hint: str) -> Any:
 class SAEBenchAdapter(nn.Module):
     """An sae-kit SAE seen through SAEBench's custom-SAE protocol; it shares (not copies) the SAE's parameters."""
 
-    def __init__(self, sae: SAE, *, model_name: str | None = None, hook_name: str | None = None,
-                 hook_layer: int | None = None, context_size: int | None = None) -> None:
+    def __init__(
+        self,
+        sae: SAE,
+        *,
+        model_name: str | None = None,
+        hook_name: str | None = None,
+        hook_layer: int | None = None,
+        context_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.sae = sae.eval()
         meta, cfg = sae.cfg.metadata, sae.cfg
@@ -90,14 +108,21 @@ class SAEBenchAdapter(nn.Module):
         architecture = ALIASES.get(cfg.architecture, cfg.architecture)
         self.cfg = SAEBenchConfig(
             model_name=_required(model_name or meta.get("model_name"), "model_name", "the TransformerLens model name"),
-            d_in=cfg.d_in, d_sae=cfg.d_sae, hook_name=hook_name,
+            d_in=cfg.d_in,
+            d_sae=cfg.d_sae,
+            hook_name=hook_name,
             hook_layer=_required(hook_layer, "hook_layer", "the block index of hook_name"),
-            context_size=context_size or meta.get("context_size"), hook_head_index=meta.get("hook_head_index"),
-            architecture=architecture, apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+            context_size=context_size or meta.get("context_size"),
+            hook_head_index=meta.get("hook_head_index"),
+            architecture=architecture,
+            apply_b_dec_to_input=cfg.apply_b_dec_to_input,
             activation_fn_str="topk" if cfg.rule.uses_k else "relu",
             activation_fn_kwargs={"k": cfg.k} if cfg.rule.uses_k else {},
-            prepend_bos=meta.get("prepend_bos", True) is not False, normalize_activations=cfg.normalize_activations,
-            dataset_path=meta.get("dataset_path") or "", sae_lens_version=meta.get("sae_lens_version"))
+            prepend_bos=meta.get("prepend_bos", True) is not False,
+            normalize_activations=cfg.normalize_activations,
+            dataset_path=meta.get("dataset_path") or "",
+            sae_lens_version=meta.get("sae_lens_version"),
+        )
         self.dtype: torch.dtype
         self.device: torch.device
         self._sync()

@@ -26,10 +26,21 @@ def tiny_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     hf = LlamaForCausalLM(cfg).to(torch.float64).eval()
-    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tokenizer, dtype=torch.float64, device="cpu")
+    bridge = TransformerBridge.boot_transformers(
+        "tiny-llama", hf_model=hf, tokenizer=tokenizer, dtype=torch.float64, device="cpu"
+    )
     for p in bridge.parameters():
         p.requires_grad_(False)
     return bridge
@@ -50,13 +61,38 @@ def browse_run(model, tmp_path_factory):
     from sae_kit.training.run import TrainRunConfig, train
 
     root = tmp_path_factory.mktemp("browse")
-    cache = build_cache(CacheConfig(out=root / "cache", harvest=HarvestConfig(context_size=64), tokens=12288, heldout_tokens=512, progress=False),
-                        model=model)
+    cache = build_cache(
+        CacheConfig(
+            out=root / "cache", harvest=HarvestConfig(context_size=64), tokens=12288, heldout_tokens=512, progress=False
+        ),
+        model=model,
+    )
     sweep = root / "sweep"
-    train(TrainRunConfig(out=sweep, cache=cache, architecture=("topk", "abstopk"), k=(16,), expansion_factor=(2,), eval_tokens=512, progress=False,
-                         train=TrainConfig(batch_size=512, tokens=512 * 24, lr=2e-3, warmup_steps=4)))
-    evaluate(EvalConfig(saes=(sweep,), out=sweep / "eval", tokens=10000, context_size=64, core=CoreConfig(ce_tokens=600),
-                        dark_matter=DarkMatterConfig(ce_tokens=600), steering=SteeringConfig(n_features=3, alphas=(1.0, 4.0), contexts=2, generate_tokens=8)),
-             model=model)
-    build_index(IndexConfig(sae=sweep, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model)
+    train(
+        TrainRunConfig(
+            out=sweep,
+            cache=cache,
+            architecture=("topk", "abstopk"),
+            k=(16,),
+            expansion_factor=(2,),
+            eval_tokens=512,
+            progress=False,
+            train=TrainConfig(batch_size=512, tokens=512 * 24, lr=2e-3, warmup_steps=4),
+        )
+    )
+    evaluate(
+        EvalConfig(
+            saes=(sweep,),
+            out=sweep / "eval",
+            tokens=10000,
+            context_size=64,
+            core=CoreConfig(ce_tokens=600),
+            dark_matter=DarkMatterConfig(ce_tokens=600),
+            steering=SteeringConfig(n_features=3, alphas=(1.0, 4.0), contexts=2, generate_tokens=8),
+        ),
+        model=model,
+    )
+    build_index(
+        IndexConfig(sae=sweep, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model
+    )
     return sweep

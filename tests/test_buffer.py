@@ -110,5 +110,9 @@ def test_resuming_from_any_position_gives_the_same_remaining_batches():
         rest = list(buf.batches(restored))
         assert len(rest) == len(full) - cut - 1
         for (a, _), (b, _) in zip(rest, full[cut + 1 :]):
-            assert torch.equal(a.token, b.token) and torch.equal(a.acts["h0"], b.acts["h0"]) and torch.equal(a.grads["h1"], b.grads["h1"])
+            assert (
+                torch.equal(a.token, b.token)
+                and torch.equal(a.acts["h0"], b.acts["h0"])
+                and torch.equal(a.grads["h1"], b.grads["h1"])
+            )
     assert any(p.carry is not None for _, p in full)  # some resumes had to restore carried rows

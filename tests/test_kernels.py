@@ -26,8 +26,12 @@ def _unique_indices(N, F, k, device):
 @pytest.mark.parametrize("N,d,F,k", SHAPES)
 def test_encoder_and_decoder_exact_against_dense(N, d, F, k, dtype, device):
     torch.manual_seed(N + F + k)
-    xc, W_enc, b_enc, W_dec = (_leaf(N, d, dtype=dtype, device=device), _leaf(d, F, dtype=dtype, device=device),
-                               _leaf(F, dtype=dtype, device=device), _leaf(F, d, dtype=dtype, device=device))
+    xc, W_enc, b_enc, W_dec = (
+        _leaf(N, d, dtype=dtype, device=device),
+        _leaf(d, F, dtype=dtype, device=device),
+        _leaf(F, dtype=dtype, device=device),
+        _leaf(F, d, dtype=dtype, device=device),
+    )
     idx = _unique_indices(N, F, k, device)
     g_out = torch.randn(N, d, dtype=dtype, device=device)
     g_val = torch.randn(N, k, dtype=dtype, device=device)
@@ -43,7 +47,9 @@ def test_encoder_and_decoder_exact_against_dense(N, d, F, k, dtype, device):
         grads = torch.autograd.grad(loss, (xc, W_enc, b_enc, W_dec))
         return (vals, out, *grads)
 
-    for name, got, want in zip(["values", "x_hat", "grad_x", "grad_W_enc", "grad_b_enc", "grad_W_dec"], run(True), run(False)):
+    for name, got, want in zip(
+        ["values", "x_hat", "grad_x", "grad_W_enc", "grad_b_enc", "grad_W_dec"], run(True), run(False)
+    ):
         torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -58,24 +64,36 @@ def test_sparse_decode_with_repeated_indices(dtype):
     got = sparse_decode(values, idx, W_dec)
     want = torch.zeros(N, F, dtype=dtype).scatter_add(1, idx, values) @ W_dec
     torch.testing.assert_close(got, want, **TOL[dtype])
-    for a, b in zip(torch.autograd.grad((got * g).sum(), (values, W_dec)), torch.autograd.grad((want * g).sum(), (values, W_dec))):
+    for a, b in zip(
+        torch.autograd.grad((got * g).sum(), (values, W_dec)), torch.autograd.grad((want * g).sum(), (values, W_dec))
+    ):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
 def test_gradcheck_float64():
     torch.manual_seed(2)
     N, d, F, k = 4, 3, 6, 2
-    xc, W_enc, b_enc = (_leaf(N, d, dtype=torch.float64, device="cpu"), _leaf(d, F, dtype=torch.float64, device="cpu"),
-                        _leaf(F, dtype=torch.float64, device="cpu"))
+    xc, W_enc, b_enc = (
+        _leaf(N, d, dtype=torch.float64, device="cpu"),
+        _leaf(d, F, dtype=torch.float64, device="cpu"),
+        _leaf(F, dtype=torch.float64, device="cpu"),
+    )
     idx = _unique_indices(N, F, k, "cpu")
-    assert torch.autograd.gradcheck(lambda a, b, c: gather_preacts(a, b, c, encode_preacts(a, b, c), idx), (xc, W_enc, b_enc))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: gather_preacts(a, b, c, encode_preacts(a, b, c), idx), (xc, W_enc, b_enc)
+    )
     vals, W_dec = _leaf(N, k, dtype=torch.float64, device="cpu"), _leaf(F, d, dtype=torch.float64, device="cpu")
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, idx, w), (vals, W_dec))
 
 
 def test_inputs_without_grad_and_no_grad_mode():
     torch.manual_seed(3)
-    xc, W_enc, b_enc, W_dec = torch.randn(5, 4), torch.randn(4, 8), torch.randn(8), torch.randn(8, 4, requires_grad=True)
+    xc, W_enc, b_enc, W_dec = (
+        torch.randn(5, 4),
+        torch.randn(4, 8),
+        torch.randn(8),
+        torch.randn(8, 4, requires_grad=True),
+    )
     idx = _unique_indices(5, 8, 3, "cpu")
     vals = gather_preacts(xc, W_enc, b_enc, encode_preacts(xc, W_enc, b_enc), idx)
     assert not vals.requires_grad

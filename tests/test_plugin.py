@@ -77,11 +77,29 @@ def test_a_new_architecture_is_one_class_and_one_registry_line(gain_rule, model,
     from sae_kit.training import TrainConfig
     from sae_kit.training.run import TrainRunConfig, train
 
-    cache = build_cache(CacheConfig(out=tmp_path / "cache", harvest=HarvestConfig(context_size=64), tokens=16384, heldout_tokens=2048,
-                                    progress=False), model=model)
+    cache = build_cache(
+        CacheConfig(
+            out=tmp_path / "cache",
+            harvest=HarvestConfig(context_size=64),
+            tokens=16384,
+            heldout_tokens=2048,
+            progress=False,
+        ),
+        model=model,
+    )
     run = tmp_path / "run"
-    summary = train(TrainRunConfig(out=run, cache=cache, architecture=(gain_rule,), k=(16,), expansion_factor=(2,), eval_tokens=2048,
-                                   progress=False, train=TrainConfig(batch_size=512, tokens=512 * 32, lr=2e-3, warmup_steps=4)))
+    summary = train(
+        TrainRunConfig(
+            out=run,
+            cache=cache,
+            architecture=(gain_rule,),
+            k=(16,),
+            expansion_factor=(2,),
+            eval_tokens=2048,
+            progress=False,
+            train=TrainConfig(batch_size=512, tokens=512 * 32, lr=2e-3, warmup_steps=4),
+        )
+    )
     held = summary["members"][0]["heldout"]
     assert held["fvu"] < 0.6 and held["l0"] == pytest.approx(16, abs=0.01)
     metrics = (run / "metrics.jsonl").read_text()
@@ -94,12 +112,23 @@ def test_a_new_architecture_is_one_class_and_one_registry_line(gain_rule, model,
     assert not torch.equal(saved["gain"], torch.ones_like(saved["gain"]))  # trained, and it survived the save
     torch.testing.assert_close(sae.sparsifier.gain.detach(), saved["gain"])
 
-    report = evaluate(EvalConfig(saes=(run,), out=tmp_path / "eval", tokens=3000, context_size=64, sections=("core", "dead"),
-                                 core=CoreConfig(ce_tokens=300)), model=model)
+    report = evaluate(
+        EvalConfig(
+            saes=(run,),
+            out=tmp_path / "eval",
+            tokens=3000,
+            context_size=64,
+            sections=("core", "dead"),
+            core=CoreConfig(ce_tokens=300),
+        ),
+        model=model,
+    )
     core = report["saes"][0]["sections"]["core"]
     assert core["architecture"] == gain_rule and 0 < core["fvu"] < 1
 
-    meta = build_index(IndexConfig(sae=run, tokens=2000, context_size=64, shard_size=64, row_group=8, progress=False), model=model)[0]
+    meta = build_index(
+        IndexConfig(sae=run, tokens=2000, context_size=64, shard_size=64, row_group=8, progress=False), model=model
+    )[0]
     assert meta["sae"]["architecture"] == gain_rule and (run / "index" / "features.parquet").is_file()
 
     for fmt in ("saelens", "sparsify"):
@@ -138,17 +167,35 @@ def test_every_rule_setting_is_a_train_flag_and_a_yaml_key(tmp_path):
     sections = {f.name for f in fields(RuleSettings)}
     assert sections == {name for name, rule in REGISTRY.items() if fields(rule.Config)}
     assert {"jumprelu", "mpsae", "feature_choice", "gsae", "gated", "matryoshka_batchtopk"} <= sections
-    args = tyro.cli(TrainRunConfig, args=["--jumprelu.bandwidth", "0.002", "--mpsae.signed", "--feature-choice.zipf-exponent", "0.7",
-                                           "--gsae.beta", "2.0", "--lr", "1e-3", "--hook", HOOK])
+    args = tyro.cli(
+        TrainRunConfig,
+        args=[
+            "--jumprelu.bandwidth",
+            "0.002",
+            "--mpsae.signed",
+            "--feature-choice.zipf-exponent",
+            "0.7",
+            "--gsae.beta",
+            "2.0",
+            "--lr",
+            "1e-3",
+            "--hook",
+            HOOK,
+        ],
+    )
     assert rule_config_of(args.rules, "jumprelu").bandwidth == 0.002
     assert rule_config_of(args.rules, "mpsae").signed is True
     assert rule_config_of(args.rules, "feature_choice").zipf_exponent == 0.7
     assert rule_config_of(args.rules, "gsae").beta == 2.0 and args.train.lr == 1e-3
-    (tmp_path / "sweep.yaml").write_text("architecture: [jumprelu, relu]\nrules:\n  jumprelu: {target_l0: 16.0}\n  relu: {l1_coef: 0.01}\n")
+    (tmp_path / "sweep.yaml").write_text(
+        "architecture: [jumprelu, relu]\nrules:\n  jumprelu: {target_l0: 16.0}\n  relu: {l1_coef: 0.01}\n"
+    )
     cfg = load_config(TrainRunConfig, tmp_path / "sweep.yaml")
     assert rule_config_of(cfg.rules, "jumprelu").target_l0 == 16.0 and rule_config_of(cfg.rules, "relu").l1_coef == 0.01
     (tmp_path / "bad.yaml").write_text("rules:\n  jumprelu: {bandwith: 0.1}\n")
-    with pytest.raises(Exception, match=r"unknown key 'rules\.jumprelu\.bandwith'; did you mean 'rules\.jumprelu\.bandwidth'"):
+    with pytest.raises(
+        Exception, match=r"unknown key 'rules\.jumprelu\.bandwith'; did you mean 'rules\.jumprelu\.bandwidth'"
+    ):
         load_config(TrainRunConfig, tmp_path / "bad.yaml")
 
 
@@ -162,8 +209,11 @@ def test_bad_rule_settings_are_one_line_naming_the_flag(capsys):
 
 def _name_literals(path: Path, names: set[str]) -> list[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    return [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+    ]
 
 
 def test_no_architecture_name_outside_the_plug_ins():
@@ -171,7 +221,11 @@ def test_no_architecture_name_outside_the_plug_ins():
     names = {*REGISTRY, *ALIASES}
     files = [p for d in ("sae_kit", "training", "eval", "dashboards") for p in (ROOT / d).rglob("*.py")]
     plugins = Path(sparsifiers.__file__).parent
-    found = [hit for p in files if plugins not in p.parents and str(p.relative_to(ROOT)) not in PEER_FORMAT_MAPPINGS
-             for hit in _name_literals(p, names)]
+    found = [
+        hit
+        for p in files
+        if plugins not in p.parents and str(p.relative_to(ROOT)) not in PEER_FORMAT_MAPPINGS
+        for hit in _name_literals(p, names)
+    ]
     assert not found, "architecture names outside sae_kit/sparsifiers/:\n" + "\n".join(found)
     assert _name_literals(ROOT / "sae_kit" / "formats.py", names)  # the scan does see names where they belong

@@ -4,7 +4,6 @@ uninterrupted run (real SmolLM2 harvest in the prefetch thread, a two-member swe
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,9 +20,34 @@ pytestmark = pytest.mark.slow
 
 MEMBERS = ("topk-k16-1152-s0", "mutual_choice-k16-1152-s0")
 STEPS = 16
-ARGS = ["--architecture", "topk", "mutual_choice", "--k", "16", "--expansion-factor", "2", "--context-size", "64",
-        "--batch-size", "512", "--tokens", str(512 * STEPS), "--buffer-tokens", "1536", "--checkpoint-every", "1024",
-        "--log-every", "1", "--eval-tokens", "512", "--lr", "2e-3", "--warmup-steps", "2", "--no-progress"]
+ARGS = [
+    "--architecture",
+    "topk",
+    "mutual_choice",
+    "--k",
+    "16",
+    "--expansion-factor",
+    "2",
+    "--context-size",
+    "64",
+    "--batch-size",
+    "512",
+    "--tokens",
+    str(512 * STEPS),
+    "--buffer-tokens",
+    "1536",
+    "--checkpoint-every",
+    "1024",
+    "--log-every",
+    "1",
+    "--eval-tokens",
+    "512",
+    "--lr",
+    "2e-3",
+    "--warmup-steps",
+    "2",
+    "--no-progress",
+]
 
 
 def command(*args: str) -> list[str]:
@@ -38,7 +62,11 @@ def run_to_end(*args: str) -> subprocess.CompletedProcess:
 
 def logged_step(run_dir: Path) -> int:
     """The last step a member has logged (0 before the first)."""
-    lines = (run_dir / MEMBERS[0] / "metrics.jsonl").read_text().splitlines() if (run_dir / MEMBERS[0] / "metrics.jsonl").exists() else []
+    lines = (
+        (run_dir / MEMBERS[0] / "metrics.jsonl").read_text().splitlines()
+        if (run_dir / MEMBERS[0] / "metrics.jsonl").exists()
+        else []
+    )
     for line in reversed(lines):
         try:
             return json.loads(line)["step"]
@@ -63,7 +91,11 @@ def kill_at(args: list[str], run_dir: Path, step: int) -> None:
 
 
 def weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {m: load_file(run_dir / m / "sae" / "sae_weights.safetensors") | load_file(run_dir / m / "sae" / "sparsity.safetensors") for m in MEMBERS}
+    return {
+        m: load_file(run_dir / m / "sae" / "sae_weights.safetensors")
+        | load_file(run_dir / m / "sae" / "sparsity.safetensors")
+        for m in MEMBERS
+    }
 
 
 def assert_identical(run_dir: Path, reference: Path) -> None:
@@ -86,7 +118,9 @@ def reference(tmp_path_factory, model) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kills", [(1,), (3,), (9,), (4, 13)], ids=["before-first-checkpoint", "early", "mid-chunk", "twice"])
+@pytest.mark.parametrize(
+    "kills", [(1,), (3,), (9,), (4, 13)], ids=["before-first-checkpoint", "early", "mid-chunk", "twice"]
+)
 def test_sigkill_and_resume_is_bit_identical(tmp_path, reference, kills):
     out = tmp_path / "run"
     for step in kills:
@@ -124,8 +158,16 @@ def test_sigkill_and_resume_from_a_cache(tmp_path, model):
     from sae_kit import HarvestConfig
     from sae_kit.build_cache import CacheConfig, build_cache
 
-    cache = build_cache(CacheConfig(out=tmp_path / "cache", harvest=HarvestConfig(context_size=64), tokens=3072, heldout_tokens=512,
-                                    progress=False), model=model)
+    cache = build_cache(
+        CacheConfig(
+            out=tmp_path / "cache",
+            harvest=HarvestConfig(context_size=64),
+            tokens=3072,
+            heldout_tokens=512,
+            progress=False,
+        ),
+        model=model,
+    )
     args = [*ARGS, "--cache", str(cache), "--tokens", str(512 * STEPS)]  # 16 steps over 3k rows: several epochs
     reference = tmp_path / "reference"
     run_to_end(*args, "--out", str(reference))

@@ -32,7 +32,17 @@ def batch(n: int, seed: int = 1, d: int = D_IN) -> torch.Tensor:
 
 def test_registry_and_aliases():
     assert get_sparsifier("batchtopk") is REGISTRY["mutual_choice"]
-    assert {"topk", "abstopk", "gsae", "mpsae", "mutual_choice", "batchtopk", "feature_choice", "relu", "jumprelu"} <= set(ARCHITECTURES)
+    assert {
+        "topk",
+        "abstopk",
+        "gsae",
+        "mpsae",
+        "mutual_choice",
+        "batchtopk",
+        "feature_choice",
+        "relu",
+        "jumprelu",
+    } <= set(ARCHITECTURES)
     with pytest.raises(ValueError, match="use one of: .*topk"):
         get_sparsifier("no_such_rule")
 
@@ -194,7 +204,7 @@ def test_learned_thresholds_give_inference_l0_close_to_training_l0(architecture)
     x = batch(1024, seed=999)
     f = sae.encode(x)
     for i in range(3):  # single tokens encode exactly as they do inside a batch
-        torch.testing.assert_close(sae.encode(x[i:i + 1]), f[i:i + 1])
+        torch.testing.assert_close(sae.encode(x[i : i + 1]), f[i : i + 1])
     inference_l0 = (f != 0).sum(-1).float().mean()
     training_l0 = torch.stack(train_l0).mean()
     assert abs(inference_l0 / training_l0 - 1) < 0.10, (float(inference_l0), float(training_l0))
@@ -268,8 +278,9 @@ def test_mp_curve_from_one_pass_in_chunks():
     assert l0.shape == fvu.shape == (10,) and m["mp_curve_tokens"] == 64
     assert (l0.diff() >= 0).all() and (fvu.diff() <= 1e-6).all() and l0[0] == 1
     x_hat = sae(x, max_steps=10).x_hat
-    torch.testing.assert_close(fvu[-1], ((x - x_hat).double().square().sum() / (x - x.mean(0)).double().square().sum()),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        fvu[-1], ((x - x_hat).double().square().sum() / (x - x.mean(0)).double().square().sum()), rtol=1e-5, atol=1e-7
+    )
     assert m["mp_fvu_at_k"] == m["mp_curve_fvu"][5]
     assert make("topk").sparsifier.eval_metrics(make("topk"), x) == {}
 
@@ -417,8 +428,10 @@ def test_aux_zipf_reduces_to_auxk_when_underused_latents_are_dead():
     density = torch.zeros(D_SAE)
     density[3] = 0.5  # one live latent: no Zipf line, every dead latent has weight 1
     residual = x - out.x_hat
-    torch.testing.assert_close(losses.aux_zipf_loss(out.codes, residual, sae.W_dec, density, k_aux=8),
-                               losses.auxk_loss(out.codes, residual, sae.W_dec, density == 0, k_aux=8))
+    torch.testing.assert_close(
+        losses.aux_zipf_loss(out.codes, residual, sae.W_dec, density, k_aux=8),
+        losses.auxk_loss(out.codes, residual, sae.W_dec, density == 0, k_aux=8),
+    )
     density = torch.rand(D_SAE, generator=torch.Generator().manual_seed(0))
     assert losses.aux_zipf_loss(out.codes, residual, sae.W_dec, density, k_aux=8) > 0
 

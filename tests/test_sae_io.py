@@ -9,13 +9,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sae_kit.sae_io as sae_module
-from sae_kit.sae import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, SAEFormatError
+from sae_kit.sae import CFG_FILE, SAE, SPARSITY_FILE, WEIGHTS_FILE, SAEConfig, SAEFormatError
 from sae_kit.sae_io import load_sae
 from sae_kit.sparsifiers import ARCHITECTURES
 
 D_IN, D_SAE, K = 8, 32, 3
-METADATA = {"model_name": "SmolLM2-135M", "hook_name": "blocks.6.hook_resid_post", "context_size": 128,
-            "prepend_bos": True, "dataset_path": "embedded", "exclude_special_tokens": True}
+METADATA = {
+    "model_name": "SmolLM2-135M",
+    "hook_name": "blocks.6.hook_resid_post",
+    "context_size": 128,
+    "prepend_bos": True,
+    "dataset_path": "embedded",
+    "exclude_special_tokens": True,
+}
 
 
 def trained_sae(architecture: str) -> SAE:
@@ -60,9 +66,24 @@ def test_round_trip_gives_identical_encode_and_decode(architecture, tmp_path):
 
 def test_cfg_json_has_the_required_keys(saved):
     cfg = json.loads((saved / CFG_FILE).read_text())
-    for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations", "k"):
+    for key in (
+        "architecture",
+        "d_in",
+        "d_sae",
+        "dtype",
+        "device",
+        "apply_b_dec_to_input",
+        "normalize_activations",
+        "k",
+    ):
         assert key in cfg, key
-    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["dtype"]) == ("topk", D_IN, D_SAE, K, "float32")
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["dtype"]) == (
+        "topk",
+        D_IN,
+        D_SAE,
+        K,
+        "float32",
+    )
     for key in (*METADATA, "sae_kit_version"):
         assert key in cfg["metadata"], key
     assert {k: cfg["metadata"][k] for k in METADATA} == METADATA
@@ -116,15 +137,22 @@ def _single_line(err: pytest.ExceptionInfo) -> str:
     return msg
 
 
-@pytest.mark.parametrize("damage, error, match", [
-    (lambda d: (d / CFG_FILE).unlink(), FileNotFoundError, "cfg.json is missing"),
-    (lambda d: (d / WEIGHTS_FILE).unlink(), FileNotFoundError, "sae_weights.safetensors is missing"),
-    (lambda d: (d / CFG_FILE).write_text("{not json"), SAEFormatError, "not valid JSON"),
-    (lambda d: (d / CFG_FILE).write_text("[1, 2]"), SAEFormatError, "not a JSON object"),
-    (lambda d: (d / WEIGHTS_FILE).write_bytes(b"\x00garbage" * 10), SAEFormatError, "not a readable safetensors"),
-    (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-50]), SAEFormatError, "not a readable safetensors"),
-    (lambda d: (d / SPARSITY_FILE).write_bytes(b"junk"), SAEFormatError, "sparsity.safetensors is not a readable"),
-])
+@pytest.mark.parametrize(
+    "damage, error, match",
+    [
+        (lambda d: (d / CFG_FILE).unlink(), FileNotFoundError, "cfg.json is missing"),
+        (lambda d: (d / WEIGHTS_FILE).unlink(), FileNotFoundError, "sae_weights.safetensors is missing"),
+        (lambda d: (d / CFG_FILE).write_text("{not json"), SAEFormatError, "not valid JSON"),
+        (lambda d: (d / CFG_FILE).write_text("[1, 2]"), SAEFormatError, "not a JSON object"),
+        (lambda d: (d / WEIGHTS_FILE).write_bytes(b"\x00garbage" * 10), SAEFormatError, "not a readable safetensors"),
+        (
+            lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-50]),
+            SAEFormatError,
+            "not a readable safetensors",
+        ),
+        (lambda d: (d / SPARSITY_FILE).write_bytes(b"junk"), SAEFormatError, "sparsity.safetensors is not a readable"),
+    ],
+)
 def test_damaged_directories_give_one_clear_error(saved, damage, error, match):
     damage(saved)
     with pytest.raises(error) as err:
@@ -148,14 +176,17 @@ def _edit_weights(directory, fn):
     save_file(tensors, str(directory / WEIGHTS_FILE))
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda d: _edit_cfg(d, d_in=None), "lacks d_in"),
-    (lambda d: _edit_cfg(d, architecture="gatd"), "unknown architecture 'gatd'; use one of: abstopk"),
-    (lambda d: _edit_cfg(d, d_in=9), "W_dec has shape (32, 8), but cfg.json implies (32, 9)"),
-    (lambda d: _edit_cfg(d, architecture="jumprelu"), "lacks ['threshold']"),
-    (lambda d: _edit_weights(d, lambda t: t.pop("b_enc")), "lacks ['b_enc']"),
-    (lambda d: _edit_weights(d, lambda t: t.update(threshold=torch.zeros(D_SAE))), "has extra ['threshold']"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: _edit_cfg(d, d_in=None), "lacks d_in"),
+        (lambda d: _edit_cfg(d, architecture="gatd"), "unknown architecture 'gatd'; use one of: abstopk"),
+        (lambda d: _edit_cfg(d, d_in=9), "W_dec has shape (32, 8), but cfg.json implies (32, 9)"),
+        (lambda d: _edit_cfg(d, architecture="jumprelu"), "lacks ['threshold']"),
+        (lambda d: _edit_weights(d, lambda t: t.pop("b_enc")), "lacks ['b_enc']"),
+        (lambda d: _edit_weights(d, lambda t: t.update(threshold=torch.zeros(D_SAE))), "has extra ['threshold']"),
+    ],
+)
 def test_inconsistent_directories_give_one_clear_error(saved, edit, match):
     edit(saved)
     with pytest.raises(SAEFormatError) as err:
@@ -168,26 +199,29 @@ def test_missing_directory():
         load_sae("/nonexistent/sae")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(architecture="gatd"), "unknown architecture 'gatd'; use one of: abstopk, batchtopk, feature_choice"),
-    (dict(k=33), "k=33 exceeds d_sae=32; use k <= d_sae"),
-    (dict(k=0), "k=0; use an integer k >= 1"),
-    (dict(k=2.5), "use an integer k >= 1"),
-    (dict(d_in=0), "d_in=0; use a positive integer"),
-    (dict(d_sae=-4), "d_sae=-4; use a positive integer"),
-    (dict(dtype="float8"), "dtype='float8'; use one of: float32"),
-    (dict(device="gpu"), "device='gpu' is not a torch device"),
-    (dict(normalize_activations="layer_norm"), "normalize_activations='layer_norm'; use one of: none"),
-    (dict(architecture="mpsae", apply_b_dec_to_input=False), "set apply_b_dec_to_input=True"),
-    (dict(architecture="gsae", gsae_beta=-1.0), "gsae_beta=-1.0; use a finite value >= 0"),
-    (dict(architecture="gsae", gsae_grad_norm="l2"), "use 'rms' or 'none'"),
-    (dict(architecture="mpsae", mp_max_steps=0), "mp_max_steps=0"),
-    (dict(architecture="mpsae", mp_stop_residual=1.5), "mp_stop_residual=1.5"),
-    (dict(architecture="mutual_choice", threshold_ema=0.0), "threshold_ema=0.0; use a rate in (0, 1]"),
-    (dict(architecture="feature_choice", fc_zipf_exponent=-1.0), "fc_zipf_exponent=-1.0"),
-    (dict(architecture="jumprelu", jumprelu_bandwidth=0.0), "jumprelu_bandwidth=0.0; use a value > 0"),
-    (dict(metadata={"path": object()}), "metadata must be JSON-serialisable"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(architecture="gatd"), "unknown architecture 'gatd'; use one of: abstopk, batchtopk, feature_choice"),
+        (dict(k=33), "k=33 exceeds d_sae=32; use k <= d_sae"),
+        (dict(k=0), "k=0; use an integer k >= 1"),
+        (dict(k=2.5), "use an integer k >= 1"),
+        (dict(d_in=0), "d_in=0; use a positive integer"),
+        (dict(d_sae=-4), "d_sae=-4; use a positive integer"),
+        (dict(dtype="float8"), "dtype='float8'; use one of: float32"),
+        (dict(device="gpu"), "device='gpu' is not a torch device"),
+        (dict(normalize_activations="layer_norm"), "normalize_activations='layer_norm'; use one of: none"),
+        (dict(architecture="mpsae", apply_b_dec_to_input=False), "set apply_b_dec_to_input=True"),
+        (dict(architecture="gsae", gsae_beta=-1.0), "gsae_beta=-1.0; use a finite value >= 0"),
+        (dict(architecture="gsae", gsae_grad_norm="l2"), "use 'rms' or 'none'"),
+        (dict(architecture="mpsae", mp_max_steps=0), "mp_max_steps=0"),
+        (dict(architecture="mpsae", mp_stop_residual=1.5), "mp_stop_residual=1.5"),
+        (dict(architecture="mutual_choice", threshold_ema=0.0), "threshold_ema=0.0; use a rate in (0, 1]"),
+        (dict(architecture="feature_choice", fc_zipf_exponent=-1.0), "fc_zipf_exponent=-1.0"),
+        (dict(architecture="jumprelu", jumprelu_bandwidth=0.0), "jumprelu_bandwidth=0.0; use a value > 0"),
+        (dict(metadata={"path": object()}), "metadata must be JSON-serialisable"),
+    ],
+)
 def test_bad_configs_give_one_line_errors_naming_the_fix(kwargs, match):
     with pytest.raises(ValueError) as err:  # flat cfg.json keys, as a saved directory holds them
         SAEConfig.from_dict({"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, **kwargs})
@@ -203,13 +237,16 @@ def test_config_details():
     again = SAEConfig.from_dict({**cfg.to_dict(), "unknown_key": 1})
     assert again.to_dict() == cfg.to_dict() and again.rule_config.threshold_ema == 0.5
     from sae_kit.sparsifiers.gsae import GSAEConfig
+
     with pytest.raises(ValueError, match="rule_config is a GSAEConfig, but architecture 'topk' takes a RuleConfig"):
         SAEConfig(d_in=4, d_sae=8, k=2, rule_config=GSAEConfig())
     assert "k" not in SAEConfig(architecture="relu", d_in=4, d_sae=8).to_dict()  # only what the rule reads
 
 
 @pytest.mark.filterwarnings("ignore:gsae")
-@pytest.mark.parametrize("architecture", ["topk", "abstopk", "gsae", "mpsae", "mutual_choice", "feature_choice", "relu", "jumprelu"])
+@pytest.mark.parametrize(
+    "architecture", ["topk", "abstopk", "gsae", "mpsae", "mutual_choice", "feature_choice", "relu", "jumprelu"]
+)
 def test_directories_saved_before_rule_configs_still_load(architecture, tmp_path):
     """tests/data/legacy_sae holds one SAE per architecture saved by the code before the plug-in redesign (flat
     gsae_*/mp_*/fc_*/jumprelu_*/threshold_ema keys): each loads with its settings and gives the codes it gave then."""

@@ -25,12 +25,23 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cache(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "cache"
-    return build_cache(CacheConfig(out=out, harvest=HarvestConfig(context_size=64), tokens=6144, heldout_tokens=1024, progress=False), model=model)
+    return build_cache(
+        CacheConfig(out=out, harvest=HarvestConfig(context_size=64), tokens=6144, heldout_tokens=1024, progress=False),
+        model=model,
+    )
 
 
 def base(tmp_path, cache, **kw) -> TrainRunConfig:
-    return TrainRunConfig(out=tmp_path, cache=cache, expansion_factor=2, eval_tokens=1024, progress=False, log_every=1,
-                          train=TrainConfig(batch_size=512, tokens=512 * 10, lr=2e-3, warmup_steps=2), **kw)
+    return TrainRunConfig(
+        out=tmp_path,
+        cache=cache,
+        expansion_factor=2,
+        eval_tokens=1024,
+        progress=False,
+        log_every=1,
+        train=TrainConfig(batch_size=512, tokens=512 * 10, lr=2e-3, warmup_steps=2),
+        **kw,
+    )
 
 
 def saved(sae_dir) -> dict[str, torch.Tensor]:
@@ -62,9 +73,17 @@ def test_seeds_change_the_init_but_not_the_batches(tmp_path, cache):
 
 def test_prefetch_from_the_model_gives_the_same_sae(tmp_path, model):
     def run(prefetch: str) -> dict[str, torch.Tensor]:
-        cfg = TrainRunConfig(out=tmp_path / str(prefetch), harvest=HarvestConfig(context_size=64), k=16, expansion_factor=2,
-                             eval_tokens=512, buffer_tokens=1536, prefetch=prefetch, progress=False,
-                             train=TrainConfig(batch_size=512, tokens=512 * 8, lr=2e-3, warmup_steps=2))
+        cfg = TrainRunConfig(
+            out=tmp_path / str(prefetch),
+            harvest=HarvestConfig(context_size=64),
+            k=16,
+            expansion_factor=2,
+            eval_tokens=512,
+            buffer_tokens=1536,
+            prefetch=prefetch,
+            progress=False,
+            train=TrainConfig(batch_size=512, tokens=512 * 8, lr=2e-3, warmup_steps=2),
+        )
         train(cfg, model=model)
         return saved(tmp_path / str(prefetch) / "sae")
 
@@ -73,24 +92,37 @@ def test_prefetch_from_the_model_gives_the_same_sae(tmp_path, model):
 
 
 def cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sae_kit.cli", "train", *args], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "sae_kit.cli", "train", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def test_config_file_describes_a_sweep_and_flags_override_it(tmp_path, cache):
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(f"cache: {cache}\narchitecture: [topk, abstopk]\nk: 8\nexpansion_factor: 2\neval_tokens: 512\n"
-                    "train:\n  batch_size: 512\n  tokens: 2048\n  lr: 0.002\n")
+    spec.write_text(
+        f"cache: {cache}\narchitecture: [topk, abstopk]\nk: 8\nexpansion_factor: 2\neval_tokens: 512\n"
+        "train:\n  batch_size: 512\n  tokens: 2048\n  lr: 0.002\n"
+    )
     res = cli("--config", str(spec), "--out", str(tmp_path / "run"), "--seed", "0", "1", "--no-progress")
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [m["name"] for m in summary["members"]] == ["topk-k8-1152-s0", "topk-k8-1152-s1", "abstopk-k8-1152-s0", "abstopk-k8-1152-s1"]
+    assert [m["name"] for m in summary["members"]] == [
+        "topk-k8-1152-s0",
+        "topk-k8-1152-s1",
+        "abstopk-k8-1152-s0",
+        "abstopk-k8-1152-s1",
+    ]
     assert "topk-k8-1152-s1" in res.stdout and "FVU" in res.stdout
     saved_cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved_cfg["train"]["tokens"] == 2048 and saved_cfg["seed"] == [0, 1]
 
     spec.write_text("architecture: topk\ntrain:\n  lrr: 0.1\n")
     res = cli("--config", str(spec))
-    assert res.returncode == 2 and "unknown key 'train.lrr'; did you mean 'train.lr'?" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert (
+        res.returncode == 2
+        and "unknown key 'train.lrr'; did you mean 'train.lr'?" in res.stderr
+        and len(res.stderr.splitlines()) == 1
+    )
     spec.write_text("train:\n  decay: sqrt\n")
     res = cli("--config", str(spec))
     assert res.returncode == 2 and "train.decay must be one of 'linear', 'cosine', 'none'" in res.stderr
@@ -111,8 +143,25 @@ def test_wandb_mirror_is_optional(tmp_path, cache, monkeypatch):
         train(dataclasses.replace(base(tmp_path / "none", cache), wandb=True))
     monkeypatch.delitem(sys.modules, "wandb")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    res = cli("--cache", str(cache), "--out", str(tmp_path / "wb"), "--expansion-factor", "2", "--batch-size", "512", "--tokens", "2048",
-              "--eval-tokens", "512", "--log-every", "1", "--wandb", "--no-progress", env=env)
+    res = cli(
+        "--cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "wb"),
+        "--expansion-factor",
+        "2",
+        "--batch-size",
+        "512",
+        "--tokens",
+        "2048",
+        "--eval-tokens",
+        "512",
+        "--log-every",
+        "1",
+        "--wandb",
+        "--no-progress",
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     records = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1 and b"topk-k32-1152-s0/fvu" in records[0].read_bytes()

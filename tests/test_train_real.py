@@ -26,21 +26,50 @@ HOOK = "blocks.6.hook_resid_post"
 def real_cache(model, tmp_path_factory):
     """8k training + 2k held-out tokens of layer-6 residuals."""
     out = tmp_path_factory.mktemp("real") / "cache"
-    return build_cache(CacheConfig(out=out, harvest=HarvestConfig(context_size=64), tokens=8192, heldout_tokens=2048, shard_rows=4096, progress=False), model=model)
+    return build_cache(
+        CacheConfig(
+            out=out,
+            harvest=HarvestConfig(context_size=64),
+            tokens=8192,
+            heldout_tokens=2048,
+            shard_rows=4096,
+            progress=False,
+        ),
+        model=model,
+    )
 
 
 @pytest.fixture(scope="module")
 def grad_cache(model, tmp_path_factory):
     """A smaller cache with dCE/dx as well (the gradient harvest runs the whole model forward and backward)."""
     out = tmp_path_factory.mktemp("real") / "grads"
-    return build_cache(CacheConfig(out=out, harvest=HarvestConfig(context_size=64), tokens=3072, heldout_tokens=1024, grads=True, progress=False), model=model)
+    return build_cache(
+        CacheConfig(
+            out=out,
+            harvest=HarvestConfig(context_size=64),
+            tokens=3072,
+            heldout_tokens=1024,
+            grads=True,
+            progress=False,
+        ),
+        model=model,
+    )
 
 
 def run(tmp_path, cache, arch: str, **kw) -> dict:
     rules = RuleSettings()
     rules.jumprelu.target_l0 = 16.0
-    cfg = TrainRunConfig(out=tmp_path / arch, cache=cache, architecture=arch, k=16, expansion_factor=2, eval_tokens=2048, progress=False,
-                         rules=rules, train=TrainConfig(batch_size=512, tokens=512 * 100, lr=2e-3, warmup_steps=10, **kw))
+    cfg = TrainRunConfig(
+        out=tmp_path / arch,
+        cache=cache,
+        architecture=arch,
+        k=16,
+        expansion_factor=2,
+        eval_tokens=2048,
+        progress=False,
+        rules=rules,
+        train=TrainConfig(batch_size=512, tokens=512 * 100, lr=2e-3, warmup_steps=10, **kw),
+    )
     return train(cfg)
 
 
@@ -80,20 +109,53 @@ def test_gsae_uses_gradients_on_real_data(grad_cache):
 
 
 def test_train_from_the_model_stream(tmp_path, model):
-    cfg = TrainRunConfig(out=tmp_path / "stream", harvest=HarvestConfig(context_size=64), k=16, expansion_factor=2, eval_tokens=1024,
-                         buffer_tokens=2048, progress=False, train=TrainConfig(batch_size=512, tokens=512 * 12, lr=2e-3, warmup_steps=2))
+    cfg = TrainRunConfig(
+        out=tmp_path / "stream",
+        harvest=HarvestConfig(context_size=64),
+        k=16,
+        expansion_factor=2,
+        eval_tokens=1024,
+        buffer_tokens=2048,
+        progress=False,
+        train=TrainConfig(batch_size=512, tokens=512 * 12, lr=2e-3, warmup_steps=2),
+    )
     s = train(cfg, model=model)
     h = s["members"][0]["heldout"]
     assert s["steps"] == 12 and h["tokens"] == 1024 and h["fvu"] < 1.0
 
 
 def test_cli_train_prints_where_and_how_good(tmp_path, real_cache):
-    res = subprocess.run([sys.executable, "-m", "sae_kit.cli", "train", "--cache", str(real_cache), "--out", str(tmp_path / "cli"),
-                          "--tokens", "8192", "--batch-size", "512", "--expansion-factor", "2", "--eval-tokens", "1024", "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_kit.cli",
+            "train",
+            "--cache",
+            str(real_cache),
+            "--out",
+            str(tmp_path / "cli"),
+            "--tokens",
+            "8192",
+            "--batch-size",
+            "512",
+            "--expansion-factor",
+            "2",
+            "--eval-tokens",
+            "1024",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     assert f"SAE saved to {tmp_path / 'cli' / 'sae'}" in res.stdout and "FVU" in res.stdout and "dead" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "sae_kit.cli", "train", "--cache", str(real_cache), "--d-in", "768"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "sae_kit.cli", "train", "--cache", str(real_cache), "--d-in", "768"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "768" in res.stderr and "576" in res.stderr
 
 
@@ -107,8 +169,15 @@ def test_nan_in_data_stops_and_keeps_the_last_good_sae(tmp_path):
     writer.add("train", ActivationRows(acts={HOOK: x}, **meta), position=1)
     writer.add("heldout", ActivationRows(acts={HOOK: x[:512]}, **{k: v[:512] for k, v in meta.items()}), position=1)
     writer.close()
-    cfg = TrainRunConfig(out=tmp_path / "run", cache=tmp_path / "c", k=4, expansion_factor=2, checkpoint_every=512, progress=False,
-                         train=TrainConfig(batch_size=256, tokens=6144, lr=1e-3))
+    cfg = TrainRunConfig(
+        out=tmp_path / "run",
+        cache=tmp_path / "c",
+        k=4,
+        expansion_factor=2,
+        checkpoint_every=512,
+        progress=False,
+        train=TrainConfig(batch_size=256, tokens=6144, lr=1e-3),
+    )
     with pytest.raises(NonFiniteError, match="last good SAE"):
         train(cfg)
     sae = load_sae(tmp_path / "run" / "sae")

@@ -24,12 +24,25 @@ K, D_SAE, TOKENS = 32, 2304, 4096 * 64
 def sweep(model, tmp_path_factory):
     """One harvest, one sweep: TopK, Mutual Choice, Feature Choice and JumpReLU on the same batches."""
     root = tmp_path_factory.mktemp("scale")
-    cache = build_cache(CacheConfig(out=root / "cache", harvest=HarvestConfig(), tokens=TOKENS, heldout_tokens=16384, progress=False),
-                        model=model)
+    cache = build_cache(
+        CacheConfig(out=root / "cache", harvest=HarvestConfig(), tokens=TOKENS, heldout_tokens=16384, progress=False),
+        model=model,
+    )
     rules = RuleSettings()
     rules.jumprelu.target_l0 = float(K)
-    summary = train(TrainRunConfig(out=root / "run", cache=cache, architecture=("topk", "mutual_choice", "feature_choice", "jumprelu"),
-                                   k=(K,), d_sae=(D_SAE,), eval_tokens=16384, progress=False, rules=rules, train=TrainConfig(tokens=TOKENS)))
+    summary = train(
+        TrainRunConfig(
+            out=root / "run",
+            cache=cache,
+            architecture=("topk", "mutual_choice", "feature_choice", "jumprelu"),
+            k=(K,),
+            d_sae=(D_SAE,),
+            eval_tokens=16384,
+            progress=False,
+            rules=rules,
+            train=TrainConfig(tokens=TOKENS),
+        )
+    )
     return {m["architecture"]: m for m in summary["members"]}
 
 

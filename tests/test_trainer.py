@@ -77,7 +77,9 @@ def test_input_normalisation_is_folded_into_the_export():
     exported = t.export()
     t.sae.eval()
     with torch.no_grad():
-        torch.testing.assert_close(exported(x[:64]).x_hat, t.sae(x[:64] * t.scale).x_hat / t.scale, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            exported(x[:64]).x_hat, t.sae(x[:64] * t.scale).x_hat / t.scale, rtol=1e-4, atol=1e-4
+        )
     assert exported.cfg.normalize_activations == "none"
     assert exported.cfg.metadata["activation_scale_folded"] == pytest.approx(t.scale)
     assert exported.sparsity.shape == (64,)

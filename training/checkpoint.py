@@ -83,7 +83,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, tokens: int, data: tuple[dict, dict], members: dict[str, tuple[dict, dict]], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, tokens: int, data: tuple[dict, dict], members: dict[str, tuple[dict, dict]], keep: int = 2
+) -> Path:
     """Write step `step`'s checkpoint atomically, then delete all but the newest `keep`."""
     target = checkpoint_dir(run_dir) / f"step-{step:09d}"
     rng_meta, rng_tensors = rng_state()
@@ -92,8 +94,18 @@ def save_checkpoint(run_dir: Path, step: int, tokens: int, data: tuple[dict, dic
         for name, (tensors, _) in members.items():
             save_tensors(tmp / f"{name}.safetensors", tensors)
         files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.glob("*.safetensors"))}
-        write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step, "tokens": tokens, "data": data[0],
-                                     "members": {name: meta for name, (_, meta) in members.items()}, "rng": rng_meta, "files": files})
+        write_json(
+            tmp / META_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "tokens": tokens,
+                "data": data[0],
+                "members": {name: meta for name, (_, meta) in members.items()},
+                "rng": rng_meta,
+                "files": files,
+            },
+        )
     stale = sorted(checkpoint_dir(run_dir).glob("step-*"))[:-keep] + list(checkpoint_dir(run_dir).glob(".step-*.tmp"))
     for old in stale:  # older checkpoints, and temporaries left by a killed run
         shutil.rmtree(old, ignore_errors=True)
@@ -110,7 +122,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / META_FILE} is not valid JSON ({err})") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')!r}; this sae-kit reads format {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format_version')!r}; this sae-kit reads format {FORMAT_VERSION}"
+        )
     tensors = {}
     for name, want in meta["files"].items():
         file = path / name
@@ -121,9 +135,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         tensors[name] = load_file(str(file))
     data = tensors.pop(DATA_FILE)
     members = {name: (tensors[f"{name}.safetensors"], m) for name, m in meta["members"].items()}
-    return Checkpoint(path, meta["step"], meta["tokens"],
-                      (meta["data"], {k.removeprefix("data/"): v for k, v in data.items() if k.startswith("data/")}),
-                      members, (meta["rng"], {k: v for k, v in data.items() if k.startswith("rng/")}))
+    return Checkpoint(
+        path,
+        meta["step"],
+        meta["tokens"],
+        (meta["data"], {k.removeprefix("data/"): v for k, v in data.items() if k.startswith("data/")}),
+        members,
+        (meta["rng"], {k: v for k, v in data.items() if k.startswith("rng/")}),
+    )
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

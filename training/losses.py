@@ -33,8 +33,15 @@ def normalized_mse(x_hat: Tensor, x: Tensor, baseline: float | Tensor | None = N
     return mse(x_hat.reshape(x.shape), x) / denom
 
 
-def auxk_loss(codes: Codes, residual: Tensor, W_dec: Tensor, dead_mask: Tensor, k_aux: int | None = None,
-              coef: float = AUXK_COEF, weights: Tensor | None = None) -> Tensor:
+def auxk_loss(
+    codes: Codes,
+    residual: Tensor,
+    W_dec: Tensor,
+    dead_mask: Tensor,
+    k_aux: int | None = None,
+    coef: float = AUXK_COEF,
+    weights: Tensor | None = None,
+) -> Tensor:
     """AuxK (Gao et al. 2024): reconstruct the detached residual e = x − x̂ from the top-k_aux candidate latents.
 
     Candidates are `dead_mask` [d_sae] (bool); each token ranks them by z (by |z| keeping the sign when
@@ -84,8 +91,9 @@ def zipf_underuse_weights(density: Tensor) -> Tensor:
     return (1 - p / expected).clamp(0, 1).to(density.dtype)
 
 
-def aux_zipf_loss(codes: Codes, residual: Tensor, W_dec: Tensor, density: Tensor, k_aux: int | None = None,
-                  coef: float = AUXK_COEF) -> Tensor:
+def aux_zipf_loss(
+    codes: Codes, residual: Tensor, W_dec: Tensor, density: Tensor, k_aux: int | None = None, coef: float = AUXK_COEF
+) -> Tensor:
     """aux_zipf_loss (Ayonrinde 2024, as decided in algorithms.md): AuxK over the latents that fire less than the
     Zipf line predicts, each scaled by its underuse weight; equals `auxk_loss` when every underused latent is dead."""
     weights = zipf_underuse_weights(density)

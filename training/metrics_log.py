@@ -33,7 +33,14 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 class MetricsLog:
     """Append metrics lines per member; mirror them to wandb as `<member>/<metric>` when `wandb_project` is set."""
 
-    def __init__(self, run_dir: Path, files: dict[str, Path], resume_step: int | None, wandb_project: str | None, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        files: dict[str, Path],
+        resume_step: int | None,
+        wandb_project: str | None,
+        config: dict[str, Any],
+    ) -> None:
         for path in files.values():
             path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:

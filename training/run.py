@@ -31,7 +31,13 @@ from sae_kit.atomic import write_json
 from sae_kit.config_files import to_jsonable
 from sae_kit.errors import SaeKitError
 from sae_kit.sae import SAE, SAEConfig
-from sae_kit.sparsifiers import DEFAULT_ARCHITECTURE, canonical_name, get_sparsifier, rule_config_of, rule_settings_class
+from sae_kit.sparsifiers import (
+    DEFAULT_ARCHITECTURE,
+    canonical_name,
+    get_sparsifier,
+    rule_config_of,
+    rule_settings_class,
+)
 from sae_kit.sparsifiers.base import RuleConfigError
 from sae_kit.training.checkpoint import checkpoint_dir, latest_checkpoint, save_checkpoint, set_rng_state
 from sae_kit.training.metrics_log import MetricsLog
@@ -120,12 +126,18 @@ class TrainRunConfig:
         self.train.check()
         self.harvest.check()
         if self.cache is not None:
-            fixed = [f.name for f in dataclasses.fields(HarvestConfig) if f.name not in ("hook", "device")
-                     and getattr(self.harvest, f.name) != getattr(HarvestConfig(), f.name)]
+            fixed = [
+                f.name
+                for f in dataclasses.fields(HarvestConfig)
+                if f.name not in ("hook", "device")
+                and getattr(self.harvest, f.name) != getattr(HarvestConfig(), f.name)
+            ]
             if fixed:
                 flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
-                raise SaeKitError(f"{flags}: the cache {self.cache} fixes the harvest settings it was built with; drop them, "
-                                  "or build a new cache with `sae-kit cache`")
+                raise SaeKitError(
+                    f"{flags}: the cache {self.cache} fixes the harvest settings it was built with; drop them, "
+                    "or build a new cache with `sae-kit cache`"
+                )
         for name in ("eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "buffer_tokens"):
             if getattr(self, name) < 1:
                 raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -161,16 +173,23 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
     cfg.check()
     needs_grads = any(get_sparsifier(a).uses_grad for a in cfg.architecture)
     b = cfg.train.batch_size
-    source = (CacheSource(cfg.cache, cfg.harvest, b, cfg.data_seed, needs_grads, cfg.eval_tokens) if cfg.cache else
-              ModelSource(cfg.harvest, b, cfg.buffer_tokens, cfg.data_seed, needs_grads, cfg.eval_tokens, model))
+    source = (
+        CacheSource(cfg.cache, cfg.harvest, b, cfg.data_seed, needs_grads, cfg.eval_tokens)
+        if cfg.cache
+        else ModelSource(cfg.harvest, b, cfg.buffer_tokens, cfg.data_seed, needs_grads, cfg.eval_tokens, model)
+    )
     if cfg.d_in is not None and cfg.d_in != source.d_in:
-        raise SaeKitError(f"--d-in {cfg.d_in} does not match the data's width {source.d_in} ({source.describe()}); drop --d-in or pick the matching hook/cache")
+        raise SaeKitError(
+            f"--d-in {cfg.d_in} does not match the data's width {source.d_in} ({source.describe()}); drop --d-in or pick the matching hook/cache"
+        )
     team = members_of(cfg, source.d_in)
     run_dir = Path(cfg.out or rundir.default_run_dir(cfg.architecture[0], cfg.k[0], sweep=len(team) > 1))
     ckpt = None
     if cfg.resume is None:
         if rundir.holds_run(run_dir):
-            raise SaeKitError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass a new --out")
+            raise SaeKitError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass a new --out"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / rundir.CONFIG, cfg.settings())
     else:
@@ -190,8 +209,13 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
         set_rng_state(*ckpt.rng)
         position = ckpt.data
     step = ckpt.step if ckpt else 0
-    metrics_log = MetricsLog(run_dir, {name: d / rundir.METRICS for name, d in dirs.items()}, step if cfg.resume else None,
-                             cfg.wandb_project if cfg.wandb else None, cfg.settings())
+    metrics_log = MetricsLog(
+        run_dir,
+        {name: d / rundir.METRICS for name, d in dirs.items()},
+        step if cfg.resume else None,
+        cfg.wandb_project if cfg.wandb else None,
+        cfg.settings(),
+    )
     try:
         step = _steps(cfg, source, trainers, failed, dirs, metrics_log, run_dir, step, position)
         if len(team) == 1 and failed:
@@ -199,7 +223,14 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
         heldout = source.heldout()
         rows = []
         for m in team:
-            row: dict[str, Any] = {"name": m.name, "architecture": m.architecture, "k": m.k, "d_sae": m.d_sae, "seed": m.seed, "sae_dir": str(rundir.sae_dir(dirs[m.name]))}
+            row: dict[str, Any] = {
+                "name": m.name,
+                "architecture": m.architecture,
+                "k": m.k,
+                "d_sae": m.d_sae,
+                "seed": m.seed,
+                "sae_dir": str(rundir.sae_dir(dirs[m.name])),
+            }
             if m.name in failed:
                 rows.append(row | {"failed": failed[m.name]})
                 continue
@@ -220,13 +251,30 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
     return summary
 
 
-def _steps(cfg: TrainRunConfig, source, trainers: dict[str, Trainer], failed: dict[str, str], dirs: dict[str, Path],
-           metrics_log: MetricsLog, run_dir: Path, step: int, position) -> int:
+def _steps(
+    cfg: TrainRunConfig,
+    source,
+    trainers: dict[str, Trainer],
+    failed: dict[str, str],
+    dirs: dict[str, Path],
+    metrics_log: MetricsLog,
+    run_dir: Path,
+    step: int,
+    position,
+) -> int:
     """Feed every batch to every member from `step` to the end, logging and checkpointing; returns the last step."""
     b, total = cfg.train.batch_size, cfg.train.tokens // cfg.train.batch_size
     solo = len(trainers) == 1
     desc = f"train {next(iter(trainers)) if solo else f'{len(trainers)} SAEs'}"
-    bar = tqdm(total=total * b, initial=step * b, unit="tok", unit_scale=True, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total * b,
+        initial=step * b,
+        unit="tok",
+        unit_scale=True,
+        desc=desc,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     stop = threading.Event()
     batches = source.batches(position, stop)
     if use_prefetch(cfg.prefetch, source.device):
@@ -250,10 +298,18 @@ def _steps(cfg: TrainRunConfig, source, trainers: dict[str, Trainer], failed: di
                     m["tok_per_s"] = bar.format_dict["rate"] or 0.0
                     metrics_log.write(name, m)
                     if solo:
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{100 * m['dead_frac']:.1f}%")
+                        bar.set_postfix(
+                            loss=f"{m['loss']:.3f}",
+                            fvu=f"{m['fvu']:.3f}",
+                            l0=f"{m['l0']:.1f}",
+                            dead=f"{100 * m['dead_frac']:.1f}%",
+                        )
             bar.update(b)
             if step < total and step * b // cfg.checkpoint_every > (step - 1) * b // cfg.checkpoint_every:
-                states = {name: ({}, {"failed": failed[name]}) if name in failed else t.state() for name, t in trainers.items()}
+                states = {
+                    name: ({}, {"failed": failed[name]}) if name in failed else t.state()
+                    for name, t in trainers.items()
+                }
                 save_checkpoint(run_dir, step, step * b, position, states, cfg.keep_checkpoints)
         _calibrate({name: t for name, t in trainers.items() if name not in failed}, stream, source.hook)
     finally:
@@ -277,9 +333,15 @@ def _calibrate(trainers: dict[str, Trainer], stream, hook: str) -> None:
 def _trainer(cfg: TrainRunConfig, member: Member, source) -> Trainer:
     """A fresh trainer for `member`: the SAE initialised from the member's seed alone."""
     torch.manual_seed(member.seed)
-    sae_cfg = SAEConfig(architecture=member.architecture, d_in=source.d_in, d_sae=member.d_sae, k=member.k,
-                        rule_config=rule_config_of(cfg.rules, member.architecture), device=source.device,
-                        metadata=source.metadata() | {"seed": member.seed, "data_seed": cfg.data_seed})
+    sae_cfg = SAEConfig(
+        architecture=member.architecture,
+        d_in=source.d_in,
+        d_sae=member.d_sae,
+        k=member.k,
+        rule_config=rule_config_of(cfg.rules, member.architecture),
+        device=source.device,
+        metadata=source.metadata() | {"seed": member.seed, "data_seed": cfg.data_seed},
+    )
     return Trainer(SAE(sae_cfg), cfg.train)
 
 
@@ -306,14 +368,18 @@ def _resumed(cfg: TrainRunConfig) -> TrainRunConfig:
     assert cfg.resume is not None
     run_dir = Path(cfg.resume)
     if not (run_dir / "config.json").is_file():
-        raise SaeKitError(f"--resume {run_dir}: no config.json there; pass the directory of a run started by `sae-kit train`")
+        raise SaeKitError(
+            f"--resume {run_dir}: no config.json there; pass the directory of a run started by `sae-kit train`"
+        )
     if (run_dir / "summary.json").exists():
         raise SaeKitError(f"--resume {run_dir}: that run is complete (summary.json exists); start a new one with --out")
     try:
         saved = load_config(TrainRunConfig, run_dir / "config.json")
     except ConfigFileError as err:
         raise SaeKitError(f"--resume {run_dir}: {err}") from None
-    return dataclasses.replace(saved, out=run_dir, resume=run_dir, **{k: getattr(cfg, k) for k in _NOT_SETTINGS if k not in ("out", "resume")})
+    return dataclasses.replace(
+        saved, out=run_dir, resume=run_dir, **{k: getattr(cfg, k) for k in _NOT_SETTINGS if k not in ("out", "resume")}
+    )
 
 
 def heldout_metrics(sae: SAE, x: torch.Tensor, grad: torch.Tensor | None = None) -> dict:
@@ -324,6 +390,10 @@ def heldout_metrics(sae: SAE, x: torch.Tensor, grad: torch.Tensor | None = None)
     x = x.float().cpu()
     enc = encode(sae, x, None if grad is None else grad.float())
     err = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(x.split(16384), enc.x_hat.split(16384)))
-    return {"tokens": len(x), "fvu": fvu(x, enc.x_hat), "mse": err / len(x), "l0": float(enc.l0.double().mean()),
-            "dead_frac": float((enc.counts == 0).double().mean())}
-
+    return {
+        "tokens": len(x),
+        "fvu": fvu(x, enc.x_hat),
+        "mse": err / len(x),
+        "l0": float(enc.l0.double().mean()),
+        "dead_frac": float((enc.counts == 0).double().mean()),
+    }

@@ -11,7 +11,8 @@ import dataclasses
 import itertools
 import logging
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -24,8 +25,18 @@ log = logging.getLogger(__name__)
 
 Position = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
-_PROVENANCE = ("model_name", "context_size", "prepend_bos", "dataset_path", "text_field", "packing", "separator", "exclude_special_tokens",
-               "exclude_first_position", "holdout_fraction")
+_PROVENANCE = (
+    "model_name",
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "text_field",
+    "packing",
+    "separator",
+    "exclude_special_tokens",
+    "exclude_first_position",
+    "holdout_fraction",
+)
 """The data settings every trained SAE records in its metadata (evaluation re-creates its held-out split from them)."""
 
 
@@ -34,10 +45,18 @@ class CacheSource:
 
     prefetch_depth = 4
 
-    def __init__(self, cache_dir, harvest: HarvestConfig, batch_size: int, seed: int, needs_grads: bool, eval_tokens: int) -> None:
+    def __init__(
+        self, cache_dir, harvest: HarvestConfig, batch_size: int, seed: int, needs_grads: bool, eval_tokens: int
+    ) -> None:
         from sae_kit.cache import ActivationCache
 
-        self.cache_dir, self.batch_size, self.seed, self.needs_grads, self.eval_tokens = cache_dir, batch_size, seed, needs_grads, eval_tokens
+        self.cache_dir, self.batch_size, self.seed, self.needs_grads, self.eval_tokens = (
+            cache_dir,
+            batch_size,
+            seed,
+            needs_grads,
+            eval_tokens,
+        )
         self.cache = ActivationCache(cache_dir)
         wanted = harvest.hook[0]
         if harvest.hook != HarvestConfig().hook:  # an explicit --hook must be in the cache
@@ -48,7 +67,9 @@ class CacheSource:
         if self.cache.n_rows("heldout") == 0:
             raise SaeKitError(f"{cache_dir} has no held-out rows; rebuild it with --heldout-tokens > 0")
         if self.cache.n_rows("train") < batch_size:
-            raise SaeKitError(f"{cache_dir} holds {self.cache.n_rows('train')} training rows, fewer than --batch-size {batch_size}")
+            raise SaeKitError(
+                f"{cache_dir} holds {self.cache.n_rows('train')} training rows, fewer than --batch-size {batch_size}"
+            )
         self.d_in, self.device = self.cache.d_in, harvest.device or "cpu"
 
     def describe(self) -> str:
@@ -58,14 +79,23 @@ class CacheSource:
         s = self.cache.settings
         return {**{k: s.get(k) for k in _PROVENANCE}, "hook_name": self.hook, "cache": str(self.cache_dir)}
 
-    def batches(self, position: Position | None = None, stop: threading.Event | None = None) -> Iterator[tuple[ActivationRows, Position]]:
+    def batches(
+        self, position: Position | None = None, stop: threading.Event | None = None
+    ) -> Iterator[tuple[ActivationRows, Position]]:
         at = position[0] if position else {"epoch": 0, "batch": 0}
         start = at["batch"]
         for epoch in itertools.count(at["epoch"]):
             if epoch == 1 and start == 0:
                 log.warning("the cache holds fewer rows than --tokens: starting epoch 2 over the same rows")
-            rows = self.cache.batches(self.batch_size, seed=self.seed, epoch=epoch, hooks=[self.hook], with_grads=self.needs_grads,
-                                      drop_last=True, start_batch=start)
+            rows = self.cache.batches(
+                self.batch_size,
+                seed=self.seed,
+                epoch=epoch,
+                hooks=[self.hook],
+                with_grads=self.needs_grads,
+                drop_last=True,
+                start_batch=start,
+            )
             for b, batch in enumerate(rows, start):
                 yield batch, ({"epoch": epoch, "batch": b + 1}, {})
                 if stop is not None and stop.is_set():
@@ -84,20 +114,36 @@ class ModelSource:
     began (the LM batches are the same, so are the activations) and skips the batches already trained on.
     """
 
-    def __init__(self, harvest: HarvestConfig, batch_size: int, buffer_tokens: int, seed: int, needs_grads: bool, eval_tokens: int,
-                 model=None) -> None:
+    def __init__(
+        self,
+        harvest: HarvestConfig,
+        batch_size: int,
+        buffer_tokens: int,
+        seed: int,
+        needs_grads: bool,
+        eval_tokens: int,
+        model=None,
+    ) -> None:
         from sae_kit.data import load_corpus
         from sae_kit.models import load_model, validate_hooks
 
         if buffer_tokens < batch_size:
             raise SaeKitError(f"--buffer-tokens ({buffer_tokens}) must be at least --batch-size ({batch_size})")
-        self.batch_size, self.buffer_tokens, self.seed, self.needs_grads, self.eval_tokens = batch_size, buffer_tokens, seed, needs_grads, eval_tokens
+        self.batch_size, self.buffer_tokens, self.seed, self.needs_grads, self.eval_tokens = (
+            batch_size,
+            buffer_tokens,
+            seed,
+            needs_grads,
+            eval_tokens,
+        )
         load_corpus(harvest.corpus, text_field=harvest.text_field)
         self.model = model or load_model(harvest.model, device=harvest.device)
         self.hook = validate_hooks(self.model, list(harvest.hook))[0]
         self.harvest = dataclasses.replace(harvest, hook=(self.hook,))
         check_splits(self.model, self.harvest)  # an empty split fails now, not after the whole run
-        probe, _ = harvester_for(self.model, self.harvest).run(torch.full((1, 2), self.model.tokenizer.bos_token_id or 0))
+        probe, _ = harvester_for(self.model, self.harvest).run(
+            torch.full((1, 2), self.model.tokenizer.bos_token_id or 0)
+        )
         self.d_in = probe[self.hook].shape[-1]
         self.device = str(next(self.model.parameters()).device)
         self.prefetch_depth = -(-buffer_tokens // batch_size) + 1  # one whole chunk ahead
@@ -113,20 +159,30 @@ class ModelSource:
         """Training rows from [epoch, row] on, with the position after each LM batch; stops early once `stop` is set."""
         epoch, row = at or (0, 0)
         while True:
-            empty = True
-            for rows, row in stream(self.model, self.harvest, "train", with_grads=self.needs_grads, start_row=row):
+            empty, start = True, row
+            for rows, row in stream(self.model, self.harvest, "train", with_grads=self.needs_grads, start_row=start):
                 empty = False
                 yield rows, [epoch, row]
                 if stop is not None and stop.is_set():
                     return
             if empty and row == 0:
-                raise SaeKitError(f"corpus {self.harvest.corpus!r} gave no training tokens; check --corpus and --holdout-fraction")
+                raise SaeKitError(
+                    f"corpus {self.harvest.corpus!r} gave no training tokens; check --corpus and --holdout-fraction"
+                )
             epoch, row = epoch + 1, 0
             if epoch == 1:
                 log.warning("the corpus ran out before --tokens: starting over (epoch 2)")
 
-    def batches(self, position: Position | None = None, stop: threading.Event | None = None) -> Iterator[tuple[ActivationRows, Position]]:
-        buffer = ShuffleBuffer(lambda at: self._rows(at, stop), capacity=self.buffer_tokens, batch_size=self.batch_size, seed=self.seed, drop_last=True)
+    def batches(
+        self, position: Position | None = None, stop: threading.Event | None = None
+    ) -> Iterator[tuple[ActivationRows, Position]]:
+        buffer = ShuffleBuffer(
+            lambda at: self._rows(at, stop),
+            capacity=self.buffer_tokens,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            drop_last=True,
+        )
         start = BufferPosition.from_state(*position) if position else None
         for batch, pos in buffer.batches(start):
             yield batch, pos.state()

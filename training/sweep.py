@@ -22,16 +22,25 @@ class Member:
     """Seed of the SAE's initialisation (the data order is the run's --data-seed, shared by every member)."""
 
 
-def expand(architectures: tuple[str, ...], ks: tuple[int, ...], d_saes: tuple[int, ...], seeds: tuple[int, ...]) -> list[Member]:
+def expand(
+    architectures: tuple[str, ...], ks: tuple[int, ...], d_saes: tuple[int, ...], seeds: tuple[int, ...]
+) -> list[Member]:
     """The grid, in the given orders; the k axis collapses for rules that have no k (relu, jumprelu)."""
-    for name, values in (("--architecture", architectures), ("--k", ks), ("--seed", seeds), ("--d-sae/--expansion-factor", d_saes)):
+    for name, values in (
+        ("--architecture", architectures),
+        ("--k", ks),
+        ("--seed", seeds),
+        ("--d-sae/--expansion-factor", d_saes),
+    ):
         if not values:
             raise SaeKitError(f"{name} needs at least one value")
         if len(set(values)) != len(values):
             raise SaeKitError(f"{name} lists a value twice: {' '.join(map(str, values))}")
     if any(d < 1 for d in d_saes):
-        raise SaeKitError(f"--d-sae/--expansion-factor must be positive (d_sae {' '.join(map(str, d_saes))}); "
-                          "pass --expansion-factor 8 or --d-sae 4608")
+        raise SaeKitError(
+            f"--d-sae/--expansion-factor must be positive (d_sae {' '.join(map(str, d_saes))}); "
+            "pass --expansion-factor 8 or --d-sae 4608"
+        )
     members: dict[str, Member] = {}
     for arch, k, d_sae, seed in itertools.product(architectures, ks, d_saes, seeds):
         uses_k = get_sparsifier(arch).uses_k

@@ -83,7 +83,9 @@ class Trainer:
         self.lr = cfg.lr or 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
         self.aux = cfg.aux if cfg.aux != "auto" else self.rule.default_aux
         if self.aux != "none" and not sae.cfg.rule.uses_encoder:
-            raise SaeKitError(f"--aux {self.aux} ranks latents by encoder pre-activations, and {sae.cfg.architecture} has no encoder; use --aux none")
+            raise SaeKitError(
+                f"--aux {self.aux} ranks latents by encoder pre-activations, and {sae.cfg.architecture} has no encoder; use --aux none"
+            )
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.tokens // 10, cfg.batch_size))
         self.opt = torch.optim.Adam(self._param_groups(), lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
@@ -138,7 +140,9 @@ class Trainer:
     def recent_density(self) -> Tensor:
         """Per-latent firing frequency over about the last `dead_tokens` tokens (bias-corrected EMA)."""
         decay = 1 - self.cfg.batch_size / self.dead_tokens
-        return (self.density_ema / (1 - decay**self.step_count)).float() if self.step_count else self.density_ema.float()
+        return (
+            (self.density_ema / (1 - decay**self.step_count)).float() if self.step_count else self.density_ema.float()
+        )
 
     def step(self, x: Tensor, grad: Tensor | None = None) -> dict[str, float]:
         """One optimiser step on x [B, d_in] (and dCE/dx for g-SAE); returns the step's metrics."""
@@ -168,7 +172,9 @@ class Trainer:
         for term in penalties.values():
             loss = loss + term
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became {loss.item()} at step {self.step_count}; lower --lr or check the data")
+            raise NonFiniteError(
+                f"the loss became {loss.item()} at step {self.step_count}; lower --lr or check the data"
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -189,9 +195,15 @@ class Trainer:
             err = (out.x_hat - x).square().sum()
             fvu = float(err / (x - x.mean(0)).square().sum().clamp_min(1e-12))
             metrics = {
-                "step": self.step_count, "tokens": self.tokens_seen, "loss": float(loss), "mse_norm": float(rec),
-                "aux": float(aux), "fvu": fvu, "l0": float(codes.l0().float().mean()),
-                "dead_frac": float(self.dead_mask.float().mean()), "lr": float(self.sched.get_last_lr()[0]),
+                "step": self.step_count,
+                "tokens": self.tokens_seen,
+                "loss": float(loss),
+                "mse_norm": float(rec),
+                "aux": float(aux),
+                "fvu": fvu,
+                "l0": float(codes.l0().float().mean()),
+                "dead_frac": float(self.dead_mask.float().mean()),
+                "lr": float(self.sched.get_last_lr()[0]),
             }
             metrics |= {name: float(term) for name, term in penalties.items()}
             if codes.inference_l0 is not None:
@@ -203,9 +215,20 @@ class Trainer:
         tensors = {f"sae/{k}": v for k, v in self.sae.state_dict().items()}
         for name, p in self.sae.named_parameters():
             tensors |= {f"adam/{name}/{k}": v for k, v in self.opt.state.get(p, {}).items()}
-        tensors |= {"tokens_since_fired": self.tokens_since_fired, "fired_count": self.fired_count, "density_ema": self.density_ema}
-        meta = {"step_count": self.step_count, "tokens_seen": self.tokens_seen, "scale": self.scale, "data_var": self.data_var,
-                "initialised": self.initialised, "lr": [g["lr"] for g in self.opt.param_groups], "scheduler": self.sched.state_dict()}
+        tensors |= {
+            "tokens_since_fired": self.tokens_since_fired,
+            "fired_count": self.fired_count,
+            "density_ema": self.density_ema,
+        }
+        meta = {
+            "step_count": self.step_count,
+            "tokens_seen": self.tokens_seen,
+            "scale": self.scale,
+            "data_var": self.data_var,
+            "initialised": self.initialised,
+            "lr": [g["lr"] for g in self.opt.param_groups],
+            "scheduler": self.sched.state_dict(),
+        }
         return tensors, meta
 
     @torch.no_grad()
@@ -253,4 +276,6 @@ class Trainer:
 def _check_finite(x: Tensor, what: str) -> None:
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(-1).sum())
-        raise NonFiniteError(f"{what} holds NaN/inf in {bad} rows; check the activation source (a corrupt cache shard, a broken model dtype)")
+        raise NonFiniteError(
+            f"{what} holds NaN/inf in {bad} rows; check the activation source (a corrupt cache shard, a broken model dtype)"
+        )

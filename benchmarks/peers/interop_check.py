@@ -53,7 +53,11 @@ def export(out: Path) -> None:
     save_file({"x": x}, str(out / "inputs.safetensors"))
 
     def make(arch: str, **kw) -> SAE:
-        sae = SAE(SAEConfig.from_dict({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "k": K, "metadata": dict(META), **kw}))
+        sae = SAE(
+            SAEConfig.from_dict(
+                {"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "k": K, "metadata": dict(META), **kw}
+            )
+        )
         with torch.no_grad():
             for p in sae.parameters():
                 p.add_(0.2 * torch.randn_like(p))
@@ -63,8 +67,10 @@ def export(out: Path) -> None:
         sae.train()(x)  # mutual/feature choice learn their thresholds
         return sae.eval()
 
-    saes = {("saelens", arch): make(arch) for arch in ("relu", "topk", "abstopk", "jumprelu", "mutual_choice",
-                                                       "feature_choice", "mpsae")}
+    saes = {
+        ("saelens", arch): make(arch)
+        for arch in ("relu", "topk", "abstopk", "jumprelu", "mutual_choice", "feature_choice", "mpsae")
+    }
     saes[("saelens", "topk-no-bdec-sub")] = make("topk", apply_b_dec_to_input=False)
     saes[("sparsify", "topk")] = make("topk")
     saes[("sparsify", "topk-no-bdec-sub")] = make("topk", apply_b_dec_to_input=False)
@@ -125,7 +131,9 @@ def check_saelens(out: Path, x: Tensor) -> None:
     for ref_file in sorted((out / "ours" / "sparsify").glob("*.ref.safetensors")):
         name = ref_file.name.removesuffix(".ref.safetensors")
         try:  # SAELens's own sparsify converter, in float32 (it defaults to bfloat16)
-            sae = LensSAE.load_from_disk(ref_file.parent / name / "layers.6", dtype="float32", converter=sparsify_disk_loader)
+            sae = LensSAE.load_from_disk(
+                ref_file.parent / name / "layers.6", dtype="float32", converter=sparsify_disk_loader
+            )
             with torch.no_grad():
                 codes = sae.encode(x)
                 report("sae_lens sparsify conv.", name, codes, sae.decode(codes), load_file(str(ref_file)))
@@ -133,21 +141,39 @@ def check_saelens(out: Path, x: Tensor) -> None:
             fail("sae_lens sparsify conv.", name, err)
 
     # SAEs made and saved by SAELens itself, with SAELens's codes, for `verify`.
-    from sae_lens.saes import (AbsTopKSAE, AbsTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig,
-                               JumpReLUSAE, JumpReLUSAEConfig, MatchingPursuitSAE, MatchingPursuitSAEConfig, StandardSAE,
-                               StandardSAEConfig, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens.saes import (
+        AbsTopKSAE,
+        AbsTopKSAEConfig,
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        MatchingPursuitSAE,
+        MatchingPursuitSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
 
     peer = out / "peer" / "saelens"
     meta = SAEMetadata(**META)
     made = {
         "standard": StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=meta)),
-        "standard-no-bdec-sub": StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False, metadata=meta)),
-        "topk-rescaled": TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True, metadata=meta)),
+        "standard-no-bdec-sub": StandardSAE(
+            StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False, metadata=meta)
+        ),
+        "topk-rescaled": TopKSAE(
+            TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True, metadata=meta)
+        ),
         "abstopk": AbsTopKSAE(AbsTopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, metadata=meta)),
         "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=meta)),
-        "matching_pursuit": MatchingPursuitSAE(MatchingPursuitSAEConfig(d_in=D_IN, d_sae=D_SAE, residual_threshold=0.0,
-                                                                        max_iterations=8, metadata=meta)),
+        "matching_pursuit": MatchingPursuitSAE(
+            MatchingPursuitSAEConfig(d_in=D_IN, d_sae=D_SAE, residual_threshold=0.0, max_iterations=8, metadata=meta)
+        ),
     }
     for name, sae in made.items():
         _randomise(sae)
@@ -158,7 +184,9 @@ def check_saelens(out: Path, x: Tensor) -> None:
         sae.save_model(peer / name)
     trained = {  # training SAEs, saved the way SAELens's runner saves a finished run (the inference conversion)
         "batchtopk-trained": BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=float(K))),
-        "topk-trained-rescaled": TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True)),
+        "topk-trained-rescaled": TopKTrainingSAE(
+            TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True)
+        ),
     }
     for name, sae in trained.items():
         _randomise(sae)
@@ -191,13 +219,19 @@ def check_sparsify(out: Path, x: Tensor) -> None:
         name = ref_file.name.removesuffix(".ref.safetensors")
         try:
             with torch.no_grad():
-                report("sparsify <- sae-kit", name, *dense(SparseCoder.load_from_disk(ref_file.parent / name / "layers.6")),
-                       load_file(str(ref_file)))
+                report(
+                    "sparsify <- sae-kit",
+                    name,
+                    *dense(SparseCoder.load_from_disk(ref_file.parent / name / "layers.6")),
+                    load_file(str(ref_file)),
+                )
         except Exception as err:
             fail("sparsify <- sae-kit", name, err)
     peer = out / "peer" / "sparsify"
     for name, normalize in (("topk", True), ("topk-normalize_decoder-false", False)):
-        coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K, normalize_decoder=normalize), dtype=torch.float32)
+        coder = SparseCoder(
+            D_IN, SparseCoderConfig(num_latents=D_SAE, k=K, normalize_decoder=normalize), dtype=torch.float32
+        )
         _randomise(coder)
         coder.save_to_disk(peer / name / "layers.6")
         with torch.no_grad():

@@ -69,7 +69,11 @@ def get_sparsifier(architecture: str) -> type[Sparsifier]:
 def rule_settings_class() -> type:
     """A dataclass with one field per registered rule that has settings (named after the rule, holding its `Config`):
     the `rules` section of `sae-kit train` (flags `--<rule>.<field>`) and of sweep YAML (`rules: {<rule>: {...}}`)."""
-    sections = [(name, rule.Config, field(default_factory=rule.Config)) for name, rule in REGISTRY.items() if fields(rule.Config)]
+    sections = [
+        (name, rule.Config, field(default_factory=rule.Config))
+        for name, rule in REGISTRY.items()
+        if fields(rule.Config)
+    ]
     return make_dataclass("RuleSettings", sections)
 
 
@@ -86,5 +90,17 @@ def canonical_name(architecture: str) -> str:
     return ALIASES.get(architecture, architecture)
 
 
-__all__ = ["ALIASES", "ARCHITECTURES", "DEFAULT_ARCHITECTURE", "REGISTRY", "Codes", "RuleConfig", "Sparsifier", "StepContext",
-           "canonical_name", "get_sparsifier", "rule_config_of", "rule_settings_class"]
+__all__ = [
+    "ALIASES",
+    "ARCHITECTURES",
+    "DEFAULT_ARCHITECTURE",
+    "REGISTRY",
+    "Codes",
+    "RuleConfig",
+    "Sparsifier",
+    "StepContext",
+    "canonical_name",
+    "get_sparsifier",
+    "rule_config_of",
+    "rule_settings_class",
+]

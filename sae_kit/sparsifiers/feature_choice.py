@@ -38,7 +38,9 @@ def zipf_capacities(n: int, cap: int, total: int, exponent: float, device: torch
     scale = (spare - torch.arange(n, device=device, dtype=torch.float64) * room) / rest
     fits = scale * w <= room
     j = int(torch.nonzero(fits)[0]) if bool(fits.any()) else n
-    ideal = torch.where(torch.arange(n, device=device) < j, torch.full_like(w, room), (scale[min(j, n - 1)] * w).clamp(0, room))
+    ideal = torch.where(
+        torch.arange(n, device=device) < j, torch.full_like(w, room), (scale[min(j, n - 1)] * w).clamp(0, room)
+    )
     extra = ideal.floor()
     short = int(spare - extra.sum())
     if short > 0:
@@ -80,15 +82,20 @@ class FeatureChoice(BatchChoice):
         return caps
 
     def budget_l0(self, batch_size: int) -> float:
-        caps = self.capacities(torch.zeros(batch_size, self.cfg.d_sae, device=self.threshold.device))  # the rounding only
+        caps = self.capacities(
+            torch.zeros(batch_size, self.cfg.d_sae, device=self.threshold.device)
+        )  # the rounding only
         return float(caps.sum()) / batch_size
 
     def init_from_sample(self, sae: SAE, x: Tensor) -> None:
         effective = self.budget_l0(len(x))
         if effective > 1.1 * self.cfg.k:
-            warnings.warn(f"feature_choice: k·B/F = {self.cfg.k * len(x) / self.cfg.d_sae:.2f} tokens per latent rounds up to "
-                          f"at least 1, so the effective L0 is {effective:.1f}, not k={self.cfg.k}; raise --batch-size to "
-                          f"{-(-self.cfg.d_sae // self.cfg.k)} or more, or lower d_sae", stacklevel=2)
+            warnings.warn(
+                f"feature_choice: k·B/F = {self.cfg.k * len(x) / self.cfg.d_sae:.2f} tokens per latent rounds up to "
+                f"at least 1, so the effective L0 is {effective:.1f}, not k={self.cfg.k}; raise --batch-size to "
+                f"{-(-self.cfg.d_sae // self.cfg.k)} or more, or lower d_sae",
+                stacklevel=2,
+            )
 
     def allocate(self, r: Tensor) -> tuple[Tensor, Tensor]:
         caps = self.capacities(r.detach())

@@ -55,8 +55,11 @@ class GSAE(TopK):
             return z
         if grad is None:
             if not self._warned:
-                warnings.warn("gsae: encode() got no grad=; selecting the support as plain TopK (beta=0). "
-                              "Pass grad=dLoss/dx to use the gradient-boosted selection.", stacklevel=2)
+                warnings.warn(
+                    "gsae: encode() got no grad=; selecting the support as plain TopK (beta=0). "
+                    "Pass grad=dLoss/dx to use the gradient-boosted selection.",
+                    stacklevel=2,
+                )
                 self._warned = True
             return z
         g = grad

@@ -75,7 +75,9 @@ def heaviside_step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return _Step.apply(z, threshold, bandwidth)
 
 
-def l0_penalty(z: Tensor, threshold: Tensor, bandwidth: float, coefficient: float = 1.0, target_l0: float | None = None) -> Tensor:
+def l0_penalty(
+    z: Tensor, threshold: Tensor, bandwidth: float, coefficient: float = 1.0, target_l0: float | None = None
+) -> Tensor:
     """JumpReLU sparsity penalty from the pre-activations z [N, d_sae] and the thresholds θ [d_sae].
 
     L0 = mean_t Σ_i H(z_ti − θ_i), differentiable in θ only, through the rectangle-kernel STE with bandwidth ε
@@ -125,8 +127,12 @@ class JumpReLU(Sparsifier):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), self.config.init_threshold, dtype=cfg.torch_dtype, device=cfg.device))
-        self.register_buffer("input_norm", torch.ones((), dtype=cfg.torch_dtype, device=cfg.device))  # E‖x‖ of the training inputs: ε's unit
+        self.threshold = nn.Parameter(
+            torch.full((cfg.d_sae,), self.config.init_threshold, dtype=cfg.torch_dtype, device=cfg.device)
+        )
+        self.register_buffer(
+            "input_norm", torch.ones((), dtype=cfg.torch_dtype, device=cfg.device)
+        )  # E‖x‖ of the training inputs: ε's unit
 
     @property
     def bandwidth(self) -> float:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -57,8 +58,9 @@ class MatchingPursuit(Sparsifier):
     def signed(self) -> bool:
         return bool(self.config.signed)
 
-    def pursue(self, W_dec: Tensor, xc: Tensor, steps: int, stop_residual: float = 0.0,
-               stop_on_same_support: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    def pursue(
+        self, W_dec: Tensor, xc: Tensor, steps: int, stop_residual: float = 0.0, stop_on_same_support: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Yield (coefficient [N], atom index [N], residual [N, d], support mask [N, F]) after each step."""
         r = xc
         with torch.no_grad():
@@ -89,8 +91,16 @@ class MatchingPursuit(Sparsifier):
             if not running.any():
                 return
 
-    def forward(self, sae: SAE, xc: Tensor, grad: Tensor | None = None, *, max_steps: int | None = None,
-                stop_residual: float | None = None, stop_on_same_support: bool | None = None) -> Codes:
+    def forward(
+        self,
+        sae: SAE,
+        xc: Tensor,
+        grad: Tensor | None = None,
+        *,
+        max_steps: int | None = None,
+        stop_residual: float | None = None,
+        stop_on_same_support: bool | None = None,
+    ) -> Codes:
         cfg, rule = self.cfg, self.config
         if self.training:
             defaults = (cfg.k, 0.0, False)
@@ -105,12 +115,27 @@ class MatchingPursuit(Sparsifier):
         for a, j, _, _ in self.pursue(sae.W_dec, xc, steps, stop_residual, stop_on_same_support):
             values.append(a)
             indices.append(j)
-        return Codes(d_sae=cfg.d_sae, values=torch.stack(values, 1), indices=torch.stack(indices, 1),
-                     unique_indices=False, signed=self.signed)
+        return Codes(
+            d_sae=cfg.d_sae,
+            values=torch.stack(values, 1),
+            indices=torch.stack(indices, 1),
+            unique_indices=False,
+            signed=self.signed,
+        )
 
     @torch.no_grad()
-    def eval_metrics(self, sae: SAE, x: Tensor, grad: Tensor | None = None, *, curve_steps: int | None = None,
-                     curve_tokens: int = 4096, seed: int = 0, max_cells: int = 1 << 25, **settings: Any) -> dict[str, Any]:
+    def eval_metrics(
+        self,
+        sae: SAE,
+        x: Tensor,
+        grad: Tensor | None = None,
+        *,
+        curve_steps: int | None = None,
+        curve_tokens: int = 4096,
+        seed: int = 0,
+        max_cells: int = 1 << 25,
+        **settings: Any,
+    ) -> dict[str, Any]:
         """The adaptive-inference curve: mean L0 and FVU after each of `curve_steps` (default 2k) pursuit steps, without
         early stopping, on a seeded sample of `curve_tokens` rows (in chunks of at most `max_cells` correlations):
         mp_curve_l0 / mp_curve_fvu, and mp_fvu_at_k, the curve at the trained k."""
@@ -129,5 +154,9 @@ class MatchingPursuit(Sparsifier):
         fvu = (err / total.cpu()).tolist()
         l0_mean = (l0 / len(xc)).tolist()
         k = self.cfg.k
-        return {"mp_curve_tokens": len(xc), "mp_curve_l0": l0_mean, "mp_curve_fvu": fvu,
-                "mp_fvu_at_k": fvu[k - 1] if len(fvu) >= k else None}
+        return {
+            "mp_curve_tokens": len(xc),
+            "mp_curve_l0": l0_mean,
+            "mp_curve_fvu": fvu,
+            "mp_fvu_at_k": fvu[k - 1] if len(fvu) >= k else None,
+        }

@@ -37,5 +37,11 @@ class TopK(Sparsifier):
         with torch.no_grad():
             indices = self.selection_score(sae, z, grad).topk(self.cfg.k, dim=-1, sorted=False).indices
         preact = partial(gather_preacts, xc, sae.W_enc, sae.b_enc, z)
-        return Codes(d_sae=self.cfg.d_sae, values=self.activate(preact(indices)), indices=indices, z=z,
-                     preact=preact, signed=self.signed)
+        return Codes(
+            d_sae=self.cfg.d_sae,
+            values=self.activate(preact(indices)),
+            indices=indices,
+            z=z,
+            preact=preact,
+            signed=self.signed,
+        )
