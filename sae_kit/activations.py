@@ -21,6 +21,21 @@ from sae_kit.rows import ActivationRows
 Split = Literal["train", "heldout"]
 
 
+DATA_SETTINGS = (
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "text_field",
+    "packing",
+    "separator",
+    "exclude_special_tokens",
+    "exclude_first_position",
+    "holdout_fraction",
+)
+"""The data settings (keys of `HarvestConfig.settings`) every trained SAE records in its metadata: its tokenisation,
+held-out split and position rules, from which eval, the index and the browser re-create its held-out data."""
+
+
 @dataclass
 class HarvestConfig:
     """What to harvest, from which model and corpus."""

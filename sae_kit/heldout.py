@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_kit.activations import HarvestConfig, contexts, harvester_for
+from sae_kit.activations import DATA_SETTINGS, HarvestConfig, contexts, harvester_for
 from sae_kit.errors import SaeKitError
 from sae_kit.sae import SAE
 from sae_kit.sparsifiers.base import Codes
@@ -31,17 +31,6 @@ MAX_CELLS = 1 << 25
 """Code entries [rows × d_sae] one encode chunk may hold (dense rules materialise them)."""
 SCALE_TOKENS = 8192
 """Leading held-out positions the input scale of a normalising SAE is estimated on."""
-_DATA_KEYS = (
-    "context_size",
-    "prepend_bos",
-    "dataset_path",
-    "text_field",
-    "packing",
-    "separator",
-    "exclude_special_tokens",
-    "exclude_first_position",
-    "holdout_fraction",
-)
 
 
 class HeldoutError(SaeKitError):
@@ -82,7 +71,7 @@ def harvest_config_for(sae: SAE, **overrides) -> HarvestConfig:
     """The tokenisation, held-out split and position rules the SAE was trained with (its metadata), with `overrides`."""
     meta = sae.cfg.metadata
     settings: dict[str, Any] = {"hook": (meta["hook_name"],)} if meta.get("hook_name") else {}
-    for key in _DATA_KEYS:
+    for key in DATA_SETTINGS:
         if meta.get(key) is not None:
             settings["corpus" if key == "dataset_path" else key] = meta[key]
     settings |= {k: v for k, v in overrides.items() if v is not None}

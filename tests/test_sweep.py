@@ -135,6 +135,14 @@ def test_sweep_errors(tmp_path, cache):
         train(base(tmp_path / "b", cache, seed=(1, 1)))
     with pytest.raises(SaeKitError, match="unknown architecture 'topq'"):
         train(base(tmp_path / "c", cache, architecture=("topk", "topq")))
+    with pytest.raises(SaeKitError, match="--d-sae/--expansion-factor must be positive"):
+        train(dataclasses.replace(base(tmp_path / "d", cache), expansion_factor=(0,)))
+    # harvest flags given with a cache must agree with it (they were silently ignored); the same value is fine
+    with pytest.raises(SaeKitError, match="has context_size=64, expected 32"):
+        train(base(tmp_path / "e", cache, harvest=HarvestConfig(context_size=32)))
+    assert not (tmp_path / "e").exists()
+    same = base(tmp_path / "f", cache, harvest=HarvestConfig(context_size=64))
+    assert train(dataclasses.replace(same, train=TrainConfig(batch_size=512, tokens=1024)))["steps"] == 2
 
 
 def test_wandb_mirror_is_optional(tmp_path, cache, monkeypatch):

@@ -125,19 +125,6 @@ class TrainRunConfig:
         """One-line errors for settings that cannot work, before any work starts."""
         self.train.check()
         self.harvest.check()
-        if self.cache is not None:
-            fixed = [
-                f.name
-                for f in dataclasses.fields(HarvestConfig)
-                if f.name not in ("hook", "device")
-                and getattr(self.harvest, f.name) != getattr(HarvestConfig(), f.name)
-            ]
-            if fixed:
-                flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
-                raise SaeKitError(
-                    f"{flags}: the cache {self.cache} fixes the harvest settings it was built with; drop them, "
-                    "or build a new cache with `sae-kit cache`"
-                )
         for name in ("eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "buffer_tokens"):
             if getattr(self, name) < 1:
                 raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

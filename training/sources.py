@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sae_kit.activations import HarvestConfig, check_splits, harvester_for, stream
+from sae_kit.activations import DATA_SETTINGS, HarvestConfig, check_splits, harvester_for, stream
 from sae_kit.buffer import BufferPosition, ShuffleBuffer
 from sae_kit.errors import SaeKitError
 from sae_kit.rows import ActivationRows
@@ -25,19 +25,8 @@ log = logging.getLogger(__name__)
 
 Position = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
-_PROVENANCE = (
-    "model_name",
-    "context_size",
-    "prepend_bos",
-    "dataset_path",
-    "text_field",
-    "packing",
-    "separator",
-    "exclude_special_tokens",
-    "exclude_first_position",
-    "holdout_fraction",
-)
-"""The data settings every trained SAE records in its metadata (evaluation re-creates its held-out split from them)."""
+_PROVENANCE = ("model_name", *DATA_SETTINGS)
+"""What every trained SAE records in its metadata about its data (besides the hook)."""
 
 
 class CacheSource:
@@ -62,6 +51,16 @@ class CacheSource:
         if harvest.hook != HarvestConfig().hook:  # an explicit --hook must be in the cache
             self.cache.check_compatible(hooks=[wanted])
         self.hook = wanted if wanted in self.cache.hooks else self.cache.hooks[0]
+        # harvest flags given with --cache must agree with the cache: it fixes the data the SAEs train on
+        given = {
+            f.name: getattr(harvest, f.name)
+            for f in dataclasses.fields(HarvestConfig)
+            if f.name not in ("hook", "device")
+        }
+        defaults = HarvestConfig()
+        self.cache.check_compatible(
+            **{k: v for k, v in given.items() if k in self.cache.settings and v != getattr(defaults, k)}
+        )
         if needs_grads and not self.cache.with_grads:
             raise SaeKitError(f"g-SAE needs gradients, and {cache_dir} has none; build it with `sae-kit cache --grads`")
         if self.cache.n_rows("heldout") == 0:
