@@ -59,6 +59,8 @@ class GainTopK(TopK):
 
 @pytest.fixture
 def gain_rule(monkeypatch):
+    import sae_kit.training.run  # noqa: F401  # its flag sections are generated from the built-in registry, first
+
     monkeypatch.setitem(REGISTRY, "gain_topk", GainTopK)  # the one registry line
     return "gain_topk"
 
