@@ -87,11 +87,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
         raw["device"] = available_device(str(raw.get("device", "cpu")))
     try:
         cfg = SAEConfig.from_dict(raw)
-    except (ValueError, TypeError) as err:
-        raise SAEFormatError(f"{path / CFG_FILE}: {err}") from None
-    except SAEFormatError:
-        raise
-    except Exception as err:  # SaeKitError from the config's own validation
+    except (ValueError, TypeError) as err:  # SaeKitError (the config's own checks) is a ValueError
         raise SAEFormatError(f"{path / CFG_FILE}: {err}") from None
     sae = SAE(cfg)
     sae.load_weights(read_tensors(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE))

@@ -124,7 +124,3 @@ class BatchChoice(Sparsifier):
     def eval_metrics(self, sae: SAE, x: Tensor, grad: Tensor | None = None, **settings: Any) -> dict[str, Any]:
         """The training budget k, reported next to the inference L0 that core eval measures on the same rows."""
         return {"l0_training_target": self.cfg.k}
-
-    def budget_l0(self, batch_size: int) -> float:
-        """Mean L0 per token that the training allocation gives on batches of `batch_size` tokens."""
-        return float(self.cfg.k)

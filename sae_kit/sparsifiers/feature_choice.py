@@ -82,10 +82,9 @@ class FeatureChoice(BatchChoice):
         return caps
 
     def budget_l0(self, batch_size: int) -> float:
-        caps = self.capacities(
-            torch.zeros(batch_size, self.cfg.d_sae, device=self.threshold.device)
-        )  # the rounding only
-        return float(caps.sum()) / batch_size
+        """Mean L0 per token the allocation gives on batches of `batch_size` (k, unless k·B < F lifts it to F/B)."""
+        total = zipf_capacities(self.cfg.d_sae, batch_size, self.cfg.k * batch_size, self.config.zipf_exponent).sum()
+        return float(total) / batch_size
 
     def init_from_sample(self, sae: SAE, x: Tensor) -> None:
         effective = self.budget_l0(len(x))
