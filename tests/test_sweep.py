@@ -135,6 +135,13 @@ def test_sweep_errors(tmp_path, cache):
         train(base(tmp_path / "b", cache, seed=(1, 1)))
     with pytest.raises(SaeKitError, match="unknown architecture 'topq'"):
         train(base(tmp_path / "c", cache, architecture=("topk", "topq")))
+    with pytest.raises(SaeKitError, match="--aux auxk ranks latents by encoder pre-activations, and mpsae has none"):
+        train(
+            dataclasses.replace(
+                base(tmp_path / "g", cache, architecture=("topk", "mpsae")), train=TrainConfig(aux="auxk")
+            )
+        )
+    assert not (tmp_path / "g").exists()  # refused before the run directory is made
     with pytest.raises(SaeKitError, match="--d-sae/--expansion-factor must be positive"):
         train(dataclasses.replace(base(tmp_path / "d", cache), expansion_factor=(0,)))
     # harvest flags given with a cache must agree with it (they were silently ignored); the same value is fine

@@ -129,7 +129,10 @@ class TrainRunConfig:
             if getattr(self, name) < 1:
                 raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for arch in self.architecture:
-            get_sparsifier(arch)
+            if self.train.aux in ("auxk", "zipf") and not get_sparsifier(arch).uses_encoder:
+                raise SaeKitError(
+                    f"--aux {self.train.aux} ranks latents by encoder pre-activations, and {arch} has none; use --aux auto or none"
+                )
             try:
                 rule_config_of(self.rules, arch).check()
             except RuleConfigError as err:
