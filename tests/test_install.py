@@ -1,4 +1,4 @@
-"""A plain (non-editable) `pip install .` into a fresh venv ships training/, eval/ and dashboards/ inside sae_kit."""
+"""A plain (non-editable) `pip install .` into a fresh venv ships training/, eval/, dashboards/ and autointerp/ inside sae_kit."""
 
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def test_pip_install_into_fresh_venv(tmp_path):
     # Build isolation stays on: a venv's bundled setuptools is too old to build wheels.
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], check=True, cwd=tmp_path)
     code = (
-        "import sae_kit, sae_kit.training, sae_kit.eval, sae_kit.dashboards.indexer, sae_kit.dashboards.pages, pathlib; "
+        "import sae_kit, sae_kit.training, sae_kit.eval, sae_kit.dashboards.indexer, sae_kit.dashboards.pages, sae_kit.autointerp.store, pathlib; "
         "p = pathlib.Path(sae_kit.__file__).parent; "
-        "assert all((p / d / '__init__.py').is_file() for d in ('training', 'eval', 'dashboards')), p; "
+        "assert all((p / d / '__init__.py').is_file() for d in ('training', 'eval', 'dashboards', 'autointerp')), p; "
         "assert (p / 'dashboards' / 'app.py').is_file(), 'the Streamlit script sae-kit browse runs is missing'; "
         "assert 'site-packages' in str(p), p; print(p)"
     )

@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-MAPPING = {"training": "training", "eval": "eval", "dashboards": "dashboards"}
+MAPPING = {"training": "training", "eval": "eval", "dashboards": "dashboards", "autointerp": "autointerp"}
 """Subpackage of sae_kit -> its directory in the repository (pyproject.toml [tool.setuptools.package-dir])."""
 
 
