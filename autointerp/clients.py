@@ -189,6 +189,7 @@ class OpenAIClient:
         self._logprobs_ok = True  # False once the server rejected logprobs
         self._usage = _Usage()
         self.headers = {"Content-Type": "application/json"}
+        self.api_key_env = api_key_env
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
@@ -325,6 +326,15 @@ class OpenAIClient:
                         log.warning("%s rejected logprobs (%s); asking without them from now on", self.base_url, text)
                         self._logprobs_ok = use_logprobs = False
                         continue
+                    if status in (401, 403):  # every request would fail the same way: stop with one line
+                        raise AutoInterpError(
+                            f"{self.base_url} refused the API key (HTTP {status}: {text}); "
+                            + (f"check ${self.api_key_env}" if self.api_key_env else "pass --api-key-env VAR")
+                        )
+                    if status == 404:
+                        raise AutoInterpError(
+                            f"{url} answered HTTP 404 ({text}); check --base-url (usually ends in /v1) and --model"
+                        )
                     return Completion("", error=f"HTTP {status}: {text}")
                 elif status != 200:
                     return Completion("", error=f"HTTP {status}: {_error_text(response)}")
@@ -448,7 +458,7 @@ class LocalClient:
             ) from err
         if not getattr(self.tokenizer, "chat_template", None):
             raise AutoInterpError(f"{self.model_dir} has no chat template: use an instruction-tuned (chat) model")
-        self.model.to(self.device)  # type: ignore[arg-type]  (transformers' typing of .to)
+        self.model.to(self.device)  # type: ignore[arg-type]
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -65,6 +65,8 @@ SCORES = pa.schema(
         ("auroc", pa.float64()),  # NaN without answer probabilities or without both classes
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        ("strength", pa.float64()),  # intervention: the steering strength reached (NaN for the other scorers)
+        ("kl", pa.float64()),  # intervention: the mean next-token KL at that strength (NaN otherwise)
     ]
 )
 PREDICTIONS = pa.schema(
@@ -75,6 +77,7 @@ PREDICTIONS = pa.schema(
         ("row", pa.int32()),  # index context row (-1 for intervention prompts)
         ("kind", pa.string()),  # activating | random | hard | misplaced | steered | clean
         ("band", pa.int8()),  # activation-quantile band of an activating example (-1 otherwise)
+        ("start", pa.int32()),  # position of the window's first token in its row (-1 for intervention prompts)
         ("label", pa.bool_()),
         ("prediction", pa.int8()),  # 1 / 0, or -1 when the answer could not be parsed
         ("prob", pa.float32()),  # P(positive answer) from the answer probabilities, NaN without them

@@ -8,7 +8,6 @@ describes the SAE by a SHA-256 of its files, so the browser can tell when the SA
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -29,16 +28,15 @@ from sae_kit.dashboards import artifacts
 from sae_kit.dashboards.store import SCHEMA, SUMMARY_SCHEMA, VERSION, FeatureIndexError, shard_name, write_table
 from sae_kit.heldout import (
     HeldoutContexts,
-    activations,
     check_pair,
-    encode_chunks,
+    encode_positions,
     fold_input_scale,
     harvest_config_for,
     heldout_contexts,
     logit_lens,
 )
 from sae_kit.sae import SAE
-from sae_kit.sae_io import load_sae
+from sae_kit.sae_io import load_sae, sae_digest
 
 
 @dataclass
@@ -127,17 +125,6 @@ def build_index(cfg: IndexConfig, model=None) -> list[dict[str, Any]]:
             models[model_name] = model or load_model(model_name, device=cfg.device)
         results.append(index_sae(sae, loc.sae_dir, models[model_name], cfg, cfg.out or loc.index_dir))
     return results
-
-
-def sae_digest(sae_dir: Path) -> str:
-    """SHA-256 over the SAE directory's files (config and weights)."""
-    h = hashlib.sha256()
-    for file in sorted(p for p in sae_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
-        h.update(file.name.encode())
-        with open(file, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
 
 
 def index_sae(sae: SAE, sae_dir: Path, model, cfg: IndexConfig, out: Path) -> dict[str, Any]:
@@ -253,7 +240,7 @@ def _pass(sae: SAE, model, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass
         except Exception:  # a chunk file is written atomically, so this is damage from outside: recompute it
             part = None
         if part is None:
-            part = _encode_chunk(sae, model, hcfg, chunk, offset=a * T)
+            part = encode_positions(sae, model, hcfg, chunk, offset=a * T)
             save_tensors(file, part)
         parts.append(part)
         bar.update(chunk.n_kept)
@@ -262,18 +249,6 @@ def _pass(sae: SAE, model, hcfg, cfg: IndexConfig, work: Path) -> artifacts.Pass
     return artifacts.Pass.from_entries(
         ctxs.tokens, ~ctxs.pad, cat["feature"], cat["position"], cat["value"], ctxs.n_kept, sae.cfg.d_sae
     )
-
-
-def _encode_chunk(sae: SAE, model, hcfg, chunk: HeldoutContexts, offset: int) -> dict[str, torch.Tensor]:
-    x, grad = activations(model, hcfg, chunk, grads=sae.sparsifier.uses_grad)
-    where = chunk.keep.flatten().nonzero().squeeze(1) + offset  # flat position of each row of x
-    feature, position, value = [], [], []
-    for rows, codes in encode_chunks(sae, x, grad):
-        tok, lat, val = codes.nonzeros()
-        position.append(where[rows][tok.cpu()])
-        feature.append(lat.cpu())
-        value.append(val.float().cpu())
-    return {"feature": torch.cat(feature), "position": torch.cat(position), "value": torch.cat(value)}
 
 
 def _write_vocab(model, out: Path) -> None:

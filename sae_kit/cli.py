@@ -95,6 +95,20 @@ def _index(args) -> None:
         print(f"browse it: sae-kit browse {run_dir_of(Path(meta['sae']['dir']))}")
 
 
+def _explain(args) -> None:
+    from sae_kit.autointerp.run import explain
+
+    explain(args)
+    print(f"score them: sae-kit score {args.run}   (then browse: sae-kit browse {args.run})")
+
+
+def _score(args) -> None:
+    from sae_kit.autointerp.run import score
+
+    score(args)
+    print(f"browse them: sae-kit browse {args.run}")
+
+
 def _browse(args) -> None:
     from sae_kit.dashboards.browse import browse
 
@@ -102,6 +116,7 @@ def _browse(args) -> None:
 
 
 def _commands() -> dict[str, tuple[type, Callable, str]]:
+    from sae_kit.autointerp.run import ExplainConfig, ScoreConfig
     from sae_kit.build_cache import CacheConfig
     from sae_kit.dashboards.browse import BrowseConfig
     from sae_kit.dashboards.indexer import IndexConfig
@@ -123,6 +138,16 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
             IndexConfig,
             _index,
             "precompute every feature's contexts, histogram, logits, neighbours for the browser (resumable)",
+        ),
+        "explain": (
+            ExplainConfig,
+            _explain,
+            "explain features in words with an LLM from their indexed contexts (local SmolLM2 or an OpenAI-compatible API)",
+        ),
+        "score": (
+            ScoreConfig,
+            _score,
+            "score the explanations: detection, fuzzing and intervention, judged by an LLM (resumable)",
         ),
         "browse": (BrowseConfig, _browse, "open the Streamlit feature browser on a run (127.0.0.1:8501 by default)"),
         "cache": (CacheConfig, _cache, "harvest activations into an on-disk ActivationCache (resumable)"),

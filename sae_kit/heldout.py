@@ -270,6 +270,25 @@ def encode_chunks(
         yield rows, sae.forward_codes(x[rows].to(device), None if grad is None else grad[rows].to(device))
 
 
+def encode_positions(sae: SAE, model, cfg: HarvestConfig, ctxs: HeldoutContexts, offset: int = 0) -> dict[str, Tensor]:
+    """The nonzero codes of the SAE on the kept positions of `ctxs` as entries {"feature", "position", "value"}
+    (int64, int64, fp32, CPU), where position = offset + row·T + t is the flat position in `ctxs` shifted by
+    `offset` (the index of ctxs' first row times T, for a slice of a larger set)."""
+    x, grad = activations(model, cfg, ctxs, grads=sae.sparsifier.uses_grad)
+    where = ctxs.keep.flatten().nonzero().squeeze(1) + offset  # flat position of each row of x
+    feature, position, value = (
+        [torch.zeros(0, dtype=torch.int64)],
+        [torch.zeros(0, dtype=torch.int64)],
+        [torch.zeros(0)],
+    )
+    for rows, codes in encode_chunks(sae, x, grad):
+        tok, lat, val = codes.nonzeros()
+        position.append(where[rows][tok.cpu()])
+        feature.append(lat.cpu())
+        value.append(val.float().cpu())
+    return {"feature": torch.cat(feature), "position": torch.cat(position), "value": torch.cat(value)}
+
+
 @dataclass
 class Encoded:
     """One encoding pass over held-out rows: what eval, training's summary and the browser read from it."""

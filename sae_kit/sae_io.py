@@ -9,6 +9,7 @@ density). Safetensors + JSON only, never pickles. This module sits above `sae_ki
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,3 +108,14 @@ def available_device(device: str) -> str:
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         return "cpu"
     return device
+
+
+def sae_digest(sae_dir: Path) -> str:
+    """SHA-256 over the SAE directory's files (config and weights)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in sae_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        h.update(file.name.encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
