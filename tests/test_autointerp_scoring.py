@@ -157,7 +157,9 @@ def test_right_explanation_scores_high_and_wrong_low(planted):
     *_, det, fz = _score(planted, "the word Thursday")
     assert det.metrics["balanced_accuracy"] >= 0.95 and det.metrics["auroc"] >= 0.95
     assert fz.metrics["balanced_accuracy"] >= 0.95
-    assert det.metrics["failures"] == 0 and fz.metrics["n_neg"] > len([p for p in fz.predictions if p["kind"] == "random"])
+    assert det.metrics["failures"] == 0 and fz.metrics["n_neg"] > len(
+        [p for p in fz.predictions if p["kind"] == "random"]
+    )
     *_, det, fz = _score(planted, "the word banana")
     assert det.metrics["balanced_accuracy"] <= 0.6
     assert fz.metrics["balanced_accuracy"] <= 0.6
