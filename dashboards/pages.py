@@ -3,21 +3,28 @@
 Navigation state lives in st.session_state ("page", "fid": the open feature, "sae") and is mirrored into the URL
 query string, so `?page=Feature&feature=123` opens a feature directly. Every page shows a one-line explanation
 instead of a traceback when what it needs is missing or damaged.
+
+Autointerp results (<index>/autointerp, see sae_kit.autointerp.store) show on the Overview (counts, score
+distributions), the Feature list (explanation and score columns, search, score filter), the Feature page (explanation,
+scores, the judge's answers) and Compare (two SAEs' score distributions), wherever they exist.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from sae_kit.autointerp.store import EXPLAIN_META, HEADLINE, SCORE_META, SCORERS, Results, distribution
 from sae_kit.dashboards.render import STYLE, contexts_html, plain, tokens_html
 from sae_kit.dashboards.store import FeatureIndex
-from sae_kit.dashboards.workspace import ROOT_ENV, Entry, Evaluated, Workspace
+from sae_kit.dashboards.workspace import AUTOINTERP_TABLES, ROOT_ENV, BrowseError, Entry, Evaluated, Workspace
 from sae_kit.errors import SaeKitError
 
 PAGES = ("Overview", "Features", "Feature", "Prompt", "Steering", "Compare")
@@ -57,6 +64,43 @@ def _stamp(path: Path) -> float:
 def open_index(ws: Workspace, entry: Entry) -> FeatureIndex:
     folder = ws.file(entry.index_dir)
     return _index(str(folder), _stamp(folder / "index.json"))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _autointerp(index_dir: str, stamps: tuple[float, ...]) -> Results:
+    """The opened autointerp results of an index (`stamps`, the mtimes of its files, are only part of the cache key;
+    the object caches the tables it has read)."""
+    return Results(index_dir)
+
+
+def open_autointerp(ws: Workspace, entry: Entry) -> Results | None:
+    """The SAE's autointerp results with their tables read, or None when it has neither explanations nor scores. A
+    damaged or unreadable file raises a one-line SaeKitError."""
+    checked = ws.autointerp(entry)  # every file it may read lies inside the root
+    if not (checked.has_explanations or checked.has_scores):
+        return None
+    stamps = tuple(_stamp(checked.path / name) for name in (EXPLAIN_META, SCORE_META, *AUTOINTERP_TABLES))
+    results = _autointerp(str(checked.path.parent), stamps)
+    _readable(ws, results, lambda: (results.wide, results.scorers(), results.summary(), results.explain_meta))
+    return results
+
+
+def _readable(ws: Workspace, results: Results, read):
+    """read() with anything but a SaeKitError (a table or JSON file of another shape) turned into a one-line one."""
+    try:
+        return read()
+    except SaeKitError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+        where = results.path.relative_to(ws.root) if results.path.is_relative_to(ws.root) else results.path
+        raise BrowseError(
+            f"{where} holds autointerp results the browser cannot read ({type(err).__name__}: {str(err)[:80]}); "
+            "rerun `sae-kit explain` and `sae-kit score`"
+        ) from None
+
+
+def one_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 # ------------------------------------------------------------------------------------------------ navigation
@@ -139,7 +183,7 @@ def main() -> None:
             "Compare": compare,
         }[page](ws, entry)
     except (SaeKitError, FileNotFoundError) as err:  # a missing or damaged file of the run: one line, no traceback
-        st.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        st.error(one_line(err))
 
 
 # ------------------------------------------------------------------------------------------------ Overview
@@ -189,6 +233,11 @@ def overview(ws: Workspace, entry: Entry) -> None:
     else:
         _eval_summary(ws, ev)
 
+    _index_summary(ws, entry)
+    _autointerp_summary(ws, entry, sae.d_sae)
+
+
+def _index_summary(ws: Workspace, entry: Entry) -> None:
     st.subheader("Feature index")
     try:
         index = open_index(ws, entry)
@@ -214,6 +263,156 @@ def overview(ws: Workspace, entry: Entry) -> None:
             xaxis_title="log10 density",
         ),
         key="density-hist",
+    )
+
+
+def _autointerp_summary(ws: Workspace, entry: Entry, d_sae: int) -> None:
+    st.subheader("Interpretability (autointerp)")
+    try:
+        results = open_autointerp(ws, entry)
+        if results is None:
+            st.info(
+                f"No autointerp results for this SAE yet. Run: `sae-kit explain {entry.run_dir}`, "
+                f"then `sae-kit score {entry.run_dir}`"
+            )
+        else:
+            index_sha = _index_sha(ws, entry)
+            _readable(ws, results, lambda: _results_summary(entry, results, d_sae, index_sha))
+    except SaeKitError as err:
+        st.error(one_line(err))
+
+
+def _results_summary(entry: Entry, results: Results, d_sae: int, index_sha: str | None) -> None:
+    explained_with = _identity(results.explain_meta).get("sae_sha256")
+    if index_sha and explained_with and explained_with != index_sha:
+        st.warning(
+            f"The SAE was reindexed or changed since it was explained; redo: `sae-kit explain {entry.run_dir} --force`"
+        )
+    explained = results.explanations
+    n_ok = int(explained["ok"].sum())
+    dists = _distributions(results)
+    cols = st.columns(4)
+    cols[0].metric(
+        "Explained features",
+        f"{n_ok:,}",
+        help=f"{len(explained):,} of the SAE's {d_sae:,} features were sent to the explainer",
+    )
+    cols[1].metric(
+        "Parse failures", f"{len(explained) - n_ok:,}", help="explainer answers no explanation could be read from"
+    )
+    if dists:  # a row of their own: "0.812 ± 0.104" is too wide for a quarter of the page
+        for col, (scorer, d) in zip(st.columns(max(3, len(dists))), dists.items()):
+            col.metric(f"{scorer} score", _mean_std(d), help=_dist_help(scorer, d, results))
+    caption = _meta_caption(results)
+    if caption:
+        st.caption(caption)
+    if not dists:
+        st.info(f"The explanations are not scored yet. Run: `sae-kit score {entry.run_dir}`")
+        return
+    st.plotly_chart(_score_histogram(dists, "Per-feature scores (balanced accuracy; 0.5 is chance)"), key="ai-hist")
+
+
+def _index_sha(ws: Workspace, entry: Entry) -> str | None:
+    """The SAE digest the feature index records (None without a readable index)."""
+    try:
+        sha = open_index(ws, entry).meta.get("sae", {}).get("sha256")
+    except SaeKitError:
+        return None
+    return sha if isinstance(sha, str) else None
+
+
+SCORER_COLOURS = {"detection": "#2f6fff", "fuzz": "#ff8000", "intervention": "#2ca02c"}
+
+
+def _valid_distribution(d: Any) -> bool:
+    if not isinstance(d, dict):
+        return False
+    edges, counts = d.get("hist_edges"), d.get("hist_counts")
+    numbers = all(isinstance(d.get(k), (int, float)) for k in ("n", "mean", "median", "std"))
+    return numbers and isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 > 1
+
+
+def _distributions(results: Results) -> dict[str, dict[str, Any]]:
+    """Each scored scorer's distribution of per-feature balanced accuracy (SCORERS order): score.json's summary, else
+    (missing or malformed) computed from the scores table."""
+    summary = results.summary()
+    scores = results.scores
+    out: dict[str, dict[str, Any]] = {}
+    for scorer in results.scorers():
+        part = summary.get(scorer) if isinstance(summary, dict) else None
+        d: Any = part.get(HEADLINE) if isinstance(part, dict) else None
+        out[scorer] = d if _valid_distribution(d) else distribution(scores.loc[scores["scorer"] == scorer, HEADLINE])
+    return out
+
+
+def _auroc_mean(results: Results, scorer: str) -> float:
+    part = results.summary().get(scorer)
+    d = part.get("auroc") if isinstance(part, dict) else None
+    if isinstance(d, dict) and isinstance(d.get("mean"), (int, float)):
+        return float(d["mean"])
+    values = results.scores.loc[results.scores["scorer"] == scorer, "auroc"].to_numpy(dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "—"
+
+
+def _mean_std(d: dict[str, Any]) -> str:
+    return f"{_fmt(d['mean'])} ± {_fmt(d['std'])}" if d.get("n") else "—"
+
+
+def _dist_help(scorer: str, d: dict[str, Any], results: Results) -> str:
+    auroc = _auroc_mean(results, scorer)
+    return (
+        f"mean ± std of the {scorer} judge's balanced accuracy over {d['n']:,} features"
+        + (f" ({d['missing']:,} without a score)" if d.get("missing") else "")
+        + f"; median {_fmt(d['median'])}"
+        + (f", p10–p90 {_fmt(d['p10'])}–{_fmt(d['p90'])}" if "p10" in d and "p90" in d else "")
+        + (f"; mean AUROC {_fmt(auroc)}" if math.isfinite(auroc) else "")
+    )
+
+
+def _identity(meta: Any) -> dict[str, Any]:
+    """What explain.json / score.json say the results were made from ({} when they say nothing readable)."""
+    identity = meta.get("identity") if isinstance(meta, dict) else None
+    return identity if isinstance(identity, dict) else {}
+
+
+def _meta_caption(results: Results) -> str:
+    """Who explained and who judged, as explain.json / score.json name them (identity.client.model)."""
+    parts = []
+    for label, meta in (("explainer", results.explain_meta), ("judge", results.score_meta)):
+        client = _identity(meta).get("client")
+        model = client.get("model") if isinstance(client, dict) else None
+        if isinstance(model, str) and model:
+            parts.append(f"{label}: {model}")
+    return " · ".join(parts)
+
+
+def _score_histogram(dists: dict[str, dict[str, Any]], title: str) -> go.Figure:
+    """Per-feature score histograms of several scorers, overlaid on [0, 1]."""
+    fig = go.Figure()
+    for scorer, d in dists.items():
+        edges, counts = d["hist_edges"], d["hist_counts"]
+        fig.add_trace(
+            go.Bar(
+                x=[(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])],
+                y=counts,
+                width=[b - a for a, b in zip(edges[:-1], edges[1:])],
+                name=scorer,
+                opacity=0.55,
+                marker_color=SCORER_COLOURS.get(scorer),
+            )
+        )
+    fig.add_vline(x=0.5, line_dash="dot", line_color="grey")
+    return fig.update_layout(
+        barmode="overlay",
+        height=280,
+        margin=dict(t=40, b=30),
+        title=title,
+        xaxis=dict(title="balanced accuracy per feature", range=[0, 1]),
+        yaxis_title="features",
     )
 
 
@@ -288,12 +487,26 @@ SORTS = {
 }
 
 
+UNPARSED = "(the explainer's answer could not be parsed)"
+
+
 def feature_list(ws: Workspace, entry: Entry) -> None:
     index = open_index(ws, entry)
     st.title("Features")
     s = index.summary
+    text: pd.Series | None = None  # the explanations the search reads, when there are any
+    n_explained, scorers = 0, []
+    try:
+        results = open_autointerp(ws, entry)
+        if results is not None and len(results.wide):
+            found = results
+            s, text = _readable(ws, found, lambda: _with_autointerp(index.summary, found, found.scorers()))
+            n_explained, scorers = int(found.wide["ok"].sum()), found.scorers()
+    except SaeKitError as err:  # the list still works without the autointerp columns
+        st.error(one_line(err))
+    sorts = {**SORTS, **{f"{scorer} score": scorer for scorer in scorers}}
     c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
-    sort = c1.selectbox("Sort by", list(SORTS), key="list_sort") or "density"
+    sort = c1.selectbox("Sort by", list(sorts), key="list_sort") or "density"
     descending = c2.toggle("Descending", value=True, key="list_desc")
     token = c3.text_input("Token in top contexts or logits", key="list_token", placeholder="e.g. Thursday")
     with c4:
@@ -305,13 +518,24 @@ def feature_list(ws: Workspace, entry: Entry) -> None:
     with np.errstate(divide="ignore"):
         log_density = np.log10(s["density"].to_numpy())
     mask = ((log_density >= lo) | (lo <= -7.0)) & (log_density <= hi) & (s["max_act"].to_numpy() >= min_max)
+    if text is not None:
+        c1, c2, c3 = st.columns([1, 1, 2])
+        scorer = c1.selectbox("Scorer", scorers, key="list_scorer", disabled=not scorers) if scorers else None
+        min_score = c2.slider("Min score", 0.0, 1.0, 0.0, 0.01, key="list_min_score", disabled=not scorers)
+        search = c3.text_input("Search explanations", key="list_search", placeholder="e.g. dates")
+        if scorer is not None and min_score > 0:  # features without a score (or explanation) drop out
+            mask &= s[scorer].to_numpy(dtype=float) >= min_score
+        if search.strip():
+            mask &= text.str.contains(search.strip(), case=False, regex=False, na=False).to_numpy()
     if token.strip():
         ids = {i for i, t in enumerate(index.vocab) if t.strip().lower() == token.strip().lower()}
         if not ids:
             st.warning(f"No token of the vocabulary reads {token.strip()!r}")
         mask &= index.with_tokens(ids)
-    table = s[mask].sort_values(SORTS[sort], ascending=not descending, kind="stable")
-    st.caption(f"{len(table):,} of {index.d_sae:,} features")
+    table = s[mask].sort_values(sorts.get(sort, "density"), ascending=not descending, kind="stable")
+    st.caption(
+        f"{len(table):,} of {index.d_sae:,} features" + (f" · {n_explained:,} explained" if text is not None else "")
+    )
     pages = max(1, -(-len(table) // PAGE_SIZE))
     page = (
         st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key="list_page") if pages > 1 else 1
@@ -323,8 +547,20 @@ def feature_list(ws: Workspace, entry: Entry) -> None:
         index.token_strings(list(dict.fromkeys(top_tokens[int(i)].as_py()))[:6]) for i in shown["feature"]
     ]
     shown["promoted"] = [index.token_strings(logit_ids[int(i)].as_py()[:6]) for i in shown["feature"]]
+    ai_columns = ["explanation", *scorers] if text is not None else []
     event = st.dataframe(
-        shown[["feature", "density", "count", "max_act", "mean_act", "top tokens", "promoted"]],
+        shown[["feature", *ai_columns, "density", "count", "max_act", "mean_act", "top tokens", "promoted"]],
+        column_config={
+            "explanation": st.column_config.TextColumn(width="large"),
+            **{
+                scorer: st.column_config.NumberColumn(
+                    f"{scorer} score", help=f"balanced accuracy of the {scorer} judge (0.5 is chance)", format="%.3f"
+                )
+                for scorer in scorers
+            },
+        }
+        if ai_columns
+        else None,
         hide_index=True,
         on_select="rerun",
         selection_mode="single-row",
@@ -337,6 +573,19 @@ def feature_list(ws: Workspace, entry: Entry) -> None:
         st.button(
             f"Open feature {chosen}", key="list_open_selected", on_click=go_to, args=("Feature", chosen), type="primary"
         )
+
+
+def _with_autointerp(s: pd.DataFrame, results: Results, scorers: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """The summary table with an `explanation` column and one score column per scorer (a copy), and the explanation
+    texts the search reads (null where a feature has none or its answer could not be parsed)."""
+    wide = results.wide.drop_duplicates("feature", keep="last").set_index("feature")
+    s = s.copy()
+    features = s["feature"]
+    text = features.map(wide["explanation"].where(wide["ok"].astype(bool)))
+    s["explanation"] = text.where(text.notna() | ~features.isin(wide.index), UNPARSED)
+    for scorer in scorers:
+        s[scorer] = features.map(wide[scorer]).astype(float)
+    return s, text
 
 
 # ------------------------------------------------------------------------------------------------ Feature page
@@ -356,6 +605,7 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
     row = index.feature(fid)
     s = index.summary.iloc[fid]
     st.title(f"Feature {fid}")
+    _feature_autointerp(ws, entry, fid)
     cols = st.columns(5 if index.signed else 4)
     cols[0].metric("Density", f"{s['density']:.3e}")
     cols[1].metric("Fires on", f"{int(s['count']):,} tokens")
@@ -415,6 +665,85 @@ def feature_page(ws: Workspace, entry: Entry) -> None:
             )
         else:
             st.caption("none on the indexed tokens")
+
+
+MARKDOWN_SPECIAL = set("\\`*_[]<>#|$~:")
+
+
+def md_escape(text: str) -> str:
+    """`text` as literal Markdown (Streamlit's emphasis, links, math, emoji and colour directives escaped), one line."""
+    return "".join("\\" + ch if ch in MARKDOWN_SPECIAL else ch for ch in " ".join(text.split()))
+
+
+def _feature_autointerp(ws: Workspace, entry: Entry, fid: int) -> None:
+    """The feature's explanation, its scores, and the judge's answers (or what to run to get them); a damaged or
+    unreadable result file is one error line, and the rest of the page still shows."""
+    try:
+        results = open_autointerp(ws, entry)
+        if results is None:
+            st.caption(f"no explanation yet: run `sae-kit explain {entry.run_dir}`")
+        else:
+            _readable(ws, results, lambda: _feature_results(entry, results, fid))
+    except SaeKitError as err:
+        st.error(one_line(err))
+
+
+def _feature_results(entry: Entry, results: Results, fid: int) -> None:
+    hint = f"no explanation yet: run `sae-kit explain {entry.run_dir}`"
+    explained = results.explanations[results.explanations["feature"] == fid]
+    if not len(explained):
+        st.caption(hint)
+        return
+    row = explained.iloc[-1]
+    if bool(row["ok"]) and isinstance(row["explanation"], str):
+        st.markdown(f"**Explanation:** {md_escape(row['explanation'])}")
+    else:  # nothing to score either
+        st.warning("the explainer's answer could not be parsed")
+        with st.expander("The explainer's answer"):
+            st.code(row["raw"] if isinstance(row["raw"], str) else "(empty)", language=None, wrap_lines=True)
+        return
+    scores = results.scores[results.scores["feature"] == fid]
+    if not len(scores):
+        st.caption(
+            f"written from {int(row['n_examples'])} activating contexts · not scored yet: "
+            f"run `sae-kit score {entry.run_dir}`"
+        )
+        return
+    cells = []
+    for scorer in SCORERS:
+        of_scorer = scores[scores["scorer"] == scorer]
+        if not len(of_scorer):
+            continue
+        r = of_scorer.iloc[-1]
+        cells.append(
+            (
+                f"{scorer} score",
+                _fmt(r[HEADLINE]),
+                f"balanced accuracy of the {scorer} judge (0.5 is chance) on {int(r['n'])} examples: "
+                f"{int(r['n_pos'])} positive, {int(r['n_neg'])} negative, {int(r['failures'])} unparsed answers",
+            )
+        )
+        if math.isfinite(float(r["auroc"])):
+            cells.append((f"{scorer} AUROC", _fmt(r["auroc"]), f"AUROC of the {scorer} judge's answer probabilities"))
+    for col, (label, value, tip) in zip(st.columns(max(4, len(cells))), cells):
+        col.metric(label, value, help=tip)
+    with st.expander("How the judge scored it"):
+        judged = results.predictions(fid)
+        if not len(judged):
+            st.caption("no judged examples of this feature are stored")
+            return
+        st.caption(
+            "Each example the judge saw: `label` is the truth (the feature fires / the steering is on), "
+            "`prediction` the judge's answer (1 yes, 0 no, -1 unparsed), `prob` its probability of yes."
+        )
+        columns = ["scorer", "kind", "label", "prediction", "prob", "text"]
+        st.dataframe(
+            judged[[*columns, *(["answer"] if "answer" in judged.columns else [])]],
+            hide_index=True,
+            key="judge_table",
+            width="stretch",
+            column_config={"text": st.column_config.TextColumn(width="large")},
+        )
 
 
 def _histogram(row: dict) -> go.Figure:
@@ -546,14 +875,21 @@ def steering_playground(ws: Workspace, entry: Entry) -> None:
 
 # ------------------------------------------------------------------------------------------------ Compare
 def compare(ws: Workspace, entry: Entry) -> None:
-    st.title("Compare eval reports")
+    st.title("Compare SAEs")
+    st.subheader("Eval reports")
     evals = ws.evaluations()
     if len(evals) < 2:
         st.info(
-            "Compare needs two evaluated SAEs inside this directory. Run `sae-kit eval` on a sweep, "
+            "Comparing eval reports needs two evaluated SAEs inside this directory. Run `sae-kit eval` on a sweep, "
             f"or on each run with --out inside {ws.root}."
         )
-        return
+    else:
+        _compare_reports(ws, evals)
+    st.subheader("Interpretability (autointerp)")
+    _compare_autointerp(ws)
+
+
+def _compare_reports(ws: Workspace, evals: list[Evaluated]) -> None:
     labels = [e.label for e in evals]
     c1, c2 = st.columns(2)
     a = c1.selectbox("A", labels, index=0, key="cmp_a") or labels[0]
@@ -580,3 +916,58 @@ def compare(ws: Workspace, entry: Entry) -> None:
                     col.caption(f"{side}: not in its report")
                 else:
                     col.plotly_chart(fig.update_layout(height=280, margin=dict(t=30, b=30)), key=f"cmp-{side}-{name}")
+
+
+def _compare_autointerp(ws: Workspace) -> None:
+    scored = []
+    for e in ws.entries:
+        try:
+            if ws.autointerp(e).has_scores:
+                scored.append(e)
+        except SaeKitError:
+            continue  # a results folder outside the root: its own pages say so
+    if len(scored) < 2:
+        st.info(
+            f"Comparing interpretability needs two SAEs with autointerp scores inside this directory ({len(scored)} so far). "
+            f"Run `sae-kit explain` and then `sae-kit score` on {ws.root} or on each run inside it."
+        )
+        return
+    names = [e.name for e in scored]
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("A", names, index=0, key="cmp_ai_a") or names[0]
+    b = c2.selectbox("B", names, index=1, key="cmp_ai_b") or names[1]
+    try:
+        picked = [open_autointerp(ws, scored[names.index(n)]) for n in (a, b)]
+        da, db = (_readable(ws, r, lambda r=r: _distributions(r)) if r is not None else {} for r in picked)
+        explained = [int(r.explanations["ok"].sum()) if r is not None else 0 for r in picked]
+    except SaeKitError as err:
+        st.error(one_line(err))
+        return
+    rows = [
+        {
+            "scorer": "explanations",
+            "statistic": "features explained",
+            "A": f"{explained[0]:,}",
+            "B": f"{explained[1]:,}",
+            "B − A": f"{explained[1] - explained[0]:+,}",
+        }
+    ]
+    for scorer in SCORERS:
+        if scorer not in da and scorer not in db:
+            continue
+        for stat in ("mean", "median", "n"):
+            va, vb = (d.get(scorer, {}).get(stat) for d in (da, db))
+            digits = 0 if stat == "n" else 4
+            both = isinstance(va, (int, float)) and isinstance(vb, (int, float))
+            rows.append(
+                {
+                    "scorer": scorer,
+                    "statistic": stat if stat == "n" else f"{stat} balanced accuracy",
+                    "A": _fmt(va, digits),
+                    "B": _fmt(vb, digits),
+                    "B − A": f"{vb - va:+.{digits}f}" if both and math.isfinite(vb - va) else "—",
+                }
+            )
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="cmp_ai_table", width="stretch")
+    for col, side, name, d in zip(st.columns(2), "AB", (a, b), (da, db)):
+        col.plotly_chart(_score_histogram(d, f"{side}: {name}"), key=f"cmp-ai-hist-{side}")

@@ -1,5 +1,5 @@
 """The directory the browser was given, and what it holds: SAEs (one run, a sweep's members, or a bare SAE
-directory), their training logs, eval reports and feature indexes.
+directory), their training logs, eval reports, feature indexes and autointerp results.
 
 Every read of the browser goes through `Workspace.file`, which refuses any path that resolves outside the directory
 (a symlink out of it included), so the app reads only inside the directory it was given.
@@ -10,13 +10,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sae_kit import rundir
 from sae_kit.errors import SaeKitError
 
+if TYPE_CHECKING:
+    from sae_kit.autointerp.store import Results
+
 ROOT_ENV = "SAE_KIT_BROWSE_DIR"
 """The environment variable that tells the app which directory to browse (set by `sae-kit browse`)."""
+
+AUTOINTERP_TABLES = ("explanations.parquet", "scores.parquet", "predictions.parquet")
+"""The tables of <index>/autointerp (sae_kit.autointerp.store) the browser reads."""
 
 
 class BrowseError(SaeKitError):
@@ -137,3 +143,14 @@ class Workspace:
             return None
         file = self.file(ev.report_dir / Path(rel).with_suffix(".json"))
         return pio.from_json(file.read_text()) if file.is_file() else None
+
+    def autointerp(self, entry: Entry) -> Results:
+        """The SAE's autointerp results (<index>/autointerp), opened read-only. Every file they may be read from is
+        checked to lie inside the root first (a symlink out of it is refused in one line); missing files are fine."""
+        from sae_kit.autointerp import store
+
+        index_dir = self.file(entry.index_dir)
+        folder = self.file(store.folder(index_dir))
+        for name in (store.EXPLAIN_META, store.SCORE_META, *AUTOINTERP_TABLES):
+            self.file(folder / name)
+        return store.Results(index_dir)

@@ -1,9 +1,15 @@
 """The Streamlit browser driven by streamlit.testing's AppTest on a small real index (the `browse_run` sweep):
 every page, feature selection and click-through, a typed prompt checked against a direct encoding, a steering
-run checked against a direct generation, and one-line explanations for bad directories."""
+run checked against a direct generation, and one-line explanations for bad directories.
+
+Autointerp results are checked on a copy of the sweep holding a synthetic result set (`write_autointerp`,
+`sweep_with_autointerp`); the `shows_*` helpers check a page against any result set, synthetic or real.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,6 +17,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import sae_kit.dashboards
+from sae_kit.atomic import write_json
+from sae_kit.autointerp import store
+from sae_kit.autointerp.store import EXPLANATIONS, PREDICTIONS, SCORES, Results, distribution, write_table
+from sae_kit.dashboards.pages import md_escape
 from sae_kit.dashboards.render import plain, visible
 from sae_kit.dashboards.store import FeatureIndex
 from sae_kit.dashboards.workspace import ROOT_ENV
@@ -64,7 +74,10 @@ def test_overview_shows_config_training_eval_and_index(browse_run, monkeypatch, 
     assert metrics["Indexed tokens"] == f"{topk.meta['tokens']:,}"
     assert metrics["Features"] == "1,152"
     assert len(at.get("plotly_chart")) >= 6  # training curves, eval figures, density histogram
-    assert not at.info  # nothing is missing
+    assert [i.value for i in at.info] == [  # nothing else is missing
+        f"No autointerp results for this SAE yet. Run: `sae-kit explain {browse_run / TOPK}`, "
+        f"then `sae-kit score {browse_run / TOPK}`"
+    ]
     assert at.query_params["sae"] == [TOPK] or at.query_params["sae"] == TOPK
 
 
@@ -257,3 +270,333 @@ def test_browse_refuses_a_missing_directory_in_one_line(tmp_path):
         and res.stderr.strip()
         == f"sae-kit browse: error: {tmp_path / 'nope'} does not exist; pass a run directory written by sae-kit train"
     )
+
+
+# ------------------------------------------------------------------------------------------------ autointerp
+EXPLAINED = {
+    3: "dates and days of the week",
+    5: "Numbers and DATES in lists",
+    8: "closing brackets after a list",
+    13: "the word *coffee* and other [drinks]",
+    21: "software updates",  # "dates" is a substring of "updates"
+    40: None,  # the explainer's answer could not be parsed
+}
+"""The synthetic explanations (feature -> text; None: unparsed), written for both sweep members."""
+RAW_UNPARSED = "I am not sure what this feature does. Maybe punctuation?"
+
+
+def synthetic_scores(explained: dict[int, str | None], shift: float = 0.0) -> dict[str, dict[int, float]]:
+    """scorer -> feature -> balanced accuracy for the parsed explanations: distinct values, intervention on some only."""
+    ok = sorted(f for f, text in explained.items() if text is not None)
+    return {
+        "detection": {f: round(0.95 - 0.1 * i + shift, 4) for i, f in enumerate(ok)},
+        "fuzz": {f: round(0.55 + 0.07 * i + shift, 4) for i, f in enumerate(ok)},
+        "intervention": {f: round(0.8 - 0.2 * i + shift, 4) for i, f in enumerate(ok[:3])},
+    }
+
+
+def write_autointerp(
+    index_dir: Path,
+    explanations: dict[int, str | None],
+    scores: dict[str, dict[int, float]] | None = None,
+    model: str = "synthetic-llm",
+) -> Results:
+    """Write a synthetic autointerp result set into `index_dir`/autointerp (the schema of sae_kit.autointerp.store):
+    `explanations` feature -> text (None: the answer could not be parsed), `scores` scorer -> feature -> balanced
+    accuracy (default `synthetic_scores`; {} writes explanations only). AUROC is balanced accuracy + 0.02, NaN for
+    the intervention scorer; four judged examples per (feature, scorer). Returns the written results, reopened."""
+    folder = store.folder(index_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(
+        folder / "explanations.parquet",
+        [
+            {
+                "feature": f,
+                "explanation": text,
+                "ok": text is not None,
+                "raw": f"Explanation: {text}" if text is not None else RAW_UNPARSED,
+                "n_examples": 12,
+                "rows": [f, f + 1],
+                "prompt_tokens": 900,
+                "completion_tokens": 12,
+            }
+            for f, text in sorted(explanations.items())
+        ],
+        EXPLANATIONS,
+    )
+    ok = sum(text is not None for text in explanations.values())
+    sae = json.loads((index_dir / "index.json").read_text())["sae"].get("sha256")
+    identity = {"client": {"backend": "synthetic", "model": model}, "sae_sha256": sae}
+    write_json(
+        folder / store.EXPLAIN_META,
+        {
+            "schema": store.SCHEMA,
+            "version": store.VERSION,
+            "complete": True,
+            "identity": {"stage": "explain", "features": sorted(explanations), **identity},
+            "ok": ok,
+        },
+    )
+    scores = synthetic_scores(explanations) if scores is None else scores
+    if not scores:
+        return Results(index_dir)
+    rows, judged, summary = [], [], {}
+    for scorer, by_feature in scores.items():
+        aurocs = {f: math.nan if scorer == "intervention" else min(ba + 0.02, 1.0) for f, ba in by_feature.items()}
+        for f, ba in sorted(by_feature.items()):
+            rows.append(
+                {
+                    "feature": f,
+                    "scorer": scorer,
+                    "n": 4,
+                    "n_pos": 2,
+                    "n_neg": 2,
+                    "failures": 0,
+                    "balanced_accuracy": ba,
+                    "accuracy": ba,
+                    "precision": ba,
+                    "recall": ba,
+                    "f1": ba,
+                    "auroc": aurocs[f],
+                    "prompt_tokens": 400,
+                    "completion_tokens": 4,
+                }
+            )
+            for i in range(4):
+                kind = ("steered", "clean") if scorer == "intervention" else ("activating", "random")
+                judged.append(
+                    {
+                        "feature": f,
+                        "scorer": scorer,
+                        "example": i,
+                        "row": -1 if scorer == "intervention" else 100 * f + i,
+                        "kind": kind[i % 2],
+                        "band": i // 2 if i % 2 == 0 and scorer != "intervention" else -1,
+                        "label": i % 2 == 0,
+                        "prediction": int(i != 3),
+                        "prob": 0.9 if i != 3 else 0.2,
+                        "text": f"{scorer} example {i} of feature {f}",
+                        "answer": "Yes" if i != 3 else "No",  # ignored by a PREDICTIONS without the column
+                    }
+                )
+        summary[scorer] = {
+            "balanced_accuracy": distribution(list(by_feature.values())),
+            "auroc": distribution(list(aurocs.values())),
+        }
+    write_table(folder / "scores.parquet", rows, SCORES)
+    write_table(folder / "predictions.parquet", judged, PREDICTIONS)
+    write_json(
+        folder / store.SCORE_META,
+        {
+            "schema": store.SCHEMA,
+            "version": store.VERSION,
+            "complete": True,
+            "identity": {"stage": "score", "scorers": list(scores), **identity},
+            "summary": summary,
+        },
+    )
+    return Results(index_dir)
+
+
+def sweep_with_autointerp(browse_run: Path, tmp_path: Path) -> Path:
+    """A copy of the browse sweep with synthetic results for both members (AbsTopK's scores 0.05 lower)."""
+    run = tmp_path / "sweep"
+    shutil.copytree(browse_run, run)
+    write_autointerp(run / TOPK / "index", EXPLAINED)
+    write_autointerp(run / ABSTOPK / "index", EXPLAINED, synthetic_scores(EXPLAINED, shift=-0.05))
+    return run
+
+
+def judged_table(at: AppTest):
+    """The feature page's table of judged examples (a plain dataframe has no key in AppTest: found by its expander)."""
+    (expander,) = [e for e in at.expander if e.label == "How the judge scored it"]
+    return expander.dataframe[0].value
+
+
+def markdown(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+def shows_feature_autointerp(at: AppTest, results: Results, feature: int) -> None:
+    """The open feature page shows the feature's explanation (or the parse failure), each scorer's balanced accuracy
+    and finite AUROC as metrics, and the judge's answers."""
+    row = results.explanations.set_index("feature").loc[feature]
+    if row["ok"]:
+        assert f"**Explanation:** {md_escape(row['explanation'])}" in markdown(at)
+    else:
+        assert "the explainer's answer could not be parsed" in [w.value for w in at.warning]
+        assert row["raw"] in [c.value for c in at.code]
+    metrics = {m.label: m.value for m in at.metric}
+    scores = results.scores[results.scores["feature"] == feature]
+    for r in scores.itertuples():
+        assert metrics[f"{r.scorer} score"] == f"{r.balanced_accuracy:.3f}"
+        assert metrics.get(f"{r.scorer} AUROC") == (f"{r.auroc:.3f}" if math.isfinite(r.auroc) else None)
+    if len(scores):
+        judged = judged_table(at)
+        want = results.predictions(feature)
+        assert judged["text"].tolist() == want["text"].tolist()
+        assert judged["prediction"].tolist() == want["prediction"].tolist()
+
+
+def shows_autointerp_summary(at: AppTest, results: Results) -> None:
+    """The open Overview shows the explained and unparsed counts, each scorer's mean ± std, and the histogram."""
+    metrics = {m.label: m.value for m in at.metric}
+    ok = int(results.explanations["ok"].sum())
+    assert metrics["Explained features"] == f"{ok:,}"
+    assert metrics["Parse failures"] == f"{len(results.explanations) - ok:,}"
+    summary = results.summary()
+    for scorer in results.scorers():
+        d = summary[scorer][store.HEADLINE]
+        assert metrics[f"{scorer} score"] == f"{d['mean']:.3f} ± {d['std']:.3f}"
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    hist = [c for c in charts if {t.get("name") for t in c["data"]} == set(results.scorers())]
+    assert len(hist) == 1 and hist[0]["layout"]["xaxis"]["range"] == [0, 1]
+
+
+def test_feature_page_shows_explanation_scores_and_judged_examples(browse_run, monkeypatch, tmp_path):
+    run = sweep_with_autointerp(browse_run, tmp_path)
+    results = Results(run / TOPK / "index")
+    at = clean(app(run, monkeypatch, page="Feature", feature="3", sae=TOPK))
+    assert titles(at) == ["Feature 3"] and "Top activations" in [h.value for h in at.subheader]
+    shows_feature_autointerp(at, results, 3)
+    metrics = {m.label: m.value for m in at.metric}
+    assert "dates and days of the week" in markdown(at)
+    assert metrics["detection score"] == "0.950" and metrics["detection AUROC"] == "0.970"
+    assert metrics["intervention score"] == "0.800" and "intervention AUROC" not in metrics  # NaN: not shown
+    assert len(judged_table(at)) == 12  # 3 scorers x 4 examples
+    at.number_input(key="feature_page_id").set_value(13).run()  # markdown in an explanation is shown literally
+    shows_feature_autointerp(clean(at), results, 13)
+    assert r"the word \*coffee\* and other \[drinks\]" in markdown(at)
+    at.number_input(key="feature_page_id").set_value(40).run()  # unparsed: the raw answer, no scores
+    shows_feature_autointerp(clean(at), results, 40)
+    assert "detection score" not in {m.label for m in at.metric}
+    assert [e.label for e in at.expander] == ["The explainer's answer"]  # no judged examples
+    at.number_input(key="feature_page_id").set_value(0).run()
+    assert f"no explanation yet: run `sae-kit explain {run / TOPK}`" in [c.value for c in clean(at).caption]
+
+
+def test_feature_list_searches_filters_and_sorts_by_score(browse_run, monkeypatch, tmp_path):
+    run = sweep_with_autointerp(browse_run, tmp_path)
+    detection = synthetic_scores(EXPLAINED)["detection"]
+    at = clean(app(run, monkeypatch, page="Features", sae=TOPK))
+    options = at.selectbox(key="list_sort").options
+    assert {"detection score", "fuzz score", "intervention score"} <= set(options)
+    table = at.dataframe(key="list_table").value
+    assert {"explanation", "detection", "fuzz", "intervention"} <= set(table.columns)
+    assert at.caption[0].value == f"1,152 of 1,152 features · {len(detection)} explained"  # nothing dropped yet
+    at.text_input(key="list_search").input("dates").run()
+    matching = {f for f, text in EXPLAINED.items() if text and "dates" in text.lower()}
+    assert matching == {3, 5, 21}
+    table = clean(at).dataframe(key="list_table").value
+    assert set(table["feature"].astype(int)) == matching
+    assert table.set_index("feature").loc[3, "explanation"] == "dates and days of the week"
+    at.selectbox(key="list_sort").set_value("detection score").run()
+    table = clean(at).dataframe(key="list_table").value
+    assert table["feature"].astype(int).tolist() == sorted(matching, key=lambda f: -detection[f])
+    assert table["detection"].tolist() == sorted((detection[f] for f in matching), reverse=True)
+    at.toggle(key="list_desc").set_value(False).run()
+    assert clean(at).dataframe(key="list_table").value["feature"].astype(int).tolist() == sorted(
+        matching, key=lambda f: detection[f]
+    )
+    at.text_input(key="list_search").input("").run()
+    at.slider(key="list_min_score").set_value(0.8).run()  # a score filter alone: unexplained features drop out
+    table = clean(at).dataframe(key="list_table").value
+    assert set(table["feature"].astype(int)) == {f for f, ba in detection.items() if ba >= 0.8}
+    at.selectbox(key="list_scorer").set_value("fuzz").run()
+    fuzz = synthetic_scores(EXPLAINED)["fuzz"]
+    assert set(clean(at).dataframe(key="list_table").value["feature"].astype(int)) == {
+        f for f, ba in fuzz.items() if ba >= 0.8
+    }
+
+
+def test_overview_shows_interpretability(browse_run, monkeypatch, tmp_path):
+    run = sweep_with_autointerp(browse_run, tmp_path)
+    at = clean(app(run, monkeypatch, sae=TOPK))
+    assert titles(at) == [TOPK] and "Interpretability (autointerp)" in [h.value for h in at.subheader]
+    shows_autointerp_summary(at, Results(run / TOPK / "index"))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Explained features"] == "5" and metrics["Parse failures"] == "1"
+    d = distribution(list(synthetic_scores(EXPLAINED)["detection"].values()))
+    assert metrics["detection score"] == f"{d['mean']:.3f} ± {d['std']:.3f}"
+    assert "explainer: synthetic-llm · judge: synthetic-llm" in [c.value for c in at.caption]
+    assert not at.info and not at.warning  # nothing is missing, nothing is stale
+    meta = json.loads((store.folder(run / TOPK / "index") / store.EXPLAIN_META).read_text())
+    meta["identity"]["sae_sha256"] = "0" * 64  # explained with another SAE than the index describes
+    write_json(store.folder(run / TOPK / "index") / store.EXPLAIN_META, meta)
+    at = clean(app(run, monkeypatch, sae=TOPK))
+    assert [w.value for w in at.warning] == [
+        f"The SAE was reindexed or changed since it was explained; redo: `sae-kit explain {run / TOPK} --force`"
+    ]
+    # explained, not scored: the counts and what to run next
+    shutil.rmtree(store.folder(run / ABSTOPK / "index"))
+    write_autointerp(run / ABSTOPK / "index", EXPLAINED, scores={})
+    at = clean(app(run, monkeypatch, sae=ABSTOPK))
+    assert {m.label: m.value for m in at.metric}["Explained features"] == "5"
+    assert f"not scored yet. Run: `sae-kit score {run / ABSTOPK}`" in " ".join(i.value for i in at.info)
+    at = clean(app(run, monkeypatch, page="Feature", feature="3", sae=ABSTOPK))
+    assert "dates and days of the week" in markdown(at)
+    assert f"not scored yet: run `sae-kit score {run / ABSTOPK}`" in " ".join(c.value for c in at.caption)
+
+
+def test_compare_shows_both_members_interpretability(browse_run, monkeypatch, tmp_path):
+    run = sweep_with_autointerp(browse_run, tmp_path)
+    at = clean(app(run, monkeypatch, page="Compare"))
+    a, b = at.selectbox(key="cmp_ai_a").value, at.selectbox(key="cmp_ai_b").value
+    assert (a, b) == (ABSTOPK, TOPK)
+    table = at.dataframe[-1].value.set_index(["scorer", "statistic"])
+    ra, rb = (Results(run / name / "index") for name in (a, b))
+    for scorer in ("detection", "fuzz", "intervention"):
+        ma, mb = (r.summary()[scorer]["balanced_accuracy"]["mean"] for r in (ra, rb))
+        row = table.loc[(scorer, "mean balanced accuracy")]
+        assert (row["A"], row["B"]) == (f"{ma:.4f}", f"{mb:.4f}")
+        assert float(row["B − A"]) == pytest.approx(0.05, abs=1e-4)
+        assert table.loc[(scorer, "n"), "A"] == str(len(synthetic_scores(EXPLAINED)[scorer]))
+    assert len(at.get("plotly_chart")) >= 6  # the reports' figures and the two score histograms
+    assert len(at.dataframe) == 2  # the eval report comparison is still there
+    shutil.rmtree(run / "eval")  # fewer than two eval reports: the interpretability comparison still shows
+    at = clean(app(run, monkeypatch, page="Compare"))
+    assert "Comparing eval reports needs two evaluated SAEs" in at.info[0].value
+    assert len(at.get("plotly_chart")) == 2 and len(at.dataframe[-1].value) == 10
+
+
+def test_pages_without_autointerp_say_what_to_run(browse_run, monkeypatch):
+    member = browse_run / TOPK
+    at = clean(app(browse_run, monkeypatch, page="Feature", feature="3", sae=TOPK))
+    assert f"no explanation yet: run `sae-kit explain {member}`" in [c.value for c in at.caption]
+    assert not [m for m in at.metric if m.label.endswith(" score")]
+    at = clean(app(browse_run, monkeypatch, sae=TOPK))
+    assert f"Run: `sae-kit explain {member}`, then `sae-kit score {member}`" in " ".join(i.value for i in at.info)
+    at = clean(app(browse_run, monkeypatch, page="Features", sae=TOPK))
+    assert "explanation" not in at.dataframe(key="list_table").value.columns
+    assert "detection score" not in at.selectbox(key="list_sort").options
+    at = clean(app(browse_run, monkeypatch, page="Compare"))
+    assert "needs two SAEs with autointerp scores" in at.info[-1].value
+
+
+def test_damaged_autointerp_results_are_one_line(browse_run, monkeypatch, tmp_path):
+    run = sweep_with_autointerp(browse_run, tmp_path)
+    folder = store.folder(run / TOPK / "index")
+    (folder / "scores.parquet").write_bytes(b"PAR1 this is not a parquet file" * 8)
+    for page in ("Overview", "Features", "Feature", "Compare"):
+        at = app(run, monkeypatch, page=page, feature="3", sae=TOPK)
+        one_line_error(at, "scores.parquet is damaged", "rerun")
+    at = app(run, monkeypatch, page="Feature", feature="3", sae=TOPK)
+    assert "Top activations" in [h.value for h in at.subheader]  # the rest of the page still shows
+    at = app(run, monkeypatch, page="Features", sae=TOPK)
+    listed = at.dataframe(key="list_table").value  # the list still shows, without the autointerp columns
+    assert len(listed) == 50 and "explanation" not in listed.columns
+    shutil.copy(run / ABSTOPK / "index" / store.DIR / "scores.parquet", folder / "scores.parquet")
+    (folder / "predictions.parquet").write_bytes(bytes(300))
+    at = app(run, monkeypatch, page="Feature", feature="3", sae=TOPK)  # only the judge's table is missing
+    one_line_error(at, "predictions.parquet is damaged")
+    assert {m.label for m in at.metric} >= {"detection score", "fuzz score"}
+    (folder / store.SCORE_META).write_text("{not json")
+    one_line_error(app(run, monkeypatch, sae=TOPK), "score.json is damaged")
+
+
+def test_autointerp_files_outside_the_directory_are_refused(browse_run, monkeypatch, tmp_path):
+    run = sweep_with_autointerp(browse_run, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.move(store.folder(run / TOPK / "index") / "explanations.parquet", outside)
+    (store.folder(run / TOPK / "index") / "explanations.parquet").symlink_to(outside)
+    one_line_error(app(run, monkeypatch, page="Feature", feature="3", sae=TOPK), "outside", "reads only inside")

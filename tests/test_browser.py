@@ -1,4 +1,5 @@
-"""`sae-kit browse` end to end: the real Streamlit server on a real sweep, driven by headless Chromium through Playwright."""
+"""`sae-kit browse` end to end: the real Streamlit server on a real sweep (a copy with synthetic autointerp results),
+driven by headless Chromium through Playwright."""
 
 from __future__ import annotations
 
@@ -118,8 +119,10 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_feature_page(chromium: str, browse_run: Path, tmp_path: Path) -> None:
-    """A deep link opens a firing feature's page with its top contexts highlighted as the index says; Next moves on."""
+    """A deep link opens a firing feature's page with its explanation and detection score, and its top contexts
+    highlighted as the index says; Next moves on."""
     from playwright.sync_api import expect, sync_playwright
+    from test_browse_app import write_autointerp
 
     index = FeatureIndex(browse_run / MEMBER / "index")
     summary = index.summary.iloc[: index.d_sae - 1]  # not the last feature, so Next is enabled
@@ -127,13 +130,17 @@ def test_feature_page(chromium: str, browse_run: Path, tmp_path: Path) -> None:
     top = index.feature(n)["top"][0]
     assert top["act"] > 0
     peak = shown(index.vocab[top["tokens"][top["peak"]]])
+    run = tmp_path / "sweep"
+    shutil.copytree(browse_run, run)
+    explanation = "dates and days of the week"
+    write_autointerp(run / MEMBER / "index", {n: explanation, n + 1: None}, {"detection": {n: 0.875}})
     port = free_port()
     shot = ARTIFACTS / "feature_page.png"
     ARTIFACTS.mkdir(exist_ok=True)
     shot.unlink(missing_ok=True)
     expect.set_options(timeout=WAIT_MS)
 
-    with server(browse_run, port, tmp_path / "server.log"), sync_playwright() as pw:
+    with server(run, port, tmp_path / "server.log"), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(WAIT_MS)
@@ -143,6 +150,12 @@ def test_feature_page(chromium: str, browse_run: Path, tmp_path: Path) -> None:
         expect(page.get_by_text("Co-firing features")).to_be_visible()  # the last section: the page is complete
         expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)  # and the script is done running
         expect(page.locator('[data-testid="stException"], [data-testid="stAlertContentError"]')).to_have_count(0)
+        expect(page.get_by_test_id("stMarkdown").filter(has_text="Explanation:")).to_have_text(
+            f"Explanation: {explanation}"
+        )
+        score = page.get_by_test_id("stMetric").filter(has_text="detection score")
+        expect(score.get_by_test_id("stMetricValue")).to_have_text("0.875")
+        expect(page.get_by_test_id("stMetric").filter(has_text="detection AUROC")).to_contain_text("0.895")
 
         first = page.locator(".sk-ctx").first
         assert peak in first.text_content()
@@ -164,6 +177,8 @@ def test_feature_page(chromium: str, browse_run: Path, tmp_path: Path) -> None:
         page.get_by_role("button", name="Next ▶").click()
         expect(page.locator("h1")).to_have_text(f"Feature {n + 1}")
         expect(page).to_have_url(re.compile(rf"[?&]feature={n + 1}(&|$)"))
+        expect(page.get_by_text("the explainer's answer could not be parsed")).to_be_visible()
+        expect(page.get_by_text("Explanation:")).to_have_count(0)
         browser.close()
 
     assert not listening(port), f"port {port} still answers after sae-kit browse (PID) was stopped"
