@@ -22,12 +22,22 @@ EXPLAINER_SYSTEM = (
     "common, and what in their context makes the feature fire. Be concise: a short phrase, not a sentence about the "
     "examples. Reply with a single line of the form\n[EXPLANATION]: <your explanation>"
 )
-DEMO_USER = (
-    "Example 1: I'll see you on <<Monday>> morning\n"
-    "Example 2: the shop is closed every <<Sunday>> and\n"
-    "Example 3: we met last <<Friday>> at the station\n"
+DEMOS = (
+    (
+        "Example 1: I'll see you on <<Monday>> morning\n"
+        "Example 2: the shop is closed every <<Sunday>> and\n"
+        "Example 3: we met last <<Friday>> at the station\n",
+        "[EXPLANATION]: names of days of the week",
+    ),
+    (
+        "Example 1: the price went up by <<5>> percent\nExample 2: about <<20>> people came to\n",
+        "[EXPLANATION]: numbers counting an amount",
+    ),
 )
-DEMO_ANSWER = "[EXPLANATION]: names of days of the week"
+"""Worked demonstrations shown before the feature's examples (two, so a small model sees that answers differ)."""
+REMINDER = "Reply with one line that starts with [EXPLANATION]:"
+_SPECIAL = re.compile(r"<\|[^|<>]*\|>|</?s>")
+"""Special tokens (document separators such as <|im_start|>): shown as line breaks, never inside a chat prompt."""
 
 DETECTION_SYSTEM = (
     "You check explanations of a language-model feature. Given the explanation of what the feature responds to and a "
@@ -49,10 +59,20 @@ A_B = ("A", "B")
 _EXPLANATION = re.compile(r"\[?\s*explanation\s*\]?\s*[:：]\s*(.+)", re.IGNORECASE)
 
 
+def fingerprint() -> str:
+    """PROMPT_VERSION plus a hash of every prompt text, so an edited wording is a new identity even unversioned."""
+    import hashlib
+
+    texts = [EXPLAINER_SYSTEM, REMINDER, DETECTION_SYSTEM, FUZZ_SYSTEM, INTERVENTION_SYSTEM, repr(DEMOS)]
+    texts += [repr(f("E", "T")) for f in (detection_messages, fuzz_messages)]
+    texts.append(repr(intervention_messages("E", "P", "A", "B")))
+    return f"{PROMPT_VERSION}:{hashlib.sha256(chr(0).join(texts).encode()).hexdigest()[:12]}"
+
+
 def highlight(tokens: Sequence[str], marked: Sequence[bool]) -> str:
     """The excerpt with each run of consecutive marked tokens wrapped in << >>."""
     out, inside = [], False
-    for tok, m in zip(tokens, marked):
+    for tok, m in zip((_SPECIAL.sub("\n", t) for t in tokens), marked):
         if m and not inside:
             out.append(OPEN)
         if not m and inside:
@@ -67,25 +87,21 @@ def highlight(tokens: Sequence[str], marked: Sequence[bool]) -> str:
 def levels(tokens: Sequence[str], acts: Sequence[float], scale: float) -> str:
     """The marked tokens with their activation on the 0–9 scale: "<<tok>> 7, <<tok>> 3"."""
     return ", ".join(
-        f"{OPEN}{t.strip() or t!r}{CLOSE} {min(9, int(10 * abs(a) / scale))}"
+        f"{OPEN}{_SPECIAL.sub('', t).strip() or repr(t)}{CLOSE} {min(9, int(10 * abs(a) / scale))}"
         for t, a in zip(tokens, acts)
         if a != 0 and scale > 0
     )
 
 
 def explainer_messages(examples: Sequence[str], activation_lines: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
-    """The explainer's chat: the instructions, one worked demonstration, then the feature's examples."""
+    """The explainer's chat: the instructions, the worked demonstrations, then the feature's examples."""
     body = []
     for i, text in enumerate(examples):
         body.append(f"Example {i + 1}: {text}")
         if activation_lines is not None and activation_lines[i]:
             body.append(f"Activations: {activation_lines[i]}")
-    return (
-        ("system", EXPLAINER_SYSTEM),
-        ("user", DEMO_USER),
-        ("assistant", DEMO_ANSWER),
-        ("user", "\n".join(body) + "\n"),
-    )
+    demos = tuple(turn for user, answer in DEMOS for turn in (("user", user), ("assistant", answer)))
+    return (("system", EXPLAINER_SYSTEM), *demos, ("user", "\n".join(body) + "\n" + REMINDER))
 
 
 def parse_explanation(answer: str) -> str | None:

@@ -166,25 +166,35 @@ def _client_identity(client: ChatClient, cfg: ClientConfig) -> dict[str, Any]:
     return {"backend": cfg.backend, "model": client.model_name, "base_url": cfg.base_url}
 
 
+WORK_META = "identity.json"
+"""What an unfinished run under .work/<stage>/ was started with (the finished results stay untouched until the end)."""
+
+
 def _begin(
     out: Path, meta_name: str, work: Path, identity: dict[str, Any], force: bool, command: str, run: Path
 ) -> str:
-    """'done' when `out` holds finished results of this identity; else clears what another identity left and
-    returns 'resume' / 'new'."""
-    file = out / meta_name
-    if file.is_file():
+    """'done' when `out` holds finished results of this identity (and not `force`); 'resume' when `work` holds an
+    unfinished run of it; else 'new' (work cleared). Finished results of another identity need `force`; they are
+    replaced only when the new run finishes, so a failed run loses nothing."""
+    file, ident = out / meta_name, _clean(identity)
+    if file.is_file() and not force:
         try:
             old = json.loads(file.read_text())
         except ValueError:
             old = {}
-        if old.get("identity") == _clean(identity):
-            return "done" if old.get("complete") else "resume"
-        if not force:
-            raise AutoInterpError(
-                f"{out} holds {'explanations' if command == 'explain' else 'scores'} made with other settings "
-                f"(or another SAE, index or judge); replace them: sae-kit {command} {run} --force"
-            )
+        if old.get("identity") == ident and old.get("complete"):
+            return "done"
+        raise AutoInterpError(
+            f"{out} holds {'explanations' if command == 'explain' else 'scores'} made with other settings "
+            f"(or another SAE, index or judge); replace them: sae-kit {command} {run} --force"
+        )
+    try:
+        if json.loads((work / WORK_META).read_text()) == ident:
+            return "resume"
+    except (OSError, ValueError):
+        pass
     shutil.rmtree(work, ignore_errors=True)
+    write_json(work / WORK_META, ident)
     return "new"
 
 
@@ -265,7 +275,7 @@ def _explain_one(cfg: ExplainConfig, loc, index: FeatureIndex, features: list[in
         "examples": cfg.examples.settings(),
         "max_tokens": cfg.max_tokens,
         "client": _client_identity(client, cfg.client),
-        "prompt_version": prompts.PROMPT_VERSION,
+        "prompt_version": prompts.fingerprint(),
         "sae_sha256": index.meta["sae"].get("sha256"),
         "index": index.meta.get("settings"),
     }
@@ -273,11 +283,7 @@ def _explain_one(cfg: ExplainConfig, loc, index: FeatureIndex, features: list[in
     if _begin(out, store.EXPLAIN_META, work, identity, cfg.force, "explain", loc.run_dir) == "done":
         print(f"{loc.name}: {len(todo)} features already explained ({out / 'explanations.parquet'})")
         return store.Results(loc.index_dir).explanations
-    if cfg.force:
-        for name in (store.SCORE_META, "scores.parquet", "predictions.parquet"):
-            (out / name).unlink(missing_ok=True)  # scores of replaced explanations would be wrong
     meta: dict[str, Any] = {"schema": store.SCHEMA, "version": store.VERSION, "complete": False, "identity": identity}
-    write_json(out / store.EXPLAIN_META, _clean(meta))
     start = time.perf_counter()
     bar = _bar(len(todo), f"explain {loc.name}", cfg.progress)
     group = max(1, getattr(client, "batch_size", 0) or 0, getattr(client, "concurrency", 0) or 0)
@@ -306,6 +312,8 @@ def _explain_one(cfg: ExplainConfig, loc, index: FeatureIndex, features: list[in
         _postfix(bar, client)
     bar.close()
     rows = [json.loads((work / f"{f}.json").read_text()) for f in todo]
+    for name in (store.SCORE_META, "scores.parquet", "predictions.parquet"):
+        (out / name).unlink(missing_ok=True)  # scores of the explanations being replaced
     store.write_table(out / "explanations.parquet", rows, store.EXPLANATIONS)
     failures = sum(not r["ok"] for r in rows)
     meta |= {
@@ -390,7 +398,7 @@ def _score_one(cfg: ScoreConfig, loc, index: FeatureIndex, ok, client: ChatClien
         "intervention_prompts": list(cfg.intervention_prompts) if "intervention" in cfg.scorers else None,
         "intervention_tokens": cfg.intervention_tokens if "intervention" in cfg.scorers else None,
         "client": _client_identity(client, cfg.client),
-        "prompt_version": prompts.PROMPT_VERSION,
+        "prompt_version": prompts.fingerprint(),
         "sae_sha256": index.meta["sae"].get("sha256"),
         "explanations_sha256": _digest(out / "explanations.parquet"),
     }
@@ -399,7 +407,6 @@ def _score_one(cfg: ScoreConfig, loc, index: FeatureIndex, ok, client: ChatClien
         print(f"{loc.name}: scores are up to date ({out / 'scores.parquet'})")
         return store.Results(loc.index_dir).scores
     meta: dict[str, Any] = {"schema": store.SCHEMA, "version": store.VERSION, "complete": False, "identity": identity}
-    write_json(out / store.SCORE_META, _clean(meta))
     start = time.perf_counter()
     features = [int(f) for f in ok["feature"]]
     pending = [f for f in features if not (work / f"{f}.json").is_file()]

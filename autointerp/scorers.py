@@ -82,8 +82,9 @@ def judge(
             "prediction": p,
             "prob": q,
             "text": t.text,
+            "answer": a.text if a.error is None else f"error: {a.error}",
         }
-        for i, (t, p, q) in enumerate(zip(trials, preds, probs))
+        for i, (t, p, q, a) in enumerate(zip(trials, preds, probs, answers))
     ]
     return Scored(
         metrics,

@@ -82,6 +82,7 @@ PREDICTIONS = pa.schema(
         ("prediction", pa.int8()),  # 1 / 0, or -1 when the answer could not be parsed
         ("prob", pa.float32()),  # P(positive answer) from the answer probabilities, NaN without them
         ("text", pa.string()),  # what the judge was shown (highlights included)
+        ("answer", pa.string()),  # what the judge wrote (or "error: ..." when no answer came back)
     ]
 )
 
@@ -188,11 +189,13 @@ class Results:
         return (self.score_meta or {}).get("summary", {})
 
     def predictions(self, feature: int):
-        """pandas DataFrame of the judged examples of one feature (empty when none)."""
-        import pyarrow.compute as pc
-
+        """pandas DataFrame of the judged examples of one feature (empty when none), read with a row filter."""
         file = self.path / "predictions.parquet"
         if not file.is_file():
             return PREDICTIONS.empty_table().to_pandas()
-        table = read_table(file)
-        return table.filter(pc.equal(table["feature"], feature)).to_pandas()
+        try:
+            return pq.read_table(file, filters=[("feature", "==", int(feature))]).to_pandas()
+        except (OSError, pa.ArrowException) as err:
+            raise AutoInterpError(
+                f"{file} is damaged ({type(err).__name__}); rerun the command that wrote it"
+            ) from None
