@@ -105,3 +105,16 @@ def test_browse(tmp_path):
     assert "switch, real browser" in out  # measured, or skipped where Chromium or playwright is missing
     assert number(rf"open a 2,048-feature index: meta \+ vocab \+ summary {NUMBER} ms", out) >= 0
     assert not list(tmp_path.glob("sae-kit-browse-bench-*")), "the SAE and its index are left behind"
+
+
+def test_autointerp(tmp_path):
+    out = smoke("autointerp.py", tmp_path)
+    assert "judge and explainer SmolLM2-135M-Instruct" in out and "no response cache" in out
+    row = r"\s+".join([NUMBER] * 7)
+    for stage in ("explain", "detection", "fuzz", "intervention"):
+        n, seconds, per_min, requests, prompt, completion, price = numbers(rf"\n{stage}\s+{row}", out)
+        assert n == 2 and seconds > 0 and per_min > 0, (stage, out)
+        assert requests >= 1 and prompt > 0 and completion > 0 and price > 0, (stage, out)
+    assert number(rf"\nall four\s+{NUMBER}", out) > 0
+    assert "intervention  judge" in out and "strength search" in out
+    assert not list(tmp_path.glob("sae-kit-autointerp-bench-*")), "the run and its results are left behind"
