@@ -289,19 +289,23 @@ def _explain_one(cfg: ExplainConfig, loc, index: FeatureIndex, features: list[in
     group = max(1, getattr(client, "batch_size", 0) or 0, getattr(client, "concurrency", 0) or 0)
     pending = [f for f in todo if not (work / f"{f}.json").is_file()]
     bar.update(len(todo) - len(pending))
+    errors: dict[int, str] = {}
     for i in range(0, len(pending), group):
         part = pending[i : i + group]
         built = [explain_feature(f, index.feature(f), index.vocab, cfg.examples, cfg.max_tokens) for f in part]
         answers = client.complete([r for r, _ in built])
         for f, (_, shown), a in zip(part, built, answers):
-            text = prompts.parse_explanation(a.text) if a.error is None else None
+            if a.error is not None:  # no answer (the backend gave up): not saved, so a rerun asks again
+                errors[f] = a.error
+                continue
+            text = prompts.parse_explanation(a.text)
             write_json(
                 work / f"{f}.json",
                 {
                     "feature": f,
                     "explanation": text,
                     "ok": text is not None,
-                    "raw": a.text if a.error is None else f"error: {a.error}",
+                    "raw": a.text,
                     "n_examples": len(shown),
                     "rows": [e.row for e in shown],
                     "prompt_tokens": a.prompt_tokens,
@@ -311,6 +315,12 @@ def _explain_one(cfg: ExplainConfig, loc, index: FeatureIndex, features: list[in
         bar.update(len(part))
         _postfix(bar, client)
     bar.close()
+    if errors:
+        f, why = next(iter(errors.items()))
+        raise AutoInterpError(
+            f"{len(errors)} of {len(todo)} features got no answer (feature {f}: {why}); rerun the same command to "
+            "ask for them again (the answered ones are kept)"
+        )
     rows = [json.loads((work / f"{f}.json").read_text()) for f in todo]
     for name in (store.SCORE_META, "scores.parquet", "predictions.parquet"):
         (out / name).unlink(missing_ok=True)  # scores of the explanations being replaced
