@@ -1,6 +1,14 @@
-"""Shared fixtures: the real SmolLM2 model (loaded once per session) and a tiny random Llama for exact checks."""
+"""Shared fixtures: the real SmolLM2 model (loaded once per session), a tiny random Llama for exact checks, a small
+indexed sweep for the browser and autointerp (`browse_run`), and the Chromium the browser tests drive."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +104,96 @@ def browse_run(model, tmp_path_factory):
         IndexConfig(sae=sweep, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model
     )
     return sweep
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Chromium's path. Without it or playwright: skip, or fail where SAE_KIT_REQUIRE_BROWSER=1 (CI)."""
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+    missing = [
+        name
+        for name, found in (("playwright", importlib.util.find_spec("playwright")), ("chromium", path))
+        if not found
+    ]
+    if missing:
+        msg = f"{' and '.join(missing)} not installed: `python3 bootstrap.py test` installs {'them' if len(missing) > 1 else 'it'} (chromium as root)"
+        if os.environ.get("SAE_KIT_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
+SERVER = r"""
+import json, math, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOG = sys.argv[1]
+lock = threading.Lock()
+seen = set()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, obj, headers=()):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        content = " ".join(m.get("content", "") for m in body.get("messages", []))
+        with lock:
+            with open(LOG, "a") as f:
+                f.write(json.dumps({"path": self.path, "auth": self.headers.get("Authorization"), "body": body}) + "\n")
+            first = content not in seen
+            seen.add(content)
+        if self.path != "/v1/chat/completions":
+            return self.reply(404, {"error": {"message": "no such route"}})
+        if "FAIL-ONCE" in content and first:
+            return self.reply(500, {"error": {"message": "internal error"}})
+        if "RATE-ONCE" in content and first:
+            return self.reply(429, {"error": {"message": "slow down"}}, [("Retry-After", "0")])
+        if "BAD-REQUEST" in content:
+            return self.reply(400, {"error": {"message": "this request is bad"}})
+        if "NO-LOGPROBS" in content and body.get("logprobs"):
+            return self.reply(400, {"error": {"message": "logprobs are not supported by this model"}})
+        answer = "[EXPLANATION]: words from a server" if "[EXPLANATION]" in content else "Yes"
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+        if body.get("logprobs"):
+            top = [{"token": "Yes", "logprob": math.log(0.7)}, {"token": " yes", "logprob": math.log(0.1)},
+                   {"token": "No", "logprob": math.log(0.2)}]
+            choice["logprobs"] = {"content": [{"token": "Yes", "logprob": math.log(0.7), "top_logprobs": top}]}
+        self.reply(200, {"id": "x", "object": "chat.completion", "choices": [choice],
+                         "usage": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}})
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """An OpenAI-compatible chat-completions server on 127.0.0.1 in a subprocess, stopped by its PID: (base_url, log
+    file of every request). It answers "Yes" (log-probs: Yes 0.7, " yes" 0.1, No 0.2; 11 prompt tokens) or, to an
+    explainer prompt, "[EXPLANATION]: words from a server"; 500 on the first request containing FAIL-ONCE, 429 on
+    the first with RATE-ONCE, 400 for BAD-REQUEST, and 400 to logprobs for NO-LOGPROBS."""
+    folder = tmp_path_factory.mktemp("server")
+    script, log = folder / "server.py", folder / "requests.jsonl"
+    script.write_text(SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(log)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}/v1", log
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+        proc.stdout.close()

@@ -4,11 +4,7 @@ retries, log-probabilities, usage, response cache, failures), and the local tran
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,76 +13,11 @@ import torch
 from sae_kit.autointerp.clients import LocalClient, OpenAIClient, ResponseCache, make_client
 from sae_kit.autointerp.types import AutoInterpError, ChatClient, Completion, Request
 
-SERVER = r"""
-import json, math, sys, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-LOG = sys.argv[1]
-lock = threading.Lock()
-seen = set()
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def reply(self, status, obj, headers=()):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        content = " ".join(m.get("content", "") for m in body.get("messages", []))
-        with lock:
-            with open(LOG, "a") as f:
-                f.write(json.dumps({"path": self.path, "auth": self.headers.get("Authorization"), "body": body}) + "\n")
-            first = content not in seen
-            seen.add(content)
-        if self.path != "/v1/chat/completions":
-            return self.reply(404, {"error": {"message": "no such route"}})
-        if "FAIL-ONCE" in content and first:
-            return self.reply(500, {"error": {"message": "internal error"}})
-        if "RATE-ONCE" in content and first:
-            return self.reply(429, {"error": {"message": "slow down"}}, [("Retry-After", "0")])
-        if "BAD-REQUEST" in content:
-            return self.reply(400, {"error": {"message": "this request is bad"}})
-        if "NO-LOGPROBS" in content and body.get("logprobs"):
-            return self.reply(400, {"error": {"message": "logprobs are not supported by this model"}})
-        choice = {"index": 0, "message": {"role": "assistant", "content": "Yes"}, "finish_reason": "stop"}
-        if body.get("logprobs"):
-            top = [{"token": "Yes", "logprob": math.log(0.7)}, {"token": " yes", "logprob": math.log(0.1)},
-                   {"token": "No", "logprob": math.log(0.2)}]
-            choice["logprobs"] = {"content": [{"token": "Yes", "logprob": math.log(0.7), "top_logprobs": top}]}
-        self.reply(200, {"id": "x", "object": "chat.completion", "choices": [choice],
-                         "usage": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}})
-
-
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
-
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A chat-completions server in a subprocess: (base_url, log file)."""
-    folder = tmp_path_factory.mktemp("server")
-    script, log = folder / "server.py", folder / "requests.jsonl"
-    script.write_text(SERVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(log)], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(proc.stdout.readline())
-        yield f"http://127.0.0.1:{port}/v1", log
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-        proc.stdout.close()
+def server(chat_server):
+    """conftest's chat-completions server: (base_url, log file)."""
+    return chat_server
 
 
 def logged(log, marker):

@@ -429,7 +429,9 @@ def shows_feature_autointerp(at: AppTest, results: Results, feature: int) -> Non
     metrics = {m.label: m.value for m in at.metric}
     scores = results.scores[results.scores["feature"] == feature]
     for r in scores.itertuples():
-        assert metrics[f"{r.scorer} score"] == f"{r.balanced_accuracy:.3f}"
+        assert metrics[f"{r.scorer} score"] == (
+            f"{r.balanced_accuracy:.3f}" if math.isfinite(r.balanced_accuracy) else "—"
+        )
         assert metrics.get(f"{r.scorer} AUROC") == (f"{r.auroc:.3f}" if math.isfinite(r.auroc) else None)
     if len(scores):
         judged = judged_table(at)
@@ -447,7 +449,9 @@ def shows_autointerp_summary(at: AppTest, results: Results) -> None:
     summary = results.summary()
     for scorer in results.scorers():
         d = summary[scorer][store.HEADLINE]
-        assert metrics[f"{scorer} score"] == f"{d['mean']:.3f} ± {d['std']:.3f}"
+        assert metrics[f"{scorer} score"] == (
+            f"{d['mean']:.3f} ± {d['std']:.3f}" if d["n"] else "—"
+        )  # n 0: none parsed
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     hist = [c for c in charts if {t.get("name") for t in c["data"]} == set(results.scorers())]
     assert len(hist) == 1 and hist[0]["layout"]["xaxis"]["range"] == [0, 1]

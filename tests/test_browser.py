@@ -4,7 +4,6 @@ driven by headless Chromium through Playwright."""
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import os
 import re
 import shutil
@@ -41,23 +40,6 @@ CHROMIUM_ARGS = [
 VISIBLE = {" ": "·", "\n": "↵\n", "\t": "⇥", "\r": "␍"}  # how dashboards/render.py shows whitespace
 WAIT_MS = 60_000
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Chromium's path. Without it or playwright: skip, or fail where SAE_KIT_REQUIRE_BROWSER=1 (CI)."""
-    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
-    missing = [
-        name
-        for name, found in (("playwright", importlib.util.find_spec("playwright")), ("chromium", path))
-        if not found
-    ]
-    if missing:
-        msg = f"{' and '.join(missing)} not installed: `python3 bootstrap.py test` installs {'them' if len(missing) > 1 else 'it'} (chromium as root)"
-        if os.environ.get("SAE_KIT_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-    return path
 
 
 def free_port() -> int:
