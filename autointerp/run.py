@@ -367,8 +367,12 @@ def score(cfg: ScoreConfig, model=None, client: ChatClient | None = None):
     cfg.examples.check()
     if not cfg.scorers:
         raise AutoInterpError("--scorers is empty; choose from detection fuzz intervention")
-    if "intervention" in cfg.scorers and (cfg.kl_target <= 0 or not cfg.intervention_prompts):
-        raise AutoInterpError("intervention needs --kl-target > 0 and at least one --intervention-prompts")
+    if "intervention" in cfg.scorers and (
+        cfg.kl_target <= 0 or not cfg.intervention_prompts or cfg.intervention_tokens < 1
+    ):
+        raise AutoInterpError(
+            "intervention needs --kl-target > 0, --intervention-tokens >= 1 and at least one --intervention-prompts"
+        )
     found = _resolve(cfg.run)
     plans = []
     for loc in found:
@@ -388,6 +392,11 @@ def score(cfg: ScoreConfig, model=None, client: ChatClient | None = None):
                     f"sae-kit explain {loc.run_dir} --features {' '.join(map(str, missing))}"
                 )
             ok = ok[ok["feature"].isin(cfg.features)]
+        if not len(ok):
+            raise AutoInterpError(
+                f"none of the explanations in {loc.index_dir} could be parsed, so there is nothing to score; "
+                f"explain again with a stronger model: sae-kit explain {loc.run_dir} --force --backend openai ..."
+            )
         plans.append((loc, index, ok))
     result = None
     models: dict[str | None, Any] = {}

@@ -266,3 +266,4 @@ def test_bad_input_gets_one_line(scored, tmp_path, capsys, monkeypatch):
     )
     assert kept() == before  # a failed --force run loses nothing
     one_line(capsys, ["score", str(scored), "--scorers", "detection", "--n-random", "-1"], "--n-random must be >= 0")
+    one_line(capsys, ["score", str(scored), "--intervention-tokens", "0"], "--intervention-tokens >= 1")
