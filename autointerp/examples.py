@@ -17,6 +17,7 @@ Windows are the index's (`before` tokens before the activating token, `after` af
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +207,7 @@ def negatives(
     exclude: set[int],
     before: int,
     after: int,
-    hard_candidates: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    hard_candidates: Sequence[tuple[int, int]] = (),
 ) -> list[Example]:
     """`n_random` random windows of the pool (at most one per row, none from `exclude` rows) and up to `n_hard` of
     the `hard_candidates` (row, position) windows where the feature is silent."""
