@@ -140,6 +140,22 @@ class _Usage:
             self.totals["completion_tokens"] += completion.completion_tokens
 
 
+def _from_cache(
+    cache: ResponseCache | None, key, usage: _Usage, requests: Sequence[Request]
+) -> tuple[list[Completion | None], list[int]]:
+    """(the cached completion of each request, else None; the indices of the requests not in the cache)."""
+    results: list[Completion | None] = [None] * len(requests)
+    misses = []
+    for i, request in enumerate(requests):
+        hit = cache.get(key(request)) if cache is not None else None
+        if hit is not None:
+            usage.hit()
+            results[i] = hit
+        else:
+            misses.append(i)
+    return results, misses
+
+
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -232,15 +248,7 @@ class OpenAIClient:
         )
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        results: list[Completion | None] = [None] * len(requests)
-        misses = []
-        for i, request in enumerate(requests):
-            hit = self.cache.get(self.key(request)) if self.cache is not None else None
-            if hit is not None:
-                self._usage.hit()
-                results[i] = hit
-            else:
-                misses.append(i)
+        results, misses = _from_cache(self.cache, self.key, self._usage, requests)
         if misses:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="autointerp-openai")
@@ -510,14 +518,10 @@ class LocalClient:
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]:
         with self._lock:
-            results: list[Completion | None] = [None] * len(requests)
+            results, misses = _from_cache(self.cache, self.key, self._usage, requests)
             todo = []
-            for i, request in enumerate(requests):
-                hit = self.cache.get(self.key(request)) if self.cache is not None else None
-                if hit is not None:
-                    self._usage.hit()
-                    results[i] = hit
-                    continue
+            for i in misses:
+                request = requests[i]
                 try:
                     ids = self.encode(request)
                 except Exception as err:  # a template that refuses the messages (e.g. no system role)

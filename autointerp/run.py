@@ -23,7 +23,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from sae_kit import rundir
-from sae_kit.atomic import write_json
+from sae_kit.atomic import finite, write_json
 from sae_kit.autointerp import examples as ex
 from sae_kit.autointerp import prompts, scorers, store
 from sae_kit.autointerp.scorers import PROMPTS as INTERVENTION_PROMPTS
@@ -129,17 +129,6 @@ class ScoreConfig:
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
-def _clean(obj: Any) -> Any:
-    """`obj` with NaN/inf floats as None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def _nan(v: Any) -> float:
     return math.nan if v is None else float(v)
 
@@ -176,7 +165,7 @@ def _begin(
     """'done' when `out` holds finished results of this identity (and not `force`); 'resume' when `work` holds an
     unfinished run of it; else 'new' (work cleared). Finished results of another identity need `force`; they are
     replaced only when the new run finishes, so a failed run loses nothing."""
-    file, ident = out / meta_name, _clean(identity)
+    file, ident = out / meta_name, finite(identity)
     if file.is_file() and not force:
         try:
             old = json.loads(file.read_text())
@@ -331,15 +320,8 @@ def _explain_one(cfg: ExplainConfig, loc, index: FeatureIndex, features: list[in
         "explained": len(rows) - failures,
         "failures": failures,
         "skipped_dead": dead,
-        "tokens": {
-            "prompt": sum(r["prompt_tokens"] for r in rows),
-            "completion": sum(r["completion_tokens"] for r in rows),
-        },
-        "timing": {"seconds": round(time.perf_counter() - start, 2), "usage": _usage(client)},
     }
-    write_json(out / store.EXPLAIN_META, _clean(meta))
-    shutil.rmtree(work, ignore_errors=True)
-    _rmdir_if_empty(out / ".work")
+    _finish(out / store.EXPLAIN_META, meta, rows, start, client, work)
     print(explain_text(loc.name, meta))
     return store.Results(loc.index_dir).explanations
 
@@ -352,6 +334,21 @@ def explain_text(name: str, meta: dict[str, Any]) -> str:
         f"{name}: explained {meta['explained']} of {n} features ({meta['failures']} answers could not be parsed{dead}) "
         f"with {meta['identity']['client']['model']}; {per[0]:.0f} prompt + {per[1]:.0f} completion tokens per feature"
     )
+
+
+def _finish(
+    meta_file: Path, meta: dict[str, Any], rows: list[dict[str, Any]], start: float, client: ChatClient, work: Path
+) -> None:
+    """A stage's last step, once its tables are written: its meta (with the token totals of `rows` and the timing)
+    marks it finished, then the unfinished-run folder goes."""
+    meta["tokens"] = {
+        "prompt": sum(r["prompt_tokens"] for r in rows),
+        "completion": sum(r["completion_tokens"] for r in rows),
+    }
+    meta["timing"] = {"seconds": round(time.perf_counter() - start, 2), "usage": _usage(client)}
+    write_json(meta_file, finite(meta))
+    shutil.rmtree(work, ignore_errors=True)
+    _rmdir_if_empty(work.parent)
 
 
 def _rmdir_if_empty(path: Path) -> None:
@@ -449,15 +446,8 @@ def _score_one(cfg: ScoreConfig, loc, index: FeatureIndex, ok, client: ChatClien
     meta |= {
         "complete": True,
         "summary": summarise(score_rows, cfg.scorers),
-        "tokens": {
-            "prompt": sum(r["prompt_tokens"] for r in score_rows),
-            "completion": sum(r["completion_tokens"] for r in score_rows),
-        },
-        "timing": {"seconds": round(time.perf_counter() - start, 2), "usage": _usage(client)},
     }
-    write_json(out / store.SCORE_META, _clean(meta))
-    shutil.rmtree(work, ignore_errors=True)
-    _rmdir_if_empty(out / ".work")
+    _finish(out / store.SCORE_META, meta, score_rows, start, client, work)
     print(summary_text(loc.name, meta))
     return store.Results(loc.index_dir).scores
 

@@ -10,24 +10,12 @@ Layout of an eval directory:
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-from sae_kit.atomic import write_bytes, write_json
+from sae_kit.atomic import finite, write_bytes, write_json
 from sae_kit.rundir import REPORT, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, load_report  # noqa: F401 (load_report: the reader)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def write_figures(out: Path, group: str, figures: dict[str, Any], png: bool) -> tuple[dict[str, str], bool]:
@@ -64,7 +52,7 @@ def build_report(
     """The report.json content."""
     from sae_kit.sae import package_version
 
-    return _finite(
+    return finite(
         {
             "schema": REPORT_SCHEMA,
             "schema_version": REPORT_SCHEMA_VERSION,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -49,6 +50,17 @@ def write_bytes(target: str | os.PathLike, data: bytes) -> None:
     """Atomically write `data` to `target`."""
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+def finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf floats become None (JSON has no NaN), in nested dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def write_json(target: str | os.PathLike, obj: Any) -> None:
