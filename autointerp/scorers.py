@@ -31,6 +31,7 @@ from sae_kit.autointerp import prompts
 from sae_kit.autointerp.examples import Example, ExampleConfig, misplaced, rng_for
 from sae_kit.autointerp.metrics import classification
 from sae_kit.autointerp.types import ChatClient, Completion, Request
+from sae_kit.heldout import generate, prompt_tokens, run_lm, steer_edit
 
 JUDGE_TOKENS = 3
 """Completion tokens a judge may write (the answer is its first word)."""
@@ -166,8 +167,6 @@ class Steerer:
     generation, under the SAE's own data settings)."""
 
     def __init__(self, model, hcfg, prompt_texts: Sequence[str], n_tokens: int, kl_target: float, steps: int = 10):
-        from sae_kit.heldout import generate, prompt_tokens, run_lm
-
         self.model, self.hcfg, self.prompts = model, hcfg, tuple(prompt_texts)
         self.n_tokens, self.kl_target, self.steps = n_tokens, kl_target, steps
         toks = [prompt_tokens(model, hcfg, p) for p in self.prompts]
@@ -181,18 +180,13 @@ class Steerer:
             self.keep[i, : t.shape[1]] = k[0]
         self.clean_logp = self._last_logp(None)
         self.clean = [generate(model, hcfg, p, n_tokens) for p in self.prompts]
-        self._run_lm = run_lm
 
     def _last_logp(self, edit) -> Tensor:
-        from sae_kit.heldout import run_lm
-
         logits, _ = run_lm(self.model, self.tokens, self.hcfg.hook[0], edit=edit, keep=self.keep)
         return logits[torch.arange(len(self.last)), self.last].log_softmax(-1)
 
     def kl(self, direction: Tensor, alpha: float) -> float:
         """Mean KL(clean ‖ steered) of the next token at the end of the prompts."""
-        from sae_kit.heldout import steer_edit
-
         lp = self._last_logp(steer_edit(direction, alpha))
         return float((self.clean_logp.exp() * (self.clean_logp - lp)).sum(-1).mean())
 
@@ -212,8 +206,6 @@ class Steerer:
         return alpha, self.kl(direction, alpha)
 
     def steered(self, direction: Tensor, alpha: float) -> list[str]:
-        from sae_kit.heldout import generate, steer_edit
-
         return [
             generate(self.model, self.hcfg, p, self.n_tokens, edit=steer_edit(direction, alpha)) for p in self.prompts
         ]
