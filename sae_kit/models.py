@@ -278,3 +278,15 @@ def stop_layer(model: LanguageModel, names: list[str]) -> int | None:
             return None
     stop = max(layers)
     return None if stop >= model.cfg.n_layers else stop
+
+
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether `device` runs bfloat16 matrix products fast: a CUDA GPU with bf16 support, or a CPU with AVX-512 BF16
+    or AMX (oneDNN's bf16 kernels; ~3x an fp32 GEMM on this project's AVX-512 BF16 machines, see BENCHMARKS.md).
+    The `auto` precision settings of the LM harvest and the SAE trainer ask this."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
