@@ -1,101 +1,151 @@
-"""Sparse kernels for the fixed-k rules: a gather decoder and an encoder whose backward touches only active latents.
+"""Sparse kernels: the encoder and decoder of every rule that selects a sparse set of (token, latent) pairs.
 
-Plain torch (CPU or CUDA, no compiled extension). With k active latents per token, both autograd functions cost
-O(N·k·d) in the backward instead of the O(N·F·d) of a dense GEMM, and never build an [N, F] gradient.
+Plain torch (CPU or CUDA, no compiled extension). A code is a set of pairs held as a CSR pattern over the
+[N, F] code matrix: `crow` [N + 1] (token n owns pairs crow[n]:crow[n + 1]) and `cols` [P] (their latents). The
+fixed-k rules have crow = 0, k, 2k, … (`fixed_crow`); the batch rules (Mutual and Feature Choice) have ragged rows.
+With P pairs, every kernel costs O(P·d) instead of the O(N·F·d) of a dense GEMM, and none builds an [N, F]
+gradient.
 
-- `encode_preacts(xc, W_enc, b_enc)`: the dense pre-activations z = xc·W_enc + b_enc [N, F], outside autograd
-  (the rules only need them to choose indices).
-- `gather_preacts(xc, W_enc, b_enc, z, indices)`: z at [N, k] indices, differentiable: its backward gives
-  grad xc, grad W_enc (only the active columns) and grad b_enc from the [N, k] upstream gradient.
-- `sparse_decode(values, indices, W_dec)`: Σ_j values[n, j]·W_dec[indices[n, j]] (no bias) via embedding_bag,
-  with a backward that scatters into the active rows of W_dec. Indices may repeat within a row (MP-SAE).
+- `encode_preacts(xc, W_enc, b_enc)`: the dense pre-activations z = xc·W_enc + b_enc [N, F] outside autograd, the
+  rules' selection score. Under bf16 autocast z comes out in bf16 (the fast GEMM).
+- `pair_preacts(xc, W_enc, b_enc, z, crow, cols)` / `gather_preacts(..., indices)`: z at the pairs, differentiable.
+  When z holds them in the weights' dtype they are gathered from it; when z is lower precision (autocast) they are
+  recomputed exactly in the weights' dtype by a sampled dense-dense product (SDDMM: xc[n]·W_enc[:, f] + b_enc[f]
+  at the pairs only), so a code is exact given its support. The backward, with S the [N, F] CSR matrix of the
+  upstream gradient: grad xc = S·W_encᵀ, grad W_enc = (Sᵀ·xc)ᵀ, grad b_enc = column sums of S.
+- `pair_decode(values, crow, cols, W_dec)` / `sparse_decode(values, indices, W_dec)`: x̂ = V·W_dec (no bias),
+  V the CSR code; forward by embedding_bag, backward grad values = grad x̂[n]·W_dec[f] at the pairs (embedding_bag's
+  fused per-sample-weights kernel) and
+  grad W_dec = Vᵀ·grad x̂. A latent may repeat within a token (MP-SAE): the values add up.
 
-Measured on 2 CPU threads at N 4096, k 32, d 576, F 9216 (the dense [N, d] x [d, F] GEMM takes 0.17-0.25 s): the
-weight gradient as one index_add per code slot (`_scatter_rows`) takes 0.07-0.09 s, against ~0.25 s for
-embedding_bag's own weight backward, ~0.26 s for a CSR sparse matmul, ~0.31 s for one index_add over the
-materialised [N·k, d] products and ~0.37 s for a dense [N, F] scatter + GEMM. The per-slot loop is k small parallel
-regions, so it degrades badly when other processes hold the cores (OpenMP oversubscription): keep
-torch.get_num_threads() at or below the free cores.
+Every product is one sparse BLAS call (MKL on CPU, cuSPARSE on CUDA), so a step runs a handful of large kernels,
+which keeps it fast when other processes share the cores (the per-slot loops these replace ran k small parallel
+regions each, and slowed 3–17x next to a second job). The kernels run outside autocast in the weights' dtype.
+BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def _bag(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """out[n] = Σ_j weights[n, j]·table[indices[n, j]] ([N, d])."""
-    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+def fixed_crow(n: int, k: int, device: torch.device | str) -> Tensor:
+    """The CSR row offsets of a code with exactly k pairs per token: 0, k, 2k, …, n·k."""
+    return torch.arange(0, n * k + 1, k, device=device)
 
 
-def _scatter_rows(rows: Tensor, weights: Tensor, indices: Tensor, num_rows: int) -> Tensor:
-    """out[f] = Σ_{(n, j): indices[n, j] = f} weights[n, j]·rows[n] ([num_rows, d])."""
-    out = rows.new_zeros(num_rows, rows.shape[1])
-    for j in range(indices.shape[1]):
-        out.index_add_(0, indices[:, j], rows * weights[:, j, None])
-    return out
+def rows_of(crow: Tensor) -> Tensor:
+    """The token of every pair [P] (non-decreasing) from the row offsets."""
+    return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    with warnings.catch_warnings():  # torch warns once that CSR support is "in beta"; it is what we rely on
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (len(crow) - 1, n_cols), check_invariants=False)
+
+
+def _sddmm(crow: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """(a·b)[n, f] at the pairs [P]: a [N, d], b [d, F]."""
+    pattern = _csr(crow, cols, a.new_zeros(cols.shape), b.shape[1])
+    return torch.sparse.sampled_addmm(pattern, a, b).values()
+
+
+def _no_autocast(t: Tensor):
+    return torch.autocast(t.device.type, enabled=False)
 
 
 @torch.no_grad()
 def encode_preacts(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """Pre-activations z = xc·W_enc + b_enc [N, F], without an autograd graph."""
+    """Pre-activations z = xc·W_enc + b_enc [N, F], without an autograd graph (bf16 under bf16 autocast)."""
     return torch.addmm(b_enc, xc, W_enc)
 
 
-class _GatherPreacts(torch.autograd.Function):
+class _PairPreacts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, z: Tensor, indices: Tensor) -> Tensor:
-        ctx.save_for_backward(xc, W_enc, indices)
-        ctx.num_latents = b_enc.shape[0]
-        return z.gather(1, indices)
+    def forward(
+        ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, crow: Tensor, cols: Tensor, known: Tensor | None
+    ) -> Tensor:
+        with _no_autocast(xc):
+            xc = xc.to(W_enc.dtype)
+            if known is None:
+                known = _sddmm(crow, cols, xc, W_enc) + b_enc[cols]
+        ctx.save_for_backward(xc, W_enc, crow, cols)
+        return known
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xc, W_enc, indices = ctx.saved_tensors
-        grad = grad.contiguous()
+        xc, W_enc, crow, cols = ctx.saved_tensors
+        grad = grad.contiguous().to(W_enc.dtype)
+        S = _csr(crow, cols, grad, W_enc.shape[1])
         grad_xc = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_xc = _bag(W_enc.t().contiguous(), indices, grad)
+            grad_xc = S @ W_enc.t()
         if ctx.needs_input_grad[1]:
-            grad_W = _scatter_rows(xc, grad, indices, ctx.num_latents).t()
+            grad_W = (S.t() @ xc).t()
         if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(ctx.num_latents).index_add_(0, indices.flatten(), grad.flatten())
-        return grad_xc, grad_W, grad_b, None, None
+            grad_b = grad.new_zeros(W_enc.shape[1]).index_add_(0, cols, grad)
+        return grad_xc, grad_W, grad_b, None, None, None
 
 
-def gather_preacts(xc: Tensor, W_enc: Tensor, b_enc: Tensor, z: Tensor, indices: Tensor) -> Tensor:
-    """z[n, indices[n, j]] [N, k], where z = encode_preacts(xc, W_enc, b_enc); the backward touches only those latents.
+def pair_preacts(xc: Tensor, W_enc: Tensor, b_enc: Tensor, z: Tensor | None, crow: Tensor, cols: Tensor) -> Tensor:
+    """z at the pairs [P] (CSR pattern crow, cols), differentiable; the backward touches only those latents.
 
-    Indices must be duplicate-free within a row for the b_enc/W_enc gradients to match the dense reference
-    (they then do exactly, up to float summation order).
+    `z` = encode_preacts(xc, W_enc, b_enc): the values are gathered from it when it is in the weights' dtype, and
+    recomputed exactly otherwise (a bf16 z from autocast only chose the pairs), or when z is None. Latents must not
+    repeat within a token for grad W_enc / b_enc to match the dense reference (they then do, up to summation order).
     """
-    return _GatherPreacts.apply(xc, W_enc, b_enc, z, indices)
+    known = None
+    if z is not None and z.dtype == W_enc.dtype:
+        known = z.detach()[rows_of(crow), cols]
+    return _PairPreacts.apply(xc, W_enc, b_enc, crow, cols, known)
 
 
-class _SparseDecode(torch.autograd.Function):
+def gather_preacts(xc: Tensor, W_enc: Tensor, b_enc: Tensor, z: Tensor | None, indices: Tensor) -> Tensor:
+    """z[n, indices[n, j]] [N, k] (z = encode_preacts(xc, W_enc, b_enc)), differentiable with a sparse backward;
+    exact in the weights' dtype even when z is a bf16 selection score (see `pair_preacts`)."""
+    n, k = indices.shape
+    known = None
+    if z is not None and z.dtype == W_enc.dtype:
+        known = z.detach().gather(1, indices).flatten()
+    crow = fixed_crow(n, k, indices.device)
+    return _PairPreacts.apply(xc, W_enc, b_enc, crow, indices.flatten(), known).view(n, k)
+
+
+class _PairDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-        # embedding_bag's own backward for per_sample_weights is a fused gather-dot (~4x faster than a loop of
-        # index_select + vecdot); keep its graph over detached leaves and reuse it for grad wrt values.
-        with torch.enable_grad():
-            leaf = values.detach().requires_grad_(ctx.needs_input_grad[0])
-            out = _bag(W_dec.detach(), indices, leaf)
-        ctx.graph = (leaf, out)
-        ctx.save_for_backward(values, indices, W_dec)
-        return out.detach()
+    def forward(ctx, values: Tensor, crow: Tensor, cols: Tensor, W_dec: Tensor) -> Tensor:
+        with _no_autocast(W_dec):
+            values = values.to(W_dec.dtype)
+            out = F.embedding_bag(cols, W_dec, crow[:-1], mode="sum", per_sample_weights=values)
+        ctx.save_for_backward(values, crow, cols, W_dec)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        values, indices, W_dec = ctx.saved_tensors
-        leaf, out = ctx.graph
-        grad = grad.contiguous()
-        grad_values = torch.autograd.grad(out, leaf, grad, retain_graph=True)[0] if ctx.needs_input_grad[0] else None
-        grad_W = _scatter_rows(grad, values, indices, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
-        return grad_values, None, grad_W
+        values, crow, cols, W_dec = ctx.saved_tensors
+        grad = grad.contiguous().to(W_dec.dtype)
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:  # grad[n]·W_dec[col] per pair: embedding_bag's own fused kernel (repeats allowed)
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, W_dec, cols, crow[:-1], rows_of(crow), 0, -1
+            )
+        if ctx.needs_input_grad[3]:
+            grad_W = _csr(crow, cols, values, W_dec.shape[0]).t() @ grad
+        return grad_values, None, None, grad_W
+
+
+def pair_decode(values: Tensor, crow: Tensor, cols: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ over token n's pairs of values·W_dec[col] [N, d] (no bias), N = len(crow) − 1; exact against the dense
+    code times W_dec, in W_dec's dtype."""
+    return _PairDecode.apply(values.contiguous(), crow, cols.contiguous(), W_dec)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """Σ_j values[n, j]·W_dec[indices[n, j]] [N, d] (no bias); exact against scatter-to-dense then `@ W_dec`."""
-    return _SparseDecode.apply(values.contiguous(), indices.contiguous(), W_dec)
+    n, k = indices.shape
+    return pair_decode(values.reshape(-1), fixed_crow(n, k, indices.device), indices.reshape(-1), W_dec)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from sae_kit.errors import SaeKitError
-from sae_kit.kernels import sparse_decode
+from sae_kit.kernels import pair_decode
 from sae_kit.sparsifiers import ARCHITECTURES, DEFAULT_ARCHITECTURE, Codes, Sparsifier, get_sparsifier
 from sae_kit.sparsifiers.base import RuleConfig
 
@@ -252,7 +252,8 @@ class SAE(nn.Module):
         """x̂ [N, d_in] from `forward_codes` output: a sparse gather for (values, indices), a matmul for dense codes."""
         if codes.dense is not None:
             return codes.dense @ self.W_dec + self.b_dec
-        return sparse_decode(*codes.sparse(), self.W_dec) + self.b_dec
+        crow, cols, values = codes.pairs()
+        return pair_decode(values, crow, cols, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, grad: Tensor | None = None, **options: Any) -> SAEOutput:
         """Encode and decode: x̂ shaped like x, plus the codes the losses need."""

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from sae_kit.errors import SaeKitError
-from sae_kit.sae import SAE
+from sae_kit.models import fast_bf16
+from sae_kit.sae import DTYPES, SAE, dtype_name
 from sae_kit.sparsifiers import StepContext
 from sae_kit.training import losses
 
@@ -58,6 +59,12 @@ class TrainConfig:
     """Coefficient α of the aux loss."""
     k_aux: int | None = None
     """Latents the aux loss may use per token (None: d_in / 2)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Precision of the SAE's forward pass. bfloat16: the forward runs under bf16 autocast (the encoder GEMM, and the
+    dense rules' codes and decoder) while master weights, gradients and Adam state stay float32; the sparse rules
+    choose their support from the bf16 pre-activations and compute the kept values exactly in float32. auto:
+    bfloat16 where the device has fast bf16 (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX), else float32.
+    Recorded in the SAE's metadata as training_compute_dtype."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing (None: min(10M, tokens / 10)); also the window of the
     density that aux_zipf reads and its grace period."""
@@ -99,6 +106,9 @@ class Trainer:
         self.scale = 1.0
         self.data_var = 1.0
         self.initialised = False
+        self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+        """torch.float32 or torch.bfloat16: the autocast dtype of the forward (cfg.compute_dtype resolved)."""
+        sae.cfg.metadata["training_compute_dtype"] = dtype_name(self.compute_dtype)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One Adam group for the shared weights, one per rule parameter with its own LR multiplier (rule.lr_scales)."""
@@ -155,22 +165,25 @@ class Trainer:
         x = x * self.scale
         if grad is not None:
             grad = grad.to(x.device, torch.float32)
-        out = sae(x, grad=grad)
-        codes = out.codes
-        ctx = StepContext(x=x, out=out, data_var=self.data_var, step=self.step_count, total_steps=self.total_steps)
-        rec = self.rule.reconstruction_loss(sae, ctx)
-        loss = rec
-        aux = torch.zeros((), device=x.device)
-        # aux_zipf waits one dead window, as AuxK does by construction (no latent is dead sooner): before it the
-        # windowed density is not measured yet, and a density from step 0 would call every latent dead.
-        if self.aux == "zipf" and self.tokens_seen >= self.dead_tokens:
-            aux = losses.aux_zipf_loss(codes, x - out.x_hat, sae.W_dec, self.recent_density(), cfg.k_aux, cfg.aux_coef)
-        elif self.aux == "auxk" and bool(self.dead_mask.any()):
-            aux = losses.auxk_loss(codes, x - out.x_hat, sae.W_dec, self.dead_mask, cfg.k_aux, cfg.aux_coef)
-        loss = loss + aux
-        penalties = self.rule.penalties(sae, ctx)
-        for term in penalties.values():
-            loss = loss + term
+        low = self.compute_dtype != torch.float32
+        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=low):
+            out = sae(x, grad=grad)
+            codes = out.codes
+            ctx = StepContext(x=x, out=out, data_var=self.data_var, step=self.step_count, total_steps=self.total_steps)
+            rec = self.rule.reconstruction_loss(sae, ctx).float()
+            loss = rec
+            aux = torch.zeros((), device=x.device)
+            # aux_zipf waits one dead window, as AuxK does by construction (no latent is dead sooner): before it the
+            # windowed density is not measured yet, and a density from step 0 would call every latent dead.
+            residual = x - out.x_hat.float()
+            if self.aux == "zipf" and self.tokens_seen >= self.dead_tokens:
+                aux = losses.aux_zipf_loss(codes, residual, sae.W_dec, self.recent_density(), cfg.k_aux, cfg.aux_coef)
+            elif self.aux == "auxk" and bool(self.dead_mask.any()):
+                aux = losses.auxk_loss(codes, residual, sae.W_dec, self.dead_mask, cfg.k_aux, cfg.aux_coef)
+            loss = loss + aux.float()
+            penalties = self.rule.penalties(sae, ctx)
+            for term in penalties.values():
+                loss = loss + term.float()
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"the loss became {loss.item()} at step {self.step_count}; lower --lr or check the data"
@@ -192,7 +205,7 @@ class Trainer:
             self.tokens_since_fired = torch.where(counts > 0, 0, self.tokens_since_fired + x.shape[0])
             self.tokens_seen += x.shape[0]
             self.step_count += 1
-            err = (out.x_hat - x).square().sum()
+            err = (out.x_hat.float() - x).square().sum()
             fvu = float(err / (x - x.mean(0)).square().sum().clamp_min(1e-12))
             metrics = {
                 "step": self.step_count,
@@ -271,6 +284,15 @@ class Trainer:
         sae.cfg.metadata["training_dead_latents"] = int(self.dead_mask.sum())
         sae.cfg.metadata["training_tokens"] = self.tokens_seen
         return sae.eval()
+
+
+def resolve_compute_dtype(setting: str, device: torch.device | str) -> torch.dtype:
+    """The autocast dtype of `TrainConfig.compute_dtype` on `device` ("auto": bfloat16 where it is fast there)."""
+    if setting == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if setting not in ("float32", "bfloat16"):
+        raise SaeKitError(f"--compute-dtype {setting!r}; use auto, float32 or bfloat16")
+    return DTYPES[setting]
 
 
 def _check_finite(x: Tensor, what: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_kit.errors import SaeKitError
+from sae_kit.kernels import fixed_crow, rows_of
 
 if TYPE_CHECKING:
     from sae_kit.sae import SAE, SAEConfig
@@ -17,18 +18,23 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class Codes:
-    """The code of a batch of N tokens, as a rule produced it: sparse (values, indices) or dense.
+    """The code of a batch of N tokens, as a rule produced it: sparse (values, indices), ragged pairs, or dense.
 
     Fixed-k rules fill `values`/`indices` ([N, k]); MP-SAE fills them with one slot per pursuit step (an atom may
-    repeat, and stopped tokens carry zeros); the other rules fill `dense` ([N, F]).
+    repeat, and stopped tokens carry zeros); batch-level rules that select a varying number of pairs per token
+    (Mutual and Feature Choice) fill `values`/`indices` flat ([P]) with `crow`, the CSR row offsets [N + 1]; the
+    other rules fill `dense` ([N, F]). Losses, eval and the browser use the methods below, never the fields' layout.
     """
 
     d_sae: int
     """Number of latents F."""
     values: Tensor | None = None
-    """[N, k] code values at `indices` (differentiable)."""
+    """[N, k] code values at `indices` (differentiable); [P] with `crow`."""
     indices: Tensor | None = None
-    """[N, k] int64 latent indices."""
+    """[N, k] int64 latent indices; [P] with `crow`."""
+    crow: Tensor | None = None
+    """[N + 1] int64 CSR row offsets of ragged pairs: token n owns values/indices[crow[n]:crow[n + 1]]; None for
+    [N, k] or dense codes."""
     dense: Tensor | None = None
     """[N, F] dense code (differentiable)."""
     z: Tensor | None = None
@@ -46,29 +52,47 @@ class Codes:
     give on this batch; report it next to the training L0."""
 
     def sparse(self) -> tuple[Tensor, Tensor]:
-        """(values, indices) [N, k] of a sparse code (an error for a dense one)."""
+        """(values, indices) of a sparse code: [N, k], or [P] for ragged pairs (an error for a dense one)."""
         if self.values is None or self.indices is None:
             raise ValueError("this code is dense; use to_dense()")
         return self.values, self.indices
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the tokens coded."""
+        if self.crow is not None:
+            return len(self.crow) - 1
+        return len(self.dense if self.dense is not None else self.sparse()[0])
+
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(crow [N + 1], latent [P], value [P]) of a sparse code as CSR pairs (differentiable values)."""
+        values, indices = self.sparse()
+        if self.crow is not None:
+            return self.crow, indices, values
+        n, k = indices.shape
+        return fixed_crow(n, k, indices.device), indices.reshape(-1), values.reshape(-1)
 
     def to_dense(self) -> Tensor:
         """The dense [N, F] code (differentiable)."""
         if self.dense is not None:
             return self.dense
         values, indices = self.sparse()
+        if self.crow is not None:
+            out = values.new_zeros(self.num_tokens, self.d_sae)
+            return out.index_put((rows_of(self.crow), indices), values, accumulate=True)
         return values.new_zeros(values.shape[0], self.d_sae).scatter_add(1, indices, values)
 
     def nonzeros(self) -> tuple[Tensor, Tensor, Tensor]:
         """(token [n], latent [n], value [n]) of every nonzero code entry, sorted by token then latent, with repeated
         MP-SAE atoms summed (detached)."""
         if self.dense is None and self.unique_indices:
-            values, indices = self.sparse()
+            crow, latent, values = self.pairs()
+            token = rows_of(crow)
             values = values.detach()
-            order = indices.argsort(-1)
-            values, indices = values.gather(1, order), indices.gather(1, order)
-            token = torch.arange(len(values), device=values.device).unsqueeze(1).expand_as(values)
+            order = (token * self.d_sae + latent).argsort()
+            token, latent, values = token[order], latent[order], values[order]
             mask = values != 0
-            return token[mask], indices[mask], values[mask]
+            return token[mask], latent[mask], values[mask]
         dense = self.to_dense().detach()
         token, latent = dense.nonzero(as_tuple=True)
         return token, latent, dense[token, latent]
@@ -76,6 +100,8 @@ class Codes:
     def l0(self) -> Tensor:
         """Number of nonzero latents per token [N] (int64)."""
         if self.dense is None and self.unique_indices:
+            if self.crow is not None:
+                return torch.bincount(rows_of(self.crow)[self.values != 0], minlength=self.num_tokens)
             return (self.sparse()[0] != 0).sum(-1)
         return (self.to_dense() != 0).sum(-1)
 
