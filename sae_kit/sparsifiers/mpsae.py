@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -9,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from sae_kit.errors import SaeKitError
 from sae_kit.sparsifiers.base import Codes, RuleConfig, Sparsifier
 
 if TYPE_CHECKING:
-    from sae_kit.sae import SAE
+    from sae_kit.sae import SAE, SAEConfig
 
 
 @dataclass
@@ -38,57 +40,167 @@ class MPConfig(RuleConfig):
 
 
 class MatchingPursuit(Sparsifier):
-    """r⁰ = x − b_dec; each step picks j = argmax ReLU(r·W_decᵀ) (argmax |·| with cfg.mp_signed), adds
-    a = ReLU(d_j·r) (signed: d_j·r) to f_j and sets r ← r − a·d_j. The index is chosen without gradient; the
-    coefficient and the residual chain are differentiable into W_dec and b_dec.
+    r"""Matching pursuit over the tied, unit-norm dictionary (Costa et al. 2025, arXiv 2506.03093).
 
+    With d_i the rows of W_dec (||d_i|| = 1), r⁰ = x − b_dec and f = 0, each of T steps does
+
+        c = r·W_decᵀ,   j = argmax_i ReLU(c_i)   (argmax_i |c_i| with cfg.mp_signed; chosen without gradient),
+        a = ReLU(d_j·r)   (signed: d_j·r),   f_j += a,   r ← r − a·d_j,
+
+    and x̂ = f·W_dec + b_dec. The coefficient a and the residual chain are differentiable into W_dec and b_dec.
     Training mode runs exactly k steps. Eval mode runs `max_steps` (default k) and, only when asked, stops a token
     early once ||r||/||x − b_dec|| < `stop_residual` or (`stop_on_same_support`) a step adds no new atom; the
-    keyword arguments of `forward` override these per call. With the defaults, inference is the training rule. Codes are one (value, index) slot per step: an atom
-    can repeat and stopped tokens carry zeros. With unit-norm atoms ||r|| never increases and each new residual
-    is orthogonal to the atom just used (the trainer re-normalises atoms after every optimiser step).
+    keyword arguments of `forward` override these per call. With the defaults, inference is the training rule.
+    Codes are one (value, index) slot per step: an atom can repeat and stopped tokens carry zeros. With unit-norm
+    atoms ||r_{t+1}||² = ||r_t||² − a², so ||r|| never increases and each new residual is orthogonal to the atom just
+    used (the trainer re-normalises atoms after every optimiser step).
+
+    **Gram update (the fast selection).** Recomputing c = r·W_decᵀ at every step costs T GEMMs of N·d·F. Since
+    r_{t+1} = r_t − a·d_j, the correlations follow the Gram matrix G = W_dec·W_decᵀ [F, F]:
+
+        c_{t+1} = r_{t+1}·W_decᵀ = c_t − a·G[j],
+
+    so one GEMM c⁰ = r⁰·W_decᵀ (N·d·F) plus one Gram GEMM (F·d·F, recomputed every call since W_dec changes every
+    optimiser step) replace the T correlation GEMMs; each step is then a row gather, an in-place axpy and an argmax
+    over [N, F] (memory traffic, no GEMM). Only the *selection* reads the running c: a is recomputed from the true
+    residual (a = d_j·r), and c is updated with that same a, so the code is exact given its support and the
+    gradient is the gradient of the reference rule; float drift in c can only change which atom wins a near-tie.
+
+    When: `pursue` uses the Gram update when G fits the cap, F² ≤ `gram_max_entries` (2^28 entries = 1 GiB in
+    fp32; F ≤ 16384), and it is cheaper in GEMM flops, F ≤ (T − 1)·N (the Gram GEMM F²d against the T − 1 saved
+    correlation GEMMs (T − 1)·N·F·d). Otherwise (very wide dictionaries, few tokens: small eval batches) it
+    falls back to one correlation GEMM per step. In eval mode the Gram matrix is cached on the rule until W_dec
+    changes (its version counter or identity), so eval and index batches reuse it.
+
+    **Precision.** Without autocast everything runs in W_dec's dtype (fp32; float64 in tests). Under autocast
+    (bf16 or fp16) only the selection is low precision: c⁰ and G come from GEMMs in the autocast dtype, then are
+    held and updated in W_dec's dtype (fp32), so the 31 updates do not accumulate bf16 rounding (the fallback's
+    per-step correlations are the autocast dtype too). The coefficients, the residual chain, the gathered atoms and
+    all gradients run with autocast disabled in W_dec's dtype, so values are exact given the support.
     """
 
     Config = MPConfig
     uses_encoder = False
     default_aux = "none"
     saelens_name = "matching_pursuit"
+    gram_max_entries: int = 1 << 28
+    """Largest F² for which `pursue` builds the Gram matrix; wider dictionaries use the per-step GEMM."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self._gram_cache: tuple[weakref.ref[Tensor], tuple[int, int, torch.dtype], Tensor] | None = None
 
     @property
     def signed(self) -> bool:
         return bool(self.config.signed)
 
+    def use_gram(self, n_tokens: int, d_sae: int, steps: int) -> bool:
+        """The rule above: the Gram update when F² ≤ gram_max_entries and F ≤ (steps − 1)·N."""
+        return d_sae * d_sae <= self.gram_max_entries and d_sae <= (steps - 1) * n_tokens
+
+    @staticmethod
+    def selection_dtype(W_dec: Tensor) -> torch.dtype:
+        """The dtype of the selection GEMMs: the autocast dtype when autocast is on for W_dec's device, else W_dec's."""
+        device = W_dec.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return W_dec.dtype
+
+    @torch.no_grad()
+    def gram(self, W_dec: Tensor) -> Tensor:
+        """G = W_dec·W_decᵀ [F, F], computed in `selection_dtype` and returned in W_dec's dtype (no gradient).
+
+        In eval mode the result is cached until W_dec is modified or replaced; training recomputes it every call."""
+        W = W_dec.detach()
+        dtype = self.selection_dtype(W_dec)
+        key = (W_dec._version, W.data_ptr(), dtype)
+        cached = self._gram_cache
+        if cached is not None and cached[0]() is W_dec and cached[1] == key and cached[2].device == W.device:
+            return cached[2]
+        self._gram_cache = None  # free the old matrix before building the new one
+        with torch.autocast(W.device.type, enabled=False):
+            Wl = W.to(dtype)
+            G = (Wl @ Wl.t()).to(W.dtype)
+        if not self.training:
+            self._gram_cache = (weakref.ref(W_dec), key, G)
+        return G
+
+    def train(self, mode: bool = True) -> MatchingPursuit:
+        self._gram_cache = None  # training changes W_dec every step: do not hold the matrix
+        return super().train(mode)
+
     def pursue(
-        self, W_dec: Tensor, xc: Tensor, steps: int, stop_residual: float = 0.0, stop_on_same_support: bool = False
+        self,
+        W_dec: Tensor,
+        xc: Tensor,
+        steps: int,
+        stop_residual: float = 0.0,
+        stop_on_same_support: bool = False,
+        *,
+        method: str = "auto",
+        gram: Tensor | None = None,
     ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Yield (coefficient [N], atom index [N], residual [N, d], support mask [N, F]) after each step."""
-        r = xc
+        """Yield (coefficient [N], atom index [N], residual [N, d], support mask [N, F]) after each step.
+
+        `method`: "gram" (running correlations updated by Gram rows), "gemm" (one correlation GEMM per step, the
+        textbook loop) or "auto" (the rule in the class docstring). `gram`: a precomputed `self.gram(W_dec)` to
+        reuse across chunks (implies "gram")."""
+        if method not in ("auto", "gram", "gemm"):
+            raise SaeKitError(f"mpsae: method={method!r}; use 'auto', 'gram' or 'gemm'")
+        if steps < 1:
+            raise SaeKitError(f"mpsae: max_steps={steps}; use max_steps >= 1")
+        n, n_atoms = xc.shape[0], W_dec.shape[0]
+        if gram is not None and method == "gemm":
+            raise SaeKitError("mpsae: a precomputed gram was passed with method='gemm'; use method='gram' or 'auto'")
+        if gram is not None:
+            method = "gram"
+        elif method == "auto":
+            method = "gram" if self.use_gram(n, n_atoms, steps) else "gemm"
+        device = xc.device.type
+        stopping = stop_residual > 0 or stop_on_same_support
         with torch.no_grad():
-            start_norm = xc.norm(dim=-1)
-            running = torch.ones(xc.shape[0], dtype=torch.bool, device=xc.device)
-            support = torch.zeros(xc.shape[0], W_dec.shape[0], dtype=torch.bool, device=xc.device)
-        for _ in range(steps):
-            with torch.no_grad():
-                corr = r.detach() @ W_dec.detach().t()
+            W = W_dec.detach()
+            sel_dtype = self.selection_dtype(W_dec)
+            with torch.autocast(device, enabled=False):
+                W_sel = W.to(sel_dtype)
+                if method == "gram":
+                    G = gram if gram is not None else self.gram(W_dec)
+                    corr = (xc.detach().to(sel_dtype) @ W_sel.t()).to(W.dtype)  # running c [N, F]
+                    rows = torch.empty_like(corr)  # reused for the gathered Gram rows (and |c|)
+            start_norm = xc.detach().norm(dim=-1) if stop_residual > 0 else None
+            running = torch.ones(n, dtype=torch.bool, device=xc.device)
+            support = torch.zeros(n, n_atoms, dtype=torch.bool, device=xc.device)
+        r = xc
+        for step in range(steps):
+            with torch.no_grad(), torch.autocast(device, enabled=False):
+                if method == "gemm":
+                    corr = r.detach().to(sel_dtype) @ W_sel.t()
+                    score = corr.abs_() if self.signed else corr
+                else:
+                    score = torch.abs(corr, out=rows) if self.signed else corr
                 # argmax of the raw correlations: it differs from argmax ReLU(·) only when every correlation is
                 # <= 0, and then the ReLU'd coefficient below is 0 either way.
-                j = (corr.abs_() if self.signed else corr).argmax(-1)
-            atom = W_dec[j]
-            a = torch.linalg.vecdot(r, atom)
-            if not self.signed:
-                a = a.relu()
-            a = a * running
-            r = r - a[:, None] * atom
+                j = score.argmax(-1)
+            with torch.autocast(device, enabled=False):  # the differentiable part: W_dec's dtype, never autocast
+                atom = W_dec[j]
+                a = torch.linalg.vecdot(r, atom)
+                if not self.signed:
+                    a = a.relu()
+                if stopping:
+                    a = a * running
+                r = r - a[:, None] * atom
             with torch.no_grad():
+                if method == "gram" and step + 1 < steps:
+                    torch.index_select(G, 0, j, out=rows)
+                    corr.addcmul_(rows, a.detach()[:, None], value=-1)  # c ← c − a·G[j]
                 picked = a != 0
-                new = picked & ~support.gather(1, j[:, None]).squeeze(1)
-                support[picked, j[picked]] = True
                 if stop_on_same_support:
-                    running &= new
-                if stop_residual > 0:
-                    running &= r.norm(dim=-1) >= stop_residual * start_norm
+                    running &= picked & ~support.gather(1, j[:, None]).squeeze(1)
+                support[picked, j[picked]] = True
+                if start_norm is not None:
+                    running &= r.detach().norm(dim=-1) >= stop_residual * start_norm
             yield a, j, r, support
-            if not running.any():
+            if stopping and not running.any():
                 return
 
     def forward(
@@ -110,7 +222,7 @@ class MatchingPursuit(Sparsifier):
         stop_residual = stop_residual if stop_residual is not None else defaults[1]
         stop_on_same_support = stop_on_same_support if stop_on_same_support is not None else defaults[2]
         if steps < 1:
-            raise ValueError(f"mpsae: max_steps={steps}; use max_steps >= 1")
+            raise SaeKitError(f"mpsae: max_steps={steps}; use max_steps >= 1")
         values, indices = [], []
         for a, j, _, _ in self.pursue(sae.W_dec, xc, steps, stop_residual, stop_on_same_support):
             values.append(a)
@@ -138,17 +250,22 @@ class MatchingPursuit(Sparsifier):
     ) -> dict[str, Any]:
         """The adaptive-inference curve: mean L0 and FVU after each of `curve_steps` (default 2k) pursuit steps, without
         early stopping, on a seeded sample of `curve_tokens` rows (in chunks of at most `max_cells` correlations):
-        mp_curve_l0 / mp_curve_fvu, and mp_fvu_at_k, the curve at the trained k."""
+        mp_curve_l0 / mp_curve_fvu, and mp_fvu_at_k, the curve at the trained k. When the Gram update applies (see
+        the class docstring) one Gram matrix (at most `gram_max_entries` entries) serves every chunk."""
         steps = curve_steps or 2 * self.cfg.k  # None from eval's settings: twice the trained k
         generator = torch.Generator().manual_seed(seed)
         sample = x[torch.randperm(len(x), generator=generator)[:curve_tokens]].to(sae.W_dec.device, sae.W_dec.dtype)
         xc = sample - sae.b_dec
         total = (xc - xc.mean(0)).double().square().sum()
         chunk = max(1, max_cells // self.cfg.d_sae)
+        use_gram = self.use_gram(min(chunk, len(xc)), self.cfg.d_sae, steps)
+        gram = self.gram(sae.W_dec) if use_gram else None  # one Gram matrix for every chunk
+        method = "gram" if use_gram else "gemm"
         l0 = torch.zeros(steps, dtype=torch.float64)
         err = torch.zeros(steps, dtype=torch.float64)
         for i in range(0, len(xc), chunk):  # no stopping rule: every chunk runs all `steps`
-            for step, (_, _, r, support) in enumerate(self.pursue(sae.W_dec, xc[i : i + chunk], steps)):
+            trace = self.pursue(sae.W_dec, xc[i : i + chunk], steps, method=method, gram=gram)
+            for step, (_, _, r, support) in enumerate(trace):
                 l0[step] += support.sum(dtype=torch.float64).cpu()
                 err[step] += r.double().square().sum().cpu()
         fvu = (err / total.cpu()).tolist()
