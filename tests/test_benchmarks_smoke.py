@@ -60,7 +60,10 @@ def test_train_step(tmp_path):
     assert step_s > 0 and 0 < fvu < 1, out  # three steps already explain part of the variance
     for floor in ("gemm", "topk"):
         assert number(rf"\(floor\)\s+{floor}\s+{NUMBER}", out) > 0
-    assert "our step / encoder GEMM" in out
+    assert "our step / bf16 encoder GEMM" in out and "our step with AuxK / without" in out
+    assert 90 < number(rf"support agreement {NUMBER}%", out) <= 100  # bf16 picks the fp32 support but for near-ties
+    diff = re.search(r"held-out FVU, bf16 - fp32 training\s+([-+][0-9.]+)", out)
+    assert diff and abs(float(diff.group(1))) < 0.02, out  # the same SAE, trained in bf16 or fp32 compute
     assert "[setup]" not in out and "FAILED" not in out  # no peer venv built or timed
     assert not list(tmp_path.glob("sae-kit-train-step-smoke-*")), "the smoke data directory is left behind"
 
