@@ -142,11 +142,11 @@ def test_mutual_choice_activates_exactly_k_times_batch():
     sae = make("mutual_choice").train()
     x = batch(50)
     codes = sae.forward_codes(x)
-    assert int((codes.dense != 0).sum()) == K * 50
+    assert int((codes.to_dense() != 0).sum()) == K * 50
     assert not (codes.l0() == K).all()  # the allocation is batch-level, not per token
     z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     kth = z.relu().flatten().topk(K * 50).values[-1]
-    torch.testing.assert_close(codes.dense, z.relu() * (z >= kth))
+    torch.testing.assert_close(codes.to_dense(), z.relu() * (z >= kth))
 
 
 @pytest.mark.parametrize("budget", [1, 3000, 150_000, 299_999])

@@ -1,27 +1,45 @@
 """What Mutual Choice and Feature Choice share: a batch-level allocation in training, learned thresholds at inference.
 
-In training mode the rule picks (token, latent) matches over the whole batch of ReLU(z) and keeps an EMA of the
-smallest kept activation (one global value for MC, one per latent for FC) in the `threshold` buffer [d_sae]; it is
-logged as the inference L0 during training. In eval mode the code is the JumpReLU r·1[r > θ], r = ReLU(z), so single
-tokens encode without a batch.
+With z = xc·W_enc + b_enc [B, F] and r = ReLU(z), a rule chooses a set S of (token, latent) matches over the whole
+batch (Mutual Choice: the k·B largest entries of r; Feature Choice: each latent i its m_i largest tokens) and the
+code is f[n, i] = r[n, i]·1[(n, i) ∈ S], so x̂ = f·W_dec + b_dec and ∂L/∂z[n, i] = ∂L/∂f[n, i]·1[z[n, i] > 0] on S and
+0 elsewhere. Only the |S| = k·B pairs are ever decoded or differentiated (sae_kit.kernels):
+- selection, without autograd: z = `encode_preacts` (one dense GEMM, the only O(B·F·d) product of the step; bf16
+  under bf16 autocast), r = ReLU(z), S from r by the rule's `select`;
+- S as a CSR pattern sorted by token, then latent (crow [B + 1], latents [P]): the ragged `Codes` form;
+- values = ReLU(`pair_preacts`(S)): gathered from z when z is in the weights' dtype, recomputed exactly in that
+  dtype (fp32) by an SDDMM at the pairs when z is bf16, so the code is exact given its support; their backward
+  and the decode's (`pair_decode`, in W_dec's dtype outside autocast) are sparse products over the P pairs.
+Under bf16 autocast only the selection (and the logged inference L0) sees bf16 scores, so a pair whose fp32 value
+ties with the budget's edge to within bf16 rounding may be swapped for its neighbour; every value, gradient and
+threshold is fp32. `Codes.z` is the selection score z (bf16 under autocast) for the aux losses' ranking, and
+`Codes.preact` the exact, differentiable `gather_preacts`.
+
+The rule keeps an EMA of the smallest kept value (one global value for MC, one per latent for FC; from the exact
+pair values) in the `threshold` buffer [d_sae]; the L0 it gives on the batch is logged as the inference L0 during
+training. In eval mode the code is the JumpReLU f = r·1[r > θ], so single tokens encode without a batch; it is
+returned as pairs too (the nonzeros of r > θ, values recomputed exactly and masked by the exact r > θ), which keeps
+no [N, F] code or graph on wide SAEs.
 
 An EMA of per-batch minima lags the training and is biased low in count (the mean of minima is not the pooled
 quantile), which gave inference L0s 25–33% below the training budget. So at the end of training `calibrate` sets
 θ from `calibration_batches` training batches: the value that the budget's worth of entries exceed over all of them
 (MC: k·N entries in all; FC: each latent's capacity share of the N tokens), which makes the inference L0 on
-training data equal the training budget.
+training data equal the training budget. Calibration runs in the weights' dtype (fp32), outside autocast.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from sae_kit.sparsifiers.base import Codes, RuleConfig, Sparsifier, dense_codes, dense_preacts
+from sae_kit.kernels import encode_preacts, gather_preacts, pair_preacts
+from sae_kit.sparsifiers.base import Codes, RuleConfig, Sparsifier
 
 if TYPE_CHECKING:
     from sae_kit.sae import SAE, SAEConfig
@@ -56,8 +74,18 @@ def midpoint_of_ranks(values: Tensor, n: Tensor | int, dim: int = 0) -> Tensor:
     return torch.where(n < size, (upper + lower) / 2, torch.zeros_like(upper))
 
 
+def sorted_pairs(keys: Tensor, n_tokens: int, d_sae: int) -> tuple[Tensor, Tensor]:
+    """(crow [N + 1], latents [P]) of the pairs with flat keys n·F + i [P] (any order, no repeats): CSR sorted by
+    token, then latent."""
+    keys = keys.sort().values
+    tokens, latents = keys.div(d_sae, rounding_mode="floor"), keys.remainder(d_sae)
+    crow = torch.zeros(n_tokens + 1, dtype=torch.int64, device=keys.device)
+    crow[1:] = torch.bincount(tokens, minlength=n_tokens).cumsum(0)
+    return crow, latents
+
+
 class BatchChoice(Sparsifier):
-    """Base for batch-allocating rules; subclasses implement `allocate` and `calibrated_threshold`."""
+    """Base for batch-allocating rules; subclasses implement `select`, `smallest_kept` and `calibrated_threshold`."""
 
     Config = BatchChoiceConfig
     saelens_name: str | None = "jumprelu"
@@ -69,8 +97,13 @@ class BatchChoice(Sparsifier):
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=cfg.torch_dtype, device=cfg.device))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64, device=cfg.device))
 
-    def allocate(self, r: Tensor) -> tuple[Tensor, Tensor]:
-        """From ReLU(z) [B, F] (differentiable), return the code [B, F] and the smallest kept value (scalar or [F])."""
+    def select(self, r: Tensor) -> Tensor:
+        """The kept pairs S of a batch r = ReLU(z) [B, F] (no autograd; bf16 under autocast) as flat keys n·F + i
+        [P], in any order, each pair once."""
+        raise NotImplementedError
+
+    def smallest_kept(self, values: Tensor, latents: Tensor) -> Tensor:
+        """The threshold EMA's target from the kept pairs' exact values [P] and latents [P]: a scalar or [F]."""
         raise NotImplementedError
 
     def calibrated_threshold(self, rs: list[Tensor]) -> Tensor:
@@ -97,15 +130,32 @@ class BatchChoice(Sparsifier):
         self.threshold_updates += 1
 
     def forward(self, sae: SAE, xc: Tensor, grad: Tensor | None = None) -> Codes:
-        z = dense_preacts(sae, xc)
-        r = z.relu()
-        if not self.training:
-            return dense_codes(self.cfg, r * (r > self.threshold), z)
-        f, smallest_kept = self.allocate(r)
-        self.update_threshold(smallest_kept)
+        z = encode_preacts(xc, sae.W_enc, sae.b_enc)
+        n, d_sae = z.shape
         with torch.no_grad():
-            inference_l0 = (r > self.threshold).sum(-1, dtype=torch.float32).mean()
-        return dense_codes(self.cfg, f, z, inference_l0=inference_l0)
+            r = z.relu()
+            if self.training:
+                crow, latents = sorted_pairs(self.select(r), n, d_sae)
+            else:  # nonzero() lists row-major: sorted by token, then latent
+                tokens, latents = (r > self.threshold).nonzero(as_tuple=True)
+                crow = torch.zeros(n + 1, dtype=torch.int64, device=z.device)
+                crow[1:] = torch.bincount(tokens, minlength=n).cumsum(0)
+        values = pair_preacts(xc, sae.W_enc, sae.b_enc, z, crow, latents).relu()
+        codes = Codes(
+            d_sae=d_sae,
+            values=values,
+            indices=latents,
+            crow=crow,
+            z=z,
+            preact=partial(gather_preacts, xc, sae.W_enc, sae.b_enc, z),
+        )
+        if not self.training:  # the exact JumpReLU on the support (a no-op unless z is bf16)
+            codes.values = values * (values > self.threshold[latents])
+            return codes
+        self.update_threshold(self.smallest_kept(values.detach(), latents))
+        with torch.no_grad():
+            codes.inference_l0 = torch.count_nonzero(r > self.threshold).to(torch.float32) / n
+        return codes
 
     def calibration_batches(self) -> int:
         """How many training batches `calibrate` wants at the end of training."""
@@ -118,7 +168,9 @@ class BatchChoice(Sparsifier):
         rs = []
         for x in batches:
             x = x.to(sae.W_dec.device, sae.W_dec.dtype)
-            rs.append(dense_preacts(sae, x - sae.b_dec if self.cfg.apply_b_dec_to_input else x).relu_())
+            xc = x - sae.b_dec if self.cfg.apply_b_dec_to_input else x
+            with torch.autocast(x.device.type, enabled=False):
+                rs.append(encode_preacts(xc, sae.W_enc, sae.b_enc).relu_())
         self.threshold.copy_(self.calibrated_threshold(rs))
 
     def eval_metrics(self, sae: SAE, x: Tensor, grad: Tensor | None = None, **settings: Any) -> dict[str, Any]:

@@ -7,6 +7,9 @@ its Fig. 2). Where we differ, since the paper's text and code do not pin these d
   water-filled so that every m_i <= B and Σ m_i = k·B exactly (the batch L0 is k). Measured on SmolLM2 layer 6
   (2,304 latents, k 32, 300k tokens): held-out FVU 0.260 at s = 0.5 against 0.300 with uniform capacities (s = 0)
   and 0.287 for TopK at the same L0 (BENCHMARKS.md);
+- training keeps S = {(n, i): n among the m_i largest r[:, i]} (r = ReLU(z), the selection score: bf16 under bf16
+  autocast), decoded and differentiated at its k·B pairs only (sae_kit.sparsifiers.batch_choice); a kept zero is a
+  pair with value 0, not a firing;
 - inference is the JumpReLU r·1[r > θ_i] with per-latent θ_i calibrated at the end of training so that latent i
   fires on its capacity share m_i·N/B of N training tokens (sae_kit.sparsifiers.batch_choice).
 """
@@ -96,12 +99,18 @@ class FeatureChoice(BatchChoice):
                 stacklevel=2,
             )
 
-    def allocate(self, r: Tensor) -> tuple[Tensor, Tensor]:
-        caps = self.capacities(r.detach())
-        top, rows = r.detach().topk(int(caps.max()), dim=0)
-        keep = torch.arange(top.shape[0], device=r.device)[:, None] < caps
-        f = r.new_zeros(r.shape).scatter(0, rows, r.gather(0, rows) * keep)
-        return f, top.gather(0, (caps - 1)[None]).squeeze(0)
+    def select(self, r: Tensor) -> Tensor:
+        """The flat indices n·F + i of each latent i's m_i largest tokens (m = `capacities`)."""
+        caps = self.capacities(r)
+        rows = r.topk(int(caps.max()), dim=0, sorted=True).indices  # [max m, F], by decreasing r
+        keep = torch.arange(rows.shape[0], device=r.device)[:, None] < caps
+        latents = torch.arange(r.shape[1], device=r.device).expand_as(rows)
+        return (rows * r.shape[1] + latents)[keep]
+
+    def smallest_kept(self, values: Tensor, latents: Tensor) -> Tensor:
+        """Per latent, the smallest of its kept values [F] (its m_i-th largest; every latent keeps m_i >= 1)."""
+        out = values.new_full((self.cfg.d_sae,), float("inf"))
+        return out.scatter_reduce(0, latents, values, "amin")
 
     def calibrated_threshold(self, rs: list[Tensor]) -> Tensor:
         """θ_i that exactly n_i of the N calibration tokens exceed, n_i = latent i's capacity share m_i·N/B (capacities

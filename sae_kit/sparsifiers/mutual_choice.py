@@ -1,4 +1,11 @@
-"""Mutual Choice (Ayonrinde 2024) = BatchTopK (Bussmann et al. 2024): the top k·B entries of ReLU(z) over the batch."""
+"""Mutual Choice (Ayonrinde 2024) = BatchTopK (Bussmann et al. 2024): the top k·B entries of ReLU(z) over the batch.
+
+S = the k·B largest entries of r = ReLU(z) [B, F] flattened (`flat_topk_indices`, on the selection score: bf16
+under bf16 autocast), so tokens keep varying numbers of latents (k on average); f = r on S, decoded and
+differentiated at the k·B pairs only (sae_kit.sparsifiers.batch_choice). The inference threshold is global: the EMA
+of min_{(n, i) ∈ S} r[n, i] (exact fp32 values), and at the end of training the value that exactly k·N calibration
+entries exceed.
+"""
 
 from __future__ import annotations
 
@@ -32,11 +39,13 @@ def flat_topk_indices(flat: Tensor, budget: int) -> Tensor:
 class MutualChoice(BatchChoice):
     """Unrestricted allocation of k·B matches; one global inference threshold (stored in every `threshold` entry)."""
 
-    def allocate(self, r: Tensor) -> tuple[Tensor, Tensor]:
-        flat = r.flatten()
-        kept = flat_topk_indices(flat.detach(), self.cfg.k * r.shape[0])
-        values = flat[kept]
-        return flat.new_zeros(flat.shape).scatter(0, kept, values).view_as(r), values.detach().min()
+    def select(self, r: Tensor) -> Tensor:
+        """The flat indices n·F + i of the k·B largest entries of r (or all B·F of them, if fewer)."""
+        return flat_topk_indices(r.flatten(), min(r.numel(), self.cfg.k * r.shape[0]))
+
+    def smallest_kept(self, values: Tensor, latents: Tensor) -> Tensor:
+        """min over the kept pairs' values (scalar; the threshold is global)."""
+        return values.min()
 
     def calibrated_threshold(self, rs: list[Tensor]) -> Tensor:
         """The global θ that exactly k·N of the N calibration tokens' entries exceed. Each batch contributes its
