@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import subprocess
 import sys
 
@@ -108,7 +110,7 @@ def test_gsae_uses_gradients_on_real_data(grad_cache):
     assert (with_g != without).any(-1).float().mean() > 0.5  # the real gradient changes most tokens' support
 
 
-def test_train_from_the_model_stream(tmp_path, model):
+def test_train_from_the_model_stream(tmp_path, model, capsys):
     cfg = TrainRunConfig(
         out=tmp_path / "stream",
         harvest=HarvestConfig(context_size=64),
@@ -116,12 +118,21 @@ def test_train_from_the_model_stream(tmp_path, model):
         expansion_factor=2,
         eval_tokens=1024,
         buffer_tokens=2048,
-        progress=False,
+        log_every=4,
         train=TrainConfig(batch_size=512, tokens=512 * 12, lr=2e-3, warmup_steps=2),
     )
     s = train(cfg, model=model)
     h = s["members"][0]["heldout"]
     assert s["steps"] == 12 and h["tokens"] == 1024 and h["fvu"] < 1.0
+    # the bar names its phase (the LM harvest filling the buffer, or SAE steps) and the share of time each takes
+    bar = capsys.readouterr().err
+    assert "[harvest]" in bar and "[SAE steps]" in bar, bar[-2000:]
+    share = re.findall(r"harvest (\d+)% of the time", bar)
+    assert share and 0 < int(share[-1]) <= 100, bar[-2000:]
+    # the logged rate is the run's average (tokens so far / time so far), so it never swings to burst speeds
+    rates = [json.loads(line)["tok_per_s"] for line in (tmp_path / "stream" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rates) == 3 and all(r > 0 for r in rates)
+    assert max(rates) / min(rates) < 3, rates
 
 
 def test_cli_train_prints_where_and_how_good(tmp_path, real_cache):

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -256,6 +257,8 @@ def _steps(
     b, total = cfg.train.batch_size, cfg.train.tokens // cfg.train.batch_size
     solo = len(trainers) == 1
     desc = f"train {next(iter(trainers)) if solo else f'{len(trainers)} SAEs'}"
+    # smoothing=0: the rate and ETA are the average since the start, not of the last few updates, which swing
+    # between buffer fills (the LM harvest) and bursts of SAE steps; the description names the current phase.
     bar = tqdm(
         total=total * b,
         initial=step * b,
@@ -264,7 +267,12 @@ def _steps(
         desc=desc,
         disable=not cfg.progress,
         dynamic_ncols=True,
+        smoothing=0,
     )
+    fetching = "reading cache" if isinstance(source, CacheSource) else "harvest"
+    spent = {"data": 0.0, "sae_steps": 0.0}
+    shown = ""
+    started, first_step = time.perf_counter(), step
     stop = threading.Event()
     batches = source.batches(position, stop)
     if use_prefetch(cfg.prefetch, source.device):
@@ -272,7 +280,11 @@ def _steps(
     try:
         stream = iter(batches)
         while step < total and len(failed) < len(trainers):
+            t0 = time.perf_counter()
+            bar.set_description_str(f"{desc} [{fetching}]")
             batch, position = next(stream)
+            t1 = time.perf_counter()
+            bar.set_description_str(f"{desc} [SAE steps]", refresh=False)
             x = batch.acts[source.hook]
             g = batch.grads[source.hook] if batch.grads is not None else None
             step += 1
@@ -285,15 +297,17 @@ def _steps(
                     failed[name] = _keep_last_good(trainer, rundir.sae_dir(dirs[name]), err)
                     continue
                 if step % cfg.log_every == 0 or step == total:
-                    m["tok_per_s"] = bar.format_dict["rate"] or 0.0
+                    m["tok_per_s"] = (step - first_step) * b / max(1e-9, time.perf_counter() - started)
                     metrics_log.write(name, m)
                     if solo:
-                        bar.set_postfix(
-                            loss=f"{m['loss']:.3f}",
-                            fvu=f"{m['fvu']:.3f}",
-                            l0=f"{m['l0']:.1f}",
-                            dead=f"{100 * m['dead_frac']:.1f}%",
+                        shown = (
+                            f"loss={m['loss']:.3f}, fvu={m['fvu']:.3f}, l0={m['l0']:.1f}, "
+                            f"dead={100 * m['dead_frac']:.1f}%, "
                         )
+            spent["data"] += t1 - t0
+            spent["sae_steps"] += time.perf_counter() - t1
+            share = spent["data"] / max(1e-9, sum(spent.values()))
+            bar.set_postfix_str(f"{shown}{fetching} {100 * share:.0f}% of the time", refresh=False)
             bar.update(b)
             if step < total and step * b // cfg.checkpoint_every > (step - 1) * b // cfg.checkpoint_every:
                 states = {
@@ -307,6 +321,7 @@ def _steps(
         if isinstance(batches, Prefetcher):
             batches.close()
         bar.close()
+    log.info("time: %.0f s waiting for data (%s), %.0f s in SAE steps", spent["data"], fetching, spent["sae_steps"])
     return step
 
 
