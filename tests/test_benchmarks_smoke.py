@@ -121,3 +121,15 @@ def test_autointerp(tmp_path):
     assert number(rf"\nall four\s+{NUMBER}", out) > 0
     assert "intervention  judge" in out and "strength search" in out
     assert not list(tmp_path.glob("sae-kit-autointerp-bench-*")), "the run and its results are left behind"
+
+
+def test_rules(tmp_path):
+    out = smoke("rules.py", tmp_path)
+    assert "d_sae 1024, k 32, batch 512" in out
+    for rule in ("topk", "mutual_choice", "feature_choice", "mpsae", "relu"):
+        bf16, ratio_bf16, fp32, ratio_fp32 = numbers(rf"\n{rule}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\s+{NUMBER}x", out)
+        assert bf16 > 0 and fp32 > 0 and ratio_bf16 > 0, out
+    assert number(rf"\ntopk\s+{NUMBER}\s+1\.00x", out) > 0
+    for rule in ("mutual_choice", "feature_choice", "mpsae"):
+        assert re.search(rf"{rule} step / topk step \(bfloat16\)\s+{NUMBER}x", out), out
+    assert not list(tmp_path.glob("sae-kit-rules-smoke-*")), "the smoke data directory is left behind"
