@@ -85,6 +85,8 @@ class MatchingPursuit(Sparsifier):
     saelens_name = "matching_pursuit"
     gram_max_entries: int = 1 << 28
     """Largest F² for which `pursue` builds the Gram matrix; wider dictionaries use the per-step GEMM."""
+    method: str = "auto"
+    """How `select` (the forward) finds atoms: "auto" (the rule above), "gram" or "gemm" (set it on an instance)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -140,68 +142,115 @@ class MatchingPursuit(Sparsifier):
         method: str = "auto",
         gram: Tensor | None = None,
     ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Yield (coefficient [N], atom index [N], residual [N, d], support mask [N, F]) after each step.
+        """Yield (coefficient [N], atom index [N], residual [N, d], support mask [N, F]) after each step, without
+        gradient (`coefficients` gives the differentiable values of a support).
 
         `method`: "gram" (running correlations updated by Gram rows), "gemm" (one correlation GEMM per step, the
         textbook loop) or "auto" (the rule in the class docstring). `gram`: a precomputed `self.gram(W_dec)` to
         reuse across chunks (implies "gram")."""
+        for a, j, r, support, _ in self._pursue(W_dec, xc, steps, stop_residual, stop_on_same_support, method, gram):
+            assert support is not None
+            yield a, j, r, support
+
+    @torch.no_grad()
+    def _pursue(
+        self,
+        W_dec: Tensor,
+        xc: Tensor,
+        steps: int,
+        stop_residual: float = 0.0,
+        stop_on_same_support: bool = False,
+        method: str = "auto",
+        gram: Tensor | None = None,
+        track_support: bool = True,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]:
+        """`pursue`, also yielding which tokens were still running at the step (None: all of them, no stopping
+        rule); the support mask is None unless `track_support` or `stop_on_same_support`."""
         if method not in ("auto", "gram", "gemm"):
             raise SaeKitError(f"mpsae: method={method!r}; use 'auto', 'gram' or 'gemm'")
         if steps < 1:
             raise SaeKitError(f"mpsae: max_steps={steps}; use max_steps >= 1")
-        n, n_atoms = xc.shape[0], W_dec.shape[0]
         if gram is not None and method == "gemm":
             raise SaeKitError("mpsae: a precomputed gram was passed with method='gemm'; use method='gram' or 'auto'")
+        n, n_atoms = xc.shape[0], W_dec.shape[0]
         if gram is not None:
             method = "gram"
         elif method == "auto":
             method = "gram" if self.use_gram(n, n_atoms, steps) else "gemm"
-        device = xc.device.type
         stopping = stop_residual > 0 or stop_on_same_support
-        with torch.no_grad():
-            W = W_dec.detach()
-            sel_dtype = self.selection_dtype(W_dec)
-            with torch.autocast(device, enabled=False):
-                W_sel = W.to(sel_dtype)
-                if method == "gram":
-                    G = gram if gram is not None else self.gram(W_dec)
-                    corr = (xc.detach().to(sel_dtype) @ W_sel.t()).to(W.dtype)  # running c [N, F]
-                    rows = torch.empty_like(corr)  # reused for the gathered Gram rows (and |c|)
-            start_norm = xc.detach().norm(dim=-1) if stop_residual > 0 else None
-            running = torch.ones(n, dtype=torch.bool, device=xc.device)
-            support = torch.zeros(n, n_atoms, dtype=torch.bool, device=xc.device)
-        r = xc
-        for step in range(steps):
-            with torch.no_grad(), torch.autocast(device, enabled=False):
+        sel_dtype = self.selection_dtype(W_dec)
+        with torch.autocast(xc.device.type, enabled=False):
+            W, r = W_dec.detach(), xc.detach()
+            W_sel = W.to(sel_dtype)
+            if method == "gram":
+                G = gram if gram is not None else self.gram(W_dec)
+                corr = (r.to(sel_dtype) @ W_sel.t()).to(W.dtype)  # the running c [N, F]
+                rows = torch.empty_like(corr)  # reused for the gathered Gram rows (and |c|)
+            start_norm = r.norm(dim=-1) if stop_residual > 0 else None
+            running = torch.ones(n, dtype=torch.bool, device=xc.device) if stopping else None
+            support = None
+            if track_support or stop_on_same_support:
+                support = torch.zeros(n, n_atoms, dtype=torch.bool, device=xc.device)
+            tokens = torch.arange(n, device=xc.device)
+            atom, prod = torch.empty_like(r), torch.empty_like(r)
+            for step in range(steps):
                 if method == "gemm":
-                    corr = r.detach().to(sel_dtype) @ W_sel.t()
+                    corr = r.to(sel_dtype) @ W_sel.t()
                     score = corr.abs_() if self.signed else corr
                 else:
                     score = torch.abs(corr, out=rows) if self.signed else corr
                 # argmax of the raw correlations: it differs from argmax ReLU(·) only when every correlation is
                 # <= 0, and then the ReLU'd coefficient below is 0 either way.
                 j = score.argmax(-1)
-            with torch.autocast(device, enabled=False):  # the differentiable part: W_dec's dtype, never autocast
-                atom = W_dec[j]
-                a = torch.linalg.vecdot(r, atom)
+                torch.index_select(W, 0, j, out=atom)
+                a = _dot(r, atom, prod)  # from the true residual, not from the running c
                 if not self.signed:
-                    a = a.relu()
-                if stopping:
-                    a = a * running
-                r = r - a[:, None] * atom
-            with torch.no_grad():
+                    a.relu_()
+                was_running = None if running is None else running.clone()  # before this step's updates
+                if running is not None:
+                    a *= running
+                r = torch.addcmul(r, atom, a[:, None], value=-1)  # r ← r − a·d_j
                 if method == "gram" and step + 1 < steps:
                     torch.index_select(G, 0, j, out=rows)
-                    corr.addcmul_(rows, a.detach()[:, None], value=-1)  # c ← c − a·G[j]
-                picked = a != 0
-                if stop_on_same_support:
-                    running &= picked & ~support.gather(1, j[:, None]).squeeze(1)
-                support[picked, j[picked]] = True
-                if start_norm is not None:
-                    running &= r.detach().norm(dim=-1) >= stop_residual * start_norm
-            yield a, j, r, support
-            if stopping and not running.any():
-                return
+                    corr.addcmul_(rows, a[:, None], value=-1)  # c ← c − a·G[j]
+                if support is not None:
+                    picked = a != 0
+                    seen = support[tokens, j]
+                    if running is not None and stop_on_same_support:
+                        running &= picked & ~seen
+                    support[tokens, j] = seen | picked
+                if running is not None and start_norm is not None:
+                    running &= r.norm(dim=-1) >= stop_residual * start_norm
+                yield a, j, r, support, was_running
+                if running is not None and not running.any():
+                    return
+
+    @torch.no_grad()
+    def select(
+        self,
+        W_dec: Tensor,
+        xc: Tensor,
+        steps: int,
+        stop_residual: float = 0.0,
+        stop_on_same_support: bool = False,
+        keep_residuals: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor] | None]:
+        """The whole pursuit at once, without gradient: (values A [N, T], indices J [N, T], the still-running mask
+        M [N, T] (None without a stopping rule), the residuals r_0 … r_{T−1} [N, d] before each step (when
+        `keep_residuals`)),
+        by the Gram update or the per-step GEMM as `method` says. T < steps when every token stopped early."""
+        values, indices, masks, residuals = [], [], [], [xc.detach()]
+        trace = self._pursue(W_dec, xc, steps, stop_residual, stop_on_same_support, self.method, None, False)
+        for a, j, r, _, was_running in trace:
+            values.append(a)
+            indices.append(j)
+            if was_running is not None:
+                masks.append(was_running)
+            if keep_residuals:
+                residuals.append(r)
+        A, J = torch.stack(values, 1), torch.stack(indices, 1)
+        M = torch.stack(masks, 1) if masks else None
+        return A, J, M, residuals[: A.shape[1]] if keep_residuals else None
 
     def forward(
         self,
@@ -223,14 +272,15 @@ class MatchingPursuit(Sparsifier):
         stop_on_same_support = stop_on_same_support if stop_on_same_support is not None else defaults[2]
         if steps < 1:
             raise SaeKitError(f"mpsae: max_steps={steps}; use max_steps >= 1")
-        values, indices = [], []
-        for a, j, _, _ in self.pursue(sae.W_dec, xc, steps, stop_residual, stop_on_same_support):
-            values.append(a)
-            indices.append(j)
+        stop = (stop_residual, stop_on_same_support)
+        if torch.is_grad_enabled() and (sae.W_dec.requires_grad or xc.requires_grad):
+            A, J = _PursuitChain.apply(xc, sae.W_dec, self, steps, stop)
+        else:
+            A, J, _, _ = self.select(sae.W_dec, xc, steps, *stop)
         return Codes(
             d_sae=cfg.d_sae,
-            values=torch.stack(values, 1),
-            indices=torch.stack(indices, 1),
+            values=A,
+            indices=J,
             unique_indices=False,
             signed=self.signed,
         )
@@ -277,3 +327,58 @@ class MatchingPursuit(Sparsifier):
             "mp_curve_fvu": fvu,
             "mp_fvu_at_k": fvu[k - 1] if len(fvu) >= k else None,
         }
+
+
+def _dot(u: Tensor, v: Tensor, buffer: Tensor) -> Tensor:
+    """Row-wise dot products [N] of u, v [N, d], through a reused [N, d] buffer (linalg.vecdot allocates one per call,
+    and under CPU autocast it would run in bf16)."""
+    return torch.mul(u, v, out=buffer).sum(-1)
+
+
+class _PursuitChain(torch.autograd.Function):
+    r"""The coefficients of a pursuit, differentiable into r⁰ = x − b_dec and W_dec, with the support held fixed.
+
+    Forward (no graph): the pursuit itself, A [N, T] (a_t = ReLU(d_t·r_t)·m_t, d_t = W_dec[j_t], r_{t+1} = r_t − a_t·d_t,
+    m_t the still-running mask) and J [N, T]; it keeps the residuals r_0 … r_{T−1}. Backward, by hand, with λ_t =
+    ∂L/∂r_t (λ_T = 0, since only A leaves the function) from t = T − 1 down to 0:
+
+        h_t = (∂L/∂a_t − λ_{t+1}·d_t)·ReLU'(d_t·r_t)·m_t,   ∂L/∂d_t = h_t·r_t − a_t·λ_{t+1},   λ_t = λ_{t+1} + h_t·d_t,
+
+    then ∂L/∂r⁰ = λ_0 and ∂L/∂W_dec = Σ_t scatter of ∂L/∂d_t onto rows j_t (one index_add). This is exactly the
+    gradient autograd takes through the textbook chain, in a few in-place [N, d] passes per step instead of a graph of
+    T gathers (each a [F, d] scatter in backward) and their intermediates. Runs outside autocast in W_dec's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, xc: Tensor, W_dec: Tensor, rule: MatchingPursuit, steps: int, stop: tuple[float, bool]):
+        A, J, M, R = rule.select(W_dec, xc, steps, *stop, keep_residuals=True)
+        ctx.signed = rule.signed
+        ctx.has_mask = M is not None
+        assert R is not None
+        ctx.save_for_backward(W_dec, A, J, *([] if M is None else [M]), *R)
+        ctx.mark_non_differentiable(J)
+        return A, J
+
+    @staticmethod
+    def backward(ctx: Any, grad_A: Tensor, _grad_J: Tensor | None):
+        W_dec, A, J, *rest = ctx.saved_tensors
+        M = rest[0] if ctx.has_mask else None
+        residuals = rest[1:] if ctx.has_mask else rest  # r_t before step t
+        with torch.autocast(W_dec.device.type, enabled=False):
+            grad_A = grad_A.to(W_dec.dtype)
+            lam = torch.zeros_like(residuals[0])  # λ_T = 0
+            grad_D = torch.empty(*J.shape, W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+            atom, prod = torch.empty_like(lam), torch.empty_like(lam)
+            for t in range(J.shape[1] - 1, -1, -1):
+                a = A[:, t]
+                torch.index_select(W_dec, 0, J[:, t], out=atom)
+                h = grad_A[:, t] - _dot(lam, atom, prod)
+                if ctx.signed:
+                    h = h if M is None else h * M[:, t]
+                else:
+                    h = h * (a > 0)  # a > 0 iff the pre-ReLU dot was > 0 and the token was running
+                torch.mul(residuals[t], h[:, None], out=grad_D[:, t])
+                grad_D[:, t].addcmul_(lam, a[:, None], value=-1)  # ∂L/∂d_t = h·r_t − a·λ_{t+1}
+                lam.addcmul_(atom, h[:, None])  # λ_t = λ_{t+1} + h·d_t
+            grad_W = torch.zeros_like(W_dec).index_add_(0, J.reshape(-1), grad_D.reshape(-1, W_dec.shape[1]))
+        return lam, grad_W, None, None, None
