@@ -1,21 +1,34 @@
 """Harvesting: one LM pass gives activations (and optionally ∂CE/∂x) at one or more hooks, with their provenance.
 
-Without gradients the forward stops after the last block any hook needs (`stop_at_layer`). With gradients it runs
-to the logits, makes the activation at the earliest hook a leaf, and differentiates the summed next-token
-cross-entropy with respect to every hooked activation; the LM weights stay frozen.
+Without gradients the forward stops after the last block any hook needs (`stop_at_layer`). With gradients the
+activation at the earliest hook becomes a leaf (so nothing below it is recorded for backward, and the LM weights stay
+frozen), the forward runs on to the input of the unembedding, and the summed next-token cross-entropy and its gradient
+with respect to that final hidden state are computed a chunk of positions at a time (`ce_and_grad`: never the whole
+[R, T, vocab] logits or their gradient); one backward from there gives ∂CE/∂x at every hook. Models whose unembedding
+is not a plain affine map of `unembed.hook_in` (checked once per Harvester) take the straightforward path through the
+full logits. Activations and gradients are handed out as float32 whatever the LM's dtype.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from sae_kit.data import Contexts, HarvestError, PackConfig, documents, load_corpus, pack
-from sae_kit.models import DEFAULT_HOOK, LanguageModel, check_device, context_limit, stop_layer, validate_hooks
+from sae_kit.models import (
+    DEFAULT_HOOK,
+    LanguageModel,
+    ModelDtype,
+    check_device,
+    context_limit,
+    resolve_dtype,
+    stop_layer,
+    validate_hooks,
+)
 from sae_kit.rows import ActivationRows
 
 Split = Literal["train", "heldout"]
@@ -66,6 +79,11 @@ class HarvestConfig:
     """Contexts per LM forward pass."""
     device: str | None = None
     """Torch device for the LM (None: cuda if available, else cpu)."""
+    model_dtype: ModelDtype = "auto"
+    """The LM's dtype when a harvest loads it. `auto`: bfloat16 for activation-only harvests where the device has fast
+    bf16 (`sae_kit.models.fast_bf16`; ~3x faster, activations within 1% of fp32), float32 otherwise and for gradient
+    (g-SAE) harvests, whose bf16 ∂CE/∂x strays on a few positions (BENCHMARKS.md). Activations and gradients are handed
+    out as float32 either way; the dtype used is recorded as `model_dtype` in caches and SAE metadata."""
 
     def check(self, model: LanguageModel | None = None) -> None:
         """One-line HarvestErrors for settings that cannot work, before anything runs or is written.
@@ -91,6 +109,7 @@ class HarvestConfig:
             raise HarvestError(f"--hook names a hook twice ({' '.join(self.hook)}); pass each hook once")
         if self.device is not None:
             check_device(self.device)
+        resolve_dtype(self.model_dtype, self.device)
         if model is not None:
             limit = context_limit(model)
             if limit is not None and self.context_size > limit:
@@ -105,12 +124,23 @@ class HarvestConfig:
             context_size=self.context_size, prepend_bos=self.prepend_bos, packing=self.packing, separator=self.separator
         )
 
-    def settings(self, model_name: str) -> dict:
-        """The tokenisation and data settings as JSON, recorded in caches and SAE metadata."""
+    def torch_dtype(self, with_grads: bool = False) -> torch.dtype:
+        """The dtype a harvest (with gradients or not) loads the LM in: `model_dtype` resolved for `device`."""
+        if with_grads and self.model_dtype == "auto":
+            return torch.float32
+        return resolve_dtype(self.model_dtype, self.device)
+
+    def settings(self, model_name: str, model_dtype: str | None = None) -> dict:
+        """The tokenisation and data settings as JSON, recorded in caches and SAE metadata.
+
+        `model_dtype` is the dtype the LM actually ran in (`sae_kit.models.dtype_name(model)`); None records
+        `model_dtype` resolved for `device` (for an activation-only harvest).
+        """
         from sae_kit.data import corpus_fingerprint
 
         return {
             "model_name": model_name,
+            "model_dtype": model_dtype or str(self.torch_dtype()).removeprefix("torch."),
             "hook_names": list(self.hook),
             "dataset_path": self.corpus,
             "dataset_fingerprint": corpus_fingerprint(self.corpus),
@@ -154,6 +184,7 @@ class Harvester:
         }
         self._special = torch.tensor(sorted(ids), dtype=torch.int64)
         self._stop = None if self.with_grads else stop_layer(self.model, self.hooks)
+        self._chunked = self.with_grads and self._chunked_ok()
 
     def keep_mask(self, ctx: Contexts) -> torch.Tensor:
         """[R, T] bool: positions whose activations are kept."""
@@ -173,12 +204,37 @@ class Harvester:
     def run(
         self, tokens: torch.Tensor, pad: torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """Activations [R, T, d] (and gradients) at every hook for a token batch, multi-dim hooks flattened to d."""
-        store: dict[str, torch.Tensor] = {}
+        """Activations [R, T, d] (and gradients) at every hook for a token batch, multi-dim hooks flattened to d.
 
-        def capture(name: str):
+        Both come back as float32 on the model's device, whatever the LM's dtype.
+        """
+        device = next(self.model.parameters()).device
+        tokens = tokens.to(device)
+        if not self.with_grads:
+            store: dict[str, torch.Tensor] = {}
+            with torch.inference_mode(), self.model.hooks(fwd_hooks=self._capture(store)):
+                self.model(tokens, stop_at_layer=self._stop)
+            return {h: store[h].flatten(2).float() for h in self.hooks}, None
+        targets = tokens.roll(-1, dims=1)  # next-token targets; the last position and padding targets are ignored
+        targets[:, -1] = -100
+        if pad is not None and pad.numel():
+            targets = targets.masked_fill(pad.to(device).roll(-1, dims=1), -100)
+        if self._chunked:
+            acts, grads = self._grads_chunked(tokens, targets)
+        else:
+            acts, grads = self._grads_full(tokens, targets)
+        return (
+            {h: acts[h].detach().flatten(2).float() for h in self.hooks},
+            {h: g.flatten(2).float() for h, g in zip(self.hooks, grads)},
+        )
+
+    def _capture(self, store: dict[str, torch.Tensor]) -> list[tuple[str, Callable]]:
+        """Forward hooks that put each requested hook's activation in `store`; with gradients the first one to fire
+        (the earliest hook) becomes a leaf, so nothing below it is recorded for backward."""
+
+        def capture(name: str) -> Callable:
             # Hook points can be aliases (blocks.N.hook_resid_post is blocks.N.hook_out), so key by the requested name.
-            def fn(act: torch.Tensor, hook) -> torch.Tensor:
+            def fn(act: torch.Tensor, hook) -> torch.Tensor:  # noqa: ARG001
                 if self.with_grads and not act.requires_grad:
                     act = act.detach().requires_grad_(True)
                 store[name] = act
@@ -186,30 +242,65 @@ class Harvester:
 
             return fn
 
-        device = next(self.model.parameters()).device
-        tokens = tokens.to(device)
-        fwd = [(name, capture(name)) for name in self.hooks]
-        if not self.with_grads:
-            with torch.inference_mode(), self.model.hooks(fwd_hooks=fwd):
-                self.model(tokens, stop_at_layer=self._stop)
-            return {h: store[h].flatten(2) for h in self.hooks}, None
-        with torch.enable_grad(), self.model.hooks(fwd_hooks=fwd):
+        return [(name, capture(name)) for name in self.hooks]
+
+    def _grads_full(
+        self, tokens: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The straightforward path: the full [R, T, vocab] logits, cross-entropy, autograd down to the hooks."""
+        store: dict[str, torch.Tensor] = {}
+        with torch.enable_grad(), self.model.hooks(fwd_hooks=self._capture(store)):
             logits = self.model(tokens)
-            # Next-token targets; the last position and padding targets are ignored (no slice of the logits, whose
-            # backward would zero-fill a [R, T, vocab] tensor).
-            targets = tokens.roll(-1, dims=1)
-            targets[:, -1] = -100
-            if pad is not None and pad.numel():
-                targets = targets.masked_fill(pad.to(device).roll(-1, dims=1), -100)
+            # No slice of the logits (its backward would zero-fill a [R, T, vocab] tensor): ignored targets instead.
             ce = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
-                targets.flatten(),
-                ignore_index=-100,
-                reduction="sum",
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
             )
             grads = torch.autograd.grad(ce, [store[h] for h in self.hooks])
-        acts = {h: store[h].detach().flatten(2) for h in self.hooks}
-        return acts, {h: g.flatten(2) for h, g in zip(self.hooks, grads)}
+        return store, grads
+
+    def _grads_chunked(
+        self, tokens: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Forward to the unembedding's input, CE and its gradient there chunk by chunk, one backward to the hooks."""
+        store: dict[str, torch.Tensor] = {}
+
+        def stop(h: torch.Tensor, hook) -> torch.Tensor:  # noqa: ARG001
+            store[_FINAL] = h
+            raise _StopForward
+
+        with torch.enable_grad(), self.model.hooks(fwd_hooks=[*self._capture(store), (_FINAL, stop)]):
+            try:
+                self.model(tokens)
+            except _StopForward:
+                pass
+            h = store[_FINAL]
+            _, grad_h = ce_and_grad(h.detach(), targets, *_unembedding(self.model))
+            grads = torch.autograd.grad(h, [store[name] for name in self.hooks], grad_h.to(h.dtype))
+        return store, grads
+
+    def _chunked_ok(self) -> bool:
+        """Whether the chunked CE reproduces this model's logits: `unembed.hook_in` exists, no requested hook sits at
+        or after it, and the logits of a 3-token probe equal h @ W_U + b_U (else the straightforward path is used)."""
+        if _FINAL not in self.model.hook_dict or any(h.startswith(("unembed.", "hook_unembed")) for h in self.hooks):
+            return False
+        tokens = torch.full((1, 3), self.model.tokenizer.bos_token_id or 0, device=next(self.model.parameters()).device)
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(h: torch.Tensor, hook) -> torch.Tensor:  # noqa: ARG001
+            seen["h"] = h
+            return h
+
+        try:
+            with torch.inference_mode(), self.model.hooks(fwd_hooks=[(_FINAL, grab)]):
+                logits = self.model(tokens)
+            W, b = _unembedding(self.model)
+        except Exception:  # noqa: BLE001  (any model this cannot be checked on takes the plain path)
+            return False
+        if "h" not in seen or not isinstance(logits, torch.Tensor) or logits.shape[-1] != W.shape[1]:
+            return False
+        mine = seen["h"].float() @ W.float() + (0 if b is None else b.float())
+        tol = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 3e-2
+        return bool(torch.allclose(mine, logits.float(), rtol=tol, atol=tol * float(logits.float().abs().max())))
 
     def rows(self, ctx: Contexts) -> ActivationRows:
         """Harvest one batch of contexts and keep the selected positions, with their provenance."""
@@ -226,6 +317,55 @@ class Harvester:
             row=ctx.row.repeat_interleave(T)[flat],
             pos=(flat % T),
         )
+
+
+_FINAL = "unembed.hook_in"
+"""The hook on the unembedding's input (the final, normalised residual stream) where the gradient harvest stops."""
+CE_CHUNK_CELLS = 1 << 24
+"""Logit entries [positions × vocab] one chunk of the chunked cross-entropy holds (64 MB in float32)."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the unembedding's input to end a gradient-harvest forward there."""
+
+
+def _unembedding(model: LanguageModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unembedding as (W_U [d_model, vocab], b_U [vocab] or None), in the model's dtype."""
+    W = model.W_U
+    b = getattr(model, "b_U", None)
+    return W, (b if isinstance(b, torch.Tensor) and bool(b.any()) else None)
+
+
+def ce_and_grad(
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None = None,
+    max_cells: int = CE_CHUNK_CELLS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed next-token cross-entropy of logits h @ W + b and its gradient with respect to h, in float32.
+
+    h: [..., d] final hidden states; targets: [...] token ids, -100 for ignored positions; W: [d, vocab]. Works through
+    chunks of positions so no more than `max_cells` logits exist at a time; the matmuls run in W's dtype (bf16 GEMMs
+    for a bf16 model), the softmax in float32. Exact: ∂CE/∂h = (softmax(logits) - onehot(target)) @ W^T.
+    """
+    flat, tgt = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    grad = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
+    ce = torch.zeros((), dtype=torch.float32, device=h.device)
+    rows = (tgt != -100).nonzero().squeeze(1)
+    step = max(1, max_cells // W.shape[1])
+    for i in range(0, len(rows), step):
+        idx = rows[i : i + step]
+        logits = (flat.index_select(0, idx).to(W.dtype) @ W).float()
+        if b is not None:
+            logits += b.float()
+        lse = logits.logsumexp(-1, keepdim=True)
+        t = tgt.index_select(0, idx)
+        ce += (lse.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        p = logits.sub_(lse).exp_()
+        p[torch.arange(len(idx), device=h.device), t] -= 1
+        grad.index_copy_(0, idx, (p.to(W.dtype) @ W.T).float())
+    return ce, grad.view(h.shape)
 
 
 def harvester_for(model: LanguageModel, cfg: HarvestConfig, with_grads: bool = False) -> Harvester:

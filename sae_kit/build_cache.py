@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_kit.activations import HarvestConfig, Split, check_splits, harvester_for, stream
-from sae_kit.cache import CacheWriter
+from sae_kit.cache import MANIFEST, CacheWriter
 from sae_kit.errors import SaeKitError
-from sae_kit.models import LanguageModel, load_model
+from sae_kit.models import LanguageModel, ModelDtype, dtype_name, load_model
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,36 @@ def check(cfg: CacheConfig) -> None:
     cfg.harvest.check()
 
 
+def _resumed_settings(cfg: CacheConfig) -> dict | None:
+    """The settings of the cache `cfg.out` already holds (a run to resume), or None when there is none."""
+    manifest = Path(cfg.out) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        settings = json.loads(manifest.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None  # CacheWriter names what is wrong with it
+    return settings if isinstance(settings, dict) else None
+
+
+def _model_dtype(cfg: CacheConfig) -> ModelDtype:
+    """`--model-dtype`, except that `auto` resumes a cache in the dtype it was started in (float32 for caches from
+    before the setting), so one cache never mixes LM precisions."""
+    resumed = _resumed_settings(cfg)
+    if cfg.harvest.model_dtype != "auto" or resumed is None:
+        return cfg.harvest.model_dtype
+    recorded = resumed.get("model_dtype", "float32")
+    return "bfloat16" if recorded == "bfloat16" else "float32"
+
+
 def build_cache(cfg: CacheConfig, model: LanguageModel | None = None) -> Path:
     """Harvest `cfg.harvest` into `cfg.out`; every argument is checked before anything is written."""
     from sae_kit.data import load_corpus
 
     check(cfg)
     load_corpus(cfg.harvest.corpus, text_field=cfg.harvest.text_field)  # fail on a bad corpus before loading the model
-    model = model or load_model(cfg.harvest.model, device=cfg.harvest.device)
+    cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, model_dtype=_model_dtype(cfg)))
+    model = model or load_model(cfg.harvest.model, device=cfg.harvest.device, dtype=cfg.harvest.torch_dtype(cfg.grads))
     harvester = harvester_for(model, cfg.harvest, with_grads=cfg.grads)  # checks the settings against the model
     probe, _ = harvester.run(torch.full((1, 2), model.tokenizer.bos_token_id or 0))
     widths = {h: a.shape[-1] for h, a in probe.items()}
@@ -83,7 +108,10 @@ def build_cache(cfg: CacheConfig, model: LanguageModel | None = None) -> Path:
         )
     targets = cfg.targets()
     check_splits(model, cfg.harvest, tuple(s for s, n in targets.items() if n > 0), hint=", or pass --heldout-tokens 0")
-    settings = cfg.harvest.settings(model.sae_kit_name)
+    settings = cfg.harvest.settings(model.sae_kit_name, dtype_name(model))
+    resumed = _resumed_settings(cfg)
+    if resumed is not None and "model_dtype" not in resumed and settings["model_dtype"] == "float32":
+        del settings["model_dtype"]  # resuming a cache from before the setting (its LM ran in float32)
     writer = CacheWriter(
         cfg.out,
         settings=settings,

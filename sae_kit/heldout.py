@@ -68,9 +68,15 @@ class HeldoutContexts:
 
 # ------------------------------------------------------------------------------------------------ data settings
 def harvest_config_for(sae: SAE, **overrides) -> HarvestConfig:
-    """The tokenisation, held-out split and position rules the SAE was trained with (its metadata), with `overrides`."""
+    """The tokenisation, held-out split and position rules the SAE was trained with (its metadata), with `overrides`.
+
+    The LM's dtype is not among them: its recorded `model_dtype` (missing: float32) says how the SAE's training data was
+    made, but held-out data is always re-created by an fp32 LM (`model_dtype="float32"` here), the exact reference, so
+    an SAE trained on bf16-LM activations is scored on what the model really computes and compares with fp32 ones.
+    """
     meta = sae.cfg.metadata
     settings: dict[str, Any] = {"hook": (meta["hook_name"],)} if meta.get("hook_name") else {}
+    settings["model_dtype"] = "float32"
     for key in DATA_SETTINGS:
         if meta.get(key) is not None:
             settings["corpus" if key == "dataset_path" else key] = meta[key]

@@ -73,6 +73,7 @@ def test_gradient_matches_finite_differences(tiny_model):
     tokens[:, 0] = tiny_model.tokenizer.bos_token_id
     hook = "blocks.0.hook_resid_post"
     harv = Harvester(tiny_model, [hook, "blocks.1.hook_resid_post"], with_grads=True)
+    assert harv._chunked  # the chunked-CE path is the one checked against finite differences
     acts, grads = harv.run(tokens)
     g = grads[hook]
     assert g.shape == acts[hook].shape and g.abs().sum() > 0

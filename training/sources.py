@@ -19,14 +19,16 @@ import torch
 from sae_kit.activations import DATA_SETTINGS, HarvestConfig, check_splits, harvester_for, stream
 from sae_kit.buffer import BufferPosition, ShuffleBuffer
 from sae_kit.errors import SaeKitError
+from sae_kit.models import dtype_name
 from sae_kit.rows import ActivationRows
 
 log = logging.getLogger(__name__)
 
 Position = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
-_PROVENANCE = ("model_name", *DATA_SETTINGS)
-"""What every trained SAE records in its metadata about its data (besides the hook)."""
+_PROVENANCE = ("model_name", "model_dtype", *DATA_SETTINGS)
+"""What every trained SAE records in its metadata about its data (besides the hook); `model_dtype` is the dtype the
+LM ran in (float32 for caches from before the setting)."""
 
 
 class CacheSource:
@@ -76,7 +78,8 @@ class CacheSource:
 
     def metadata(self) -> dict:
         s = self.cache.settings
-        return {**{k: s.get(k) for k in _PROVENANCE}, "hook_name": self.hook, "cache": str(self.cache_dir)}
+        meta = {k: s.get(k) for k in _PROVENANCE} | {"model_dtype": s.get("model_dtype", "float32")}
+        return {**meta, "hook_name": self.hook, "cache": str(self.cache_dir)}
 
     def batches(
         self, position: Position | None = None, stop: threading.Event | None = None
@@ -136,7 +139,7 @@ class ModelSource:
             eval_tokens,
         )
         load_corpus(harvest.corpus, text_field=harvest.text_field)
-        self.model = model or load_model(harvest.model, device=harvest.device)
+        self.model = model or load_model(harvest.model, device=harvest.device, dtype=harvest.torch_dtype(needs_grads))
         self.hook = validate_hooks(self.model, list(harvest.hook))[0]
         self.harvest = dataclasses.replace(harvest, hook=(self.hook,))
         check_splits(self.model, self.harvest)  # an empty split fails now, not after the whole run
@@ -151,7 +154,7 @@ class ModelSource:
         return f"hook {self.hook} of {self.model.sae_kit_name}"
 
     def metadata(self) -> dict:
-        s = self.harvest.settings(self.model.sae_kit_name)
+        s = self.harvest.settings(self.model.sae_kit_name, dtype_name(self.model))
         return {**{k: s[k] for k in _PROVENANCE}, "hook_name": self.hook}
 
     def _rows(self, at: list[int] | None, stop: threading.Event | None) -> Iterator[tuple[ActivationRows, list[int]]]:
