@@ -128,7 +128,7 @@ def main() -> None:
     )
     print(f"full forward to logits:                   {n_tok / t_full:9.0f} tok/s  (fp32 LM)")
     print(f"full forward to logits, bf16 LM:          {n_tok / t_full16:9.0f} tok/s  ({t_full / t_full16:.2f}x fp32)")
-    print(f"early-stop speed-up (fp32): {t_full / t_early:.2f}x (target >= 4x)")
+    print(f"early-stop speed-up: {t_full / t_early:.2f}x (fp32 LM; target >= 4x)")
 
     # bf16 vs fp32 activations on the same contexts, kept positions only
     a32 = torch.cat([harvester.rows(c).acts[hook] for c in batches])
