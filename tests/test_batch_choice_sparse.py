@@ -98,6 +98,17 @@ def test_training_code_and_gradients_match_the_dense_formula_in_float64(architec
     check_against_reference(sae, x)
 
 
+@pytest.mark.parametrize(("zipf", "d_sae"), [(2.0, 64), (0.5, 512)])
+def test_feature_choice_edge_capacities_match_the_dense_formula_in_float64(zipf, d_sae):
+    """A steep Zipf whose top capacities reach the whole batch (B = 48), and k·B < F where every latent keeps one
+    token."""
+    sae = make("feature_choice", d_in=16, d_sae=d_sae, k=4, zipf=zipf, dtype="float64").train()
+    x = data(48, 16, torch.float64)
+    caps = sae.sparsifier.capacities(torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc).relu())
+    assert int(caps.max()) == 48 if zipf == 2.0 else bool((caps == 1).all())
+    check_against_reference(sae, x)
+
+
 @pytest.mark.parametrize("architecture", ["mutual_choice", "feature_choice"])
 def test_the_comparison_catches_an_off_by_one_row_offset(architecture, monkeypatch):
     """The float64 check fails when crow gives one pair to the wrong token (so it tests what it claims)."""

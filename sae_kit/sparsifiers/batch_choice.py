@@ -10,16 +10,17 @@ code is f[n, i] = r[n, i]·1[(n, i) ∈ S], so x̂ = f·W_dec + b_dec and ∂L/�
 - values = ReLU(`pair_preacts`(S)): gathered from z when z is in the weights' dtype, recomputed exactly in that
   dtype (fp32) by an SDDMM at the pairs when z is bf16, so the code is exact given its support; their backward
   and the decode's (`pair_decode`, in W_dec's dtype outside autocast) are sparse products over the P pairs.
-Under bf16 autocast only the selection (and the logged inference L0) sees bf16 scores, so a pair whose fp32 value
-ties with the budget's edge to within bf16 rounding may be swapped for its neighbour; every value, gradient and
-threshold is fp32. `Codes.z` is the selection score z (bf16 under autocast) for the aux losses' ranking, and
-`Codes.preact` the exact, differentiable `gather_preacts`.
+Under bf16 autocast only the selection sees bf16 scores (the training support, the eval-mode support z > θ and
+the logged inference L0), so a pair whose fp32 value ties with the budget's edge (or with θ) to within the bf16
+error of z may be swapped for its neighbour; every value, gradient and threshold is fp32. `Codes.z` is the
+selection score z (bf16 under autocast) for the aux losses' ranking, and `Codes.preact` the exact, differentiable
+`gather_preacts`. No [B, F] tensor other than z and the rule's own selection scratch is built.
 
 The rule keeps an EMA of the smallest kept value (one global value for MC, one per latent for FC; from the exact
-pair values) in the `threshold` buffer [d_sae]; the L0 it gives on the batch is logged as the inference L0 during
-training. In eval mode the code is the JumpReLU f = r·1[r > θ], so single tokens encode without a batch; it is
-returned as pairs too (the nonzeros of r > θ, values recomputed exactly and masked by the exact r > θ), which keeps
-no [N, F] code or graph on wide SAEs.
+pair values) in the `threshold` buffer [d_sae]; the L0 it gives on the batch (the count of z > max(θ, 0)) is logged
+as the inference L0 during training. In eval mode the code is the JumpReLU f = r·1[r > θ], so single tokens encode
+without a batch; it is returned as pairs too (the support z > max(θ, 0), values recomputed exactly and masked by
+the exact r > θ), which keeps no [N, F] code or graph on wide SAEs.
 
 An EMA of per-batch minima lags the training and is biased low in count (the mean of minima is not the pooled
 quantile), which gave inference L0s 25–33% below the training budget. So at the end of training `calibrate` sets
@@ -97,9 +98,9 @@ class BatchChoice(Sparsifier):
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=cfg.torch_dtype, device=cfg.device))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64, device=cfg.device))
 
-    def select(self, r: Tensor) -> Tensor:
-        """The kept pairs S of a batch r = ReLU(z) [B, F] (no autograd; bf16 under autocast) as flat keys n·F + i
-        [P], in any order, each pair once."""
+    def select(self, z: Tensor) -> Tensor:
+        """The kept pairs S of a batch, chosen on r = ReLU(z) from z [B, F] (no autograd; bf16 under autocast), as
+        flat keys n·F + i [P], in any order, each pair once."""
         raise NotImplementedError
 
     def smallest_kept(self, values: Tensor, latents: Tensor) -> Tensor:
@@ -129,15 +130,24 @@ class BatchChoice(Sparsifier):
         self.threshold.lerp_(smallest_kept.detach().to(self.threshold.dtype).expand_as(self.threshold), rate)
         self.threshold_updates += 1
 
+    def score_threshold(self, dtype: torch.dtype) -> Tensor:
+        """θ⁺ = max(θ, 0) [d_sae] as the largest value of `dtype` at or below it, so that for z of that dtype
+        z > θ⁺ ⇔ ReLU(z)·1[ReLU(z) > θ] ≠ 0 (the nonzeros of the JumpReLU), and the comparison runs in z's own
+        dtype (a bf16 z against an fp32 θ costs 2.5x as much)."""
+        theta = self.threshold.clamp_min(0)
+        if dtype == theta.dtype:
+            return theta
+        low = theta.to(dtype)
+        return torch.where(low.to(theta.dtype) > theta, torch.nextafter(low, low.new_tensor(-math.inf)), low)
+
     def forward(self, sae: SAE, xc: Tensor, grad: Tensor | None = None) -> Codes:
         z = encode_preacts(xc, sae.W_enc, sae.b_enc)
         n, d_sae = z.shape
         with torch.no_grad():
-            r = z.relu()
             if self.training:
-                crow, latents = sorted_pairs(self.select(r), n, d_sae)
+                crow, latents = sorted_pairs(self.select(z), n, d_sae)
             else:  # nonzero() lists row-major: sorted by token, then latent
-                tokens, latents = (r > self.threshold).nonzero(as_tuple=True)
+                tokens, latents = (z > self.score_threshold(z.dtype)).nonzero(as_tuple=True)
                 crow = torch.zeros(n + 1, dtype=torch.int64, device=z.device)
                 crow[1:] = torch.bincount(tokens, minlength=n).cumsum(0)
         values = pair_preacts(xc, sae.W_enc, sae.b_enc, z, crow, latents).relu()
@@ -154,7 +164,7 @@ class BatchChoice(Sparsifier):
             return codes
         self.update_threshold(self.smallest_kept(values.detach(), latents))
         with torch.no_grad():
-            codes.inference_l0 = torch.count_nonzero(r > self.threshold).to(torch.float32) / n
+            codes.inference_l0 = torch.count_nonzero(z > self.score_threshold(z.dtype)).to(torch.float32) / n
         return codes
 
     def calibration_batches(self) -> int:

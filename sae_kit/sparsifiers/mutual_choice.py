@@ -39,9 +39,11 @@ def flat_topk_indices(flat: Tensor, budget: int) -> Tensor:
 class MutualChoice(BatchChoice):
     """Unrestricted allocation of k·B matches; one global inference threshold (stored in every `threshold` entry)."""
 
-    def select(self, r: Tensor) -> Tensor:
-        """The flat indices n·F + i of the k·B largest entries of r (or all B·F of them, if fewer)."""
-        return flat_topk_indices(r.flatten(), min(r.numel(), self.cfg.k * r.shape[0]))
+    def select(self, z: Tensor) -> Tensor:
+        """The flat indices n·F + i of the k·B largest entries of z (or all B·F of them, if fewer): those of r =
+        ReLU(z) too, as ReLU keeps the order (with fewer than k·B positive entries the rest are entries with r = 0,
+        which carry no value and no gradient, as the zeros of r that a top-k·B of r would pick). No [B, F] ReLU."""
+        return flat_topk_indices(z.flatten(), min(z.numel(), self.cfg.k * z.shape[0]))
 
     def smallest_kept(self, values: Tensor, latents: Tensor) -> Tensor:
         """min over the kept pairs' values (scalar; the threshold is global)."""
