@@ -66,17 +66,28 @@ class MatchingPursuit(Sparsifier):
     residual (a = d_j·r), and c is updated with that same a, so the code is exact given its support and the
     gradient is the gradient of the reference rule; float drift in c can only change which atom wins a near-tie.
 
-    When: `pursue` uses the Gram update when G fits the cap, F² ≤ `gram_max_entries` (2^28 entries = 1 GiB in
+    When (`method` "auto", the default): the Gram update runs when G fits the cap, F² ≤ `gram_max_entries` (2^28 entries = 1 GiB in
     fp32; F ≤ 16384), and it is cheaper in GEMM flops, F ≤ (T − 1)·N (the Gram GEMM F²d against the T − 1 saved
     correlation GEMMs (T − 1)·N·F·d). Otherwise (very wide dictionaries, few tokens: small eval batches) it
     falls back to one correlation GEMM per step. In eval mode the Gram matrix is cached on the rule until W_dec
     changes (its version counter or identity), so eval and index batches reuse it.
 
+    **Two phases.** `select` runs the whole pursuit without an autograd graph (the running c, the picks, and the
+    coefficients and residuals from the true residual chain); in training, `_PursuitChain` wraps it as one autograd
+    Function whose backward is the adjoint of the residual chain written out (see there), so the gradient into W_dec
+    and b_dec is the one autograd takes through the textbook loop, without T gathers whose backward each scatter
+    into a full [F, d] gradient. Without a gradient (eval, no_grad) the selected values are the codes.
+
     **Precision.** Without autocast everything runs in W_dec's dtype (fp32; float64 in tests). Under autocast
     (bf16 or fp16) only the selection is low precision: c⁰ and G come from GEMMs in the autocast dtype, then are
-    held and updated in W_dec's dtype (fp32), so the 31 updates do not accumulate bf16 rounding (the fallback's
-    per-step correlations are the autocast dtype too). The coefficients, the residual chain, the gathered atoms and
-    all gradients run with autocast disabled in W_dec's dtype, so values are exact given the support.
+    held and updated in W_dec's dtype (fp32), so the T − 1 updates do not accumulate bf16 rounding (the fallback's
+    per-step correlations are in the autocast dtype). The coefficients, the residual chain, the gathered atoms and
+    the backward run with autocast disabled in W_dec's dtype, so the values are exact given the support (and
+    linalg.vecdot, which CPU autocast would run in bf16, is not used).
+
+    **Cost** per call (N tokens, T steps): GEMMs N·d·F + F·d·F (Gram) against T·N·d·F (per-step); then T passes of
+    gather + axpy + argmax over [N, F]; memory F² for G plus 2·N·F for c and the gathered rows, and T·N·d for the
+    residuals kept for backward (as autograd kept before).
     """
 
     Config = MPConfig
