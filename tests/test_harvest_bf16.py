@@ -102,3 +102,24 @@ def test_heldout_data_is_recreated_by_an_fp32_lm():
         SAEConfig(architecture="topk", d_in=576, d_sae=64, k=4, metadata={"hook_name": HOOK, "model_dtype": "bfloat16"})
     )
     assert harvest_config_for(old).model_dtype == harvest_config_for(new).model_dtype == "float32"
+
+
+@pytest.mark.slow
+def test_caches_record_the_model_dtype_and_old_caches_resume(model, tmp_path):
+    import json
+
+    from sae_kit.build_cache import CacheConfig, build_cache
+    from sae_kit.cache import ActivationCache
+
+    cfg = CacheConfig(
+        out=tmp_path / "c", harvest=HarvestConfig(context_size=32), tokens=64, heldout_tokens=0, progress=False
+    )
+    build_cache(cfg, model=model)
+    assert ActivationCache(cfg.out).settings["model_dtype"] == "float32"  # what the LM ran in, not the setting
+    manifest = json.loads((cfg.out / "manifest.json").read_text())
+    del manifest["settings"]["model_dtype"]  # a cache from before the setting
+    manifest["complete"] = False
+    (cfg.out / "manifest.json").write_text(json.dumps(manifest))
+    build_cache(CacheConfig(**{**vars(cfg), "tokens": 128}), model=model)  # resumes it (its LM ran in float32)
+    cache = ActivationCache(cfg.out)
+    assert cache.n_rows("train") >= 128 and "model_dtype" not in cache.settings
