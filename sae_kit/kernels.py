@@ -81,14 +81,15 @@ class _PairPreacts(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         xc, W_enc, crow, cols = ctx.saved_tensors
         grad = grad.contiguous().to(W_enc.dtype)
-        S = _csr(crow, cols, grad, W_enc.shape[1])
         grad_xc = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_xc = S @ W_enc.t()
-        if ctx.needs_input_grad[1]:
-            grad_W = (S.t() @ xc).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(W_enc.shape[1]).index_add_(0, cols, grad)
+        with _no_autocast(grad):  # a backward called inside autocast would cast these products to bf16
+            S = _csr(crow, cols, grad, W_enc.shape[1])
+            if ctx.needs_input_grad[0]:
+                grad_xc = S @ W_enc.t()
+            if ctx.needs_input_grad[1]:
+                grad_W = (S.t() @ xc).t()
+            if ctx.needs_input_grad[2]:
+                grad_b = grad.new_zeros(W_enc.shape[1]).index_add_(0, cols, grad)
         return grad_xc, grad_W, grad_b, None, None, None
 
 
@@ -130,12 +131,13 @@ class _PairDecode(torch.autograd.Function):
         values, crow, cols, W_dec = ctx.saved_tensors
         grad = grad.contiguous().to(W_dec.dtype)
         grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:  # grad[n]·W_dec[col] per pair: embedding_bag's own fused kernel (repeats allowed)
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad, W_dec, cols, crow[:-1], rows_of(crow), 0, -1
-            )
-        if ctx.needs_input_grad[3]:
-            grad_W = _csr(crow, cols, values, W_dec.shape[0]).t() @ grad
+        with _no_autocast(grad):
+            if ctx.needs_input_grad[0]:  # grad[n]·W_dec[col] per pair: embedding_bag's fused kernel (repeats allowed)
+                grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad, W_dec, cols, crow[:-1], rows_of(crow), 0, -1
+                )
+            if ctx.needs_input_grad[3]:
+                grad_W = _csr(crow, cols, values, W_dec.shape[0]).t() @ grad
         return grad_values, None, None, grad_W
 
 

@@ -222,3 +222,20 @@ def test_bf16_autocast_support_with_exact_fp32_values():
     want = torch.autograd.grad((f @ sae.W_dec + sae.b_dec - x).square().sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_inside_autocast_matches_outside():
+    """The sparse products have no bf16 kernels: a backward called inside autocast must still run them in fp32."""
+    torch.manual_seed(7)
+    sae = SAE(SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4))
+    x = torch.randn(8, 16)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x)
+        inside = torch.autograd.grad((out.x_hat - x).square().sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x)
+    outside = torch.autograd.grad((out.x_hat - x).square().sum(), params)
+    for a, b in zip(inside, outside):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)
