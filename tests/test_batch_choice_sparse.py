@@ -214,3 +214,44 @@ def test_bf16_autocast_values_are_exact_and_the_support_differs_only_at_near_tie
     assert bool(((r32[only_one] - edge).abs() <= 2 * eps).all()), "a pair far from the edge changed"
     assert agreement > 0.98, agreement  # measured: MC 0.9938, FC 0.9890 on this data
     print(f"{architecture}: bf16/fp32 support agreement {agreement:.5f}, eps {eps:.2e}")
+
+
+@pytest.mark.parametrize("architecture", ["mutual_choice", "feature_choice"])
+def test_the_bf16_support_threshold_is_theta_rounded_down(architecture):
+    """For a bf16 score z, z > θ⁺ (θ⁺ = the largest bf16 at or below max(θ, 0)) is exactly fp32(z) > max(θ, 0)."""
+    sae = make(architecture, d_in=16, d_sae=64, k=4, zipf=0.0, dtype="float32")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        theta = torch.rand(64, generator=g) * 2 - 0.2  # some negative: the JumpReLU's nonzeros are then z > 0
+        theta[:8] = theta[:8].bfloat16().float()  # some exactly representable
+        sae.sparsifier.threshold.copy_(theta)
+    z = (torch.randn(4096, 64, generator=g) * 1.5).bfloat16()
+    z[:, :8] = theta[:8].bfloat16()  # z equal to θ: not above it
+    low = sae.sparsifier.score_threshold(torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(z > low, z.float() > theta.clamp_min(0))
+    assert torch.equal(z.float() > sae.sparsifier.score_threshold(torch.float32), z.float() > theta.clamp_min(0))
+
+
+def test_eval_mode_under_bf16_autocast_is_the_exact_jumprelu_on_its_support():
+    sae = make("mutual_choice", d_in=96, d_sae=4096, k=16, zipf=0.0, dtype="float32").eval()
+    with torch.no_grad():
+        sae.sparsifier.threshold.fill_(0.6)
+    x = data(512, 96, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = sae.forward_codes(x)
+    z32 = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc).detach()
+    f32 = z32.relu() * (z32 > 0.6)
+    token, latent, value = codes.nonzeros()
+    torch.testing.assert_close(value, f32[token, latent], rtol=1e-5, atol=1e-5)  # exact values, all above θ
+    support = torch.zeros_like(f32, dtype=torch.bool)
+    support[token, latent] = True
+    differ = support ^ (f32 > 0)
+    eps = float((encode_preacts_bf16(sae, x).float() - z32).abs().max())
+    assert bool(((z32[differ] - 0.6).abs() <= eps).all())  # only near-ties with θ differ
+    assert int(differ.sum()) < 0.01 * int((f32 > 0).sum())
+
+
+def encode_preacts_bf16(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return encode_preacts(x - sae.b_dec, sae.W_enc, sae.b_enc)
