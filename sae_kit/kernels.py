@@ -49,6 +49,16 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
         return torch.sparse_csr_tensor(crow, cols, values, (len(crow) - 1, n_cols), check_invariants=False)
 
 
+def _csr_t(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    """Sᵀ [F, N] of the CSR matrix S [N, F] as a CSR matrix of its own: one stable sort of the pairs by latent.
+    (torch's `S.t()` is a CSC view that products convert back through a COO round trip, which stalled for up to a
+    second when another job shared the cores.)"""
+    order = cols.argsort(stable=True)
+    crow_t = torch.zeros(n_cols + 1, dtype=crow.dtype, device=crow.device)
+    crow_t[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)
+    return _csr(crow_t, rows_of(crow)[order], values[order], len(crow) - 1)
+
+
 def _sddmm(crow: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """(a·b)[n, f] at the pairs [P]: a [N, d], b [d, F]."""
     pattern = _csr(crow, cols, a.new_zeros(cols.shape), b.shape[1])
@@ -87,7 +97,7 @@ class _PairPreacts(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_xc = S @ W_enc.t()
             if ctx.needs_input_grad[1]:
-                grad_W = (S.t() @ xc).t()
+                grad_W = (_csr_t(crow, cols, grad, W_enc.shape[1]) @ xc).t()
             if ctx.needs_input_grad[2]:
                 grad_b = grad.new_zeros(W_enc.shape[1]).index_add_(0, cols, grad)
         return grad_xc, grad_W, grad_b, None, None, None
@@ -137,7 +147,7 @@ class _PairDecode(torch.autograd.Function):
                     grad, W_dec, cols, crow[:-1], rows_of(crow), 0, -1
                 )
             if ctx.needs_input_grad[3]:
-                grad_W = _csr(crow, cols, values, W_dec.shape[0]).t() @ grad
+                grad_W = _csr_t(crow, cols, values, W_dec.shape[0]) @ grad
         return grad_values, None, None, grad_W
 
 
