@@ -42,6 +42,9 @@ class Codes:
     preact: Callable[[Tensor], Tensor] | None = None
     """preact(indices [N, j]) -> [N, j] pre-activations at those latents, differentiable into the encoder
     (sparse backward for the fixed-k rules). Aux losses use it for dead latents."""
+    column_preacts: Callable[[Tensor], Tensor] | None = None
+    """column_preacts(latents [j]) -> [N, j] every token's pre-activations at those latents, exact and
+    differentiable (a dense product over those columns); aux losses use it when the candidates are few."""
     signed: bool = False
     """The rule keeps negative values (AbsTopK): aux losses rank candidates by |z| and keep the sign, else rank by z
     and apply ReLU."""
@@ -272,4 +275,11 @@ def dense_preacts(sae: SAE, xc: Tensor) -> Tensor:
 
 def dense_codes(cfg: SAEConfig, f: Tensor, z: Tensor, **extra: Any) -> Codes:
     """Codes for a dense rule: `f` the code, `z` the differentiable pre-activations."""
-    return Codes(d_sae=cfg.d_sae, dense=f, z=z.detach(), preact=lambda idx: z.gather(1, idx), **extra)
+    return Codes(
+        d_sae=cfg.d_sae,
+        dense=f,
+        z=z.detach(),
+        preact=lambda idx: z.gather(1, idx),
+        column_preacts=lambda cols: z.index_select(1, cols),
+        **extra,
+    )

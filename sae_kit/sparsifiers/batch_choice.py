@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sae_kit.kernels import encode_preacts, gather_preacts, pair_preacts
+from sae_kit.kernels import column_preacts, encode_preacts, gather_preacts, pair_preacts
 from sae_kit.sparsifiers.base import Codes, RuleConfig, Sparsifier
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ class BatchChoice(Sparsifier):
             crow=crow,
             z=z,
             preact=partial(gather_preacts, xc, sae.W_enc, sae.b_enc, z),
+            column_preacts=partial(column_preacts, xc, sae.W_enc, sae.b_enc),
         )
         if not self.training:  # the exact JumpReLU on the support (a no-op unless z is bf16)
             codes.values = values * (values > self.threshold[latents])

@@ -86,7 +86,12 @@ class Gated(Sparsifier):
         magnitude = torch.addcmul(self.b_mag, pre, self.r_mag.exp())
         f = magnitude.relu() * (gate > 0).to(magnitude.dtype)
         return GatedCodes(
-            d_sae=self.cfg.d_sae, dense=f, z=gate.detach(), preact=lambda idx: gate.gather(1, idx), gate=gate
+            d_sae=self.cfg.d_sae,
+            dense=f,
+            z=gate.detach(),
+            preact=lambda idx: gate.gather(1, idx),
+            column_preacts=lambda cols: gate.index_select(1, cols),
+            gate=gate,
         )
 
     def penalties(self, sae: SAE, ctx: StepContext) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sae_kit.kernels import encode_preacts, gather_preacts
+from sae_kit.kernels import column_preacts, encode_preacts, gather_preacts
 from sae_kit.sparsifiers.base import Codes, Sparsifier
 
 if TYPE_CHECKING:
@@ -43,5 +43,6 @@ class TopK(Sparsifier):
             indices=indices,
             z=z,
             preact=preact,
+            column_preacts=partial(column_preacts, xc, sae.W_enc, sae.b_enc),
             signed=self.signed,
         )
