@@ -175,3 +175,24 @@ def test_sigkill_and_resume_from_a_cache(tmp_path, model):
     kill_at([*args, "--out", str(out)], out, 7)
     run_to_end("--resume", str(out))
     assert_identical(out, reference)
+
+
+def test_a_run_from_before_the_precision_settings_resumes_in_fp32(tmp_path):
+    """config.json written before --compute-dtype / --model-dtype existed: that run was fp32 throughout, and its
+    resumption must continue in fp32 (auto would switch it to bf16 mid-run on this CPU)."""
+    from sae_kit.training.run import TrainRunConfig
+
+    settings = TrainRunConfig(cache=tmp_path / "cache").settings()
+    current = _resumed_with(tmp_path / "new", settings)
+    assert (current.train.compute_dtype, current.harvest.model_dtype) == ("auto", "auto")
+    del settings["train"]["compute_dtype"], settings["harvest"]["model_dtype"]
+    old = _resumed_with(tmp_path / "old", settings)
+    assert (old.train.compute_dtype, old.harvest.model_dtype) == ("float32", "float32")
+
+
+def _resumed_with(run_dir, settings):
+    from sae_kit.training.run import TrainRunConfig, _resumed
+
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(settings))
+    return _resumed(TrainRunConfig(resume=run_dir))

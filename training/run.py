@@ -13,6 +13,7 @@ checkpoints are deleted once the run is complete (summary.json written).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -360,8 +361,6 @@ def _keep_last_good(trainer: Trainer, sae_dir: Path, err: NonFiniteError) -> str
 
 def _training_summary(metrics_file: Path) -> dict:
     """The last logged training L0, FVU and dead fraction (and inference L0, for batch-level rules)."""
-    import json
-
     last = json.loads(metrics_file.read_text().splitlines()[-1])
     return {k: last[k] for k in ("l0", "fvu", "dead_frac", "inference_l0") if k in last}
 
@@ -382,6 +381,12 @@ def _resumed(cfg: TrainRunConfig) -> TrainRunConfig:
         saved = load_config(TrainRunConfig, run_dir / "config.json")
     except ConfigFileError as err:
         raise SaeKitError(f"--resume {run_dir}: {err}") from None
+    # A run started before the precision settings existed ran in fp32 throughout: it continues so.
+    raw = json.loads((run_dir / "config.json").read_text())
+    if "compute_dtype" not in raw.get("train", {}):
+        saved.train = dataclasses.replace(saved.train, compute_dtype="float32")
+    if "model_dtype" not in raw.get("harvest", {}):
+        saved.harvest = dataclasses.replace(saved.harvest, model_dtype="float32")
     return dataclasses.replace(
         saved, out=run_dir, resume=run_dir, **{k: getattr(cfg, k) for k in _NOT_SETTINGS if k not in ("out", "resume")}
     )
