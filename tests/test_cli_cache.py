@@ -33,13 +33,19 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_cache_contents_match_a_direct_harvest(reference, model):
-    from sae_kit import HarvestConfig, contexts, harvester_for
+    from sae_kit import HarvestConfig, contexts, harvester_for, load_model
+    from sae_kit.models import resolve_dtype
 
     cache = ActivationCache(reference)
     assert cache.complete and cache.n_rows("train") == 12000 and cache.n_rows("heldout") == 2048
     assert cache.settings["model_name"] == "SmolLM2-135M-Instruct" and cache.settings["context_size"] == 64
+    # the cache's LM ran in the dtype --model-dtype auto picks here (bf16 on a CPU with AVX-512 BF16): compare with a
+    # direct harvest by a model of that dtype
+    dtype = cache.settings["model_dtype"]
+    assert dtype == str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
+    lm = model if dtype == "float32" else load_model(dtype=dtype)
     cfg = HarvestConfig(context_size=64)
-    direct = harvester_for(model, cfg).rows(next(contexts(model, cfg)))
+    direct = harvester_for(lm, cfg).rows(next(contexts(lm, cfg)))
     stored = cache.read("train", 0, len(direct))
     assert torch.equal(stored.token, direct.token) and torch.equal(stored.pos, direct.pos)
     torch.testing.assert_close(stored.acts[cfg.hook[0]], direct.acts[cfg.hook[0]], rtol=1e-4, atol=1e-3)
