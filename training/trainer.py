@@ -110,8 +110,11 @@ class Trainer:
         self.scale = 1.0
         self.data_var = 1.0
         self.initialised = False
-        self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
-        """torch.float32 or torch.bfloat16: the autocast dtype of the forward (cfg.compute_dtype resolved)."""
+        self.compute_dtype = (
+            resolve_compute_dtype(cfg.compute_dtype, device) if sae.W_dec.dtype == torch.float32 else sae.W_dec.dtype
+        )
+        """The forward's precision: cfg.compute_dtype resolved (bfloat16: under autocast) for an fp32 SAE; the
+        parameters' own dtype for any other (a float64 SAE trains exactly in float64)."""
         sae.cfg.metadata["training_compute_dtype"] = dtype_name(self.compute_dtype)
 
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -169,8 +172,8 @@ class Trainer:
         x = x * self.scale
         if grad is not None:
             grad = grad.to(x.device, torch.float32)
-        low = self.compute_dtype != torch.float32
-        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=low):
+        low = self.compute_dtype != sae.W_dec.dtype
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
             out = sae(x, grad=grad)
             codes = out.codes
             ctx = StepContext(x=x, out=out, data_var=self.data_var, step=self.step_count, total_steps=self.total_steps)
