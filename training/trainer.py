@@ -94,11 +94,7 @@ class Trainer:
                 f"--aux {self.aux} ranks latents by encoder pre-activations, and {sae.cfg.architecture} has no encoder; use --aux none"
             )
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.tokens // 10, cfg.batch_size))
-        # The fused kernel makes one pass per tensor (3.5x the default for-loop Adam on 2 CPU threads, BENCHMARKS.md).
-        fused = sae.W_dec.device.type in ("cpu", "cuda") and sae.W_dec.dtype in (torch.float32, torch.float64)
-        self.opt = torch.optim.Adam(
-            self._param_groups(), lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None
-        )
+        self.opt = torch.optim.Adam(self._param_groups(), lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         device = sae.W_dec.device
         self.step_count = 0
