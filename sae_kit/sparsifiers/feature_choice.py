@@ -12,6 +12,11 @@ its Fig. 2). Where we differ, since the paper's text and code do not pin these d
   pair with value 0, not a firing;
 - inference is the JumpReLU r·1[r > θ_i] with per-latent θ_i calibrated at the end of training so that latent i
   fires on its capacity share m_i·N/B of N training tokens (sae_kit.sparsifiers.batch_choice).
+
+Under data parallelism (sae_kit.distributed) z holds this rank's b = B/W rows of the global batch B, and the choice
+is the global one: the affinities are summed over every rank (so the ranks and capacities are the global batch's),
+each rank offers each latent its min(m_i, b) largest tokens, and every rank merges the W offers per latent with the
+same top-m_i and keeps the winners that are its own: exactly each latent's m_i largest tokens of the global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from sae_kit import distributed
 from sae_kit.sparsifiers.batch_choice import BatchChoice, BatchChoiceConfig, midpoint_of_ranks
 
 if TYPE_CHECKING:
@@ -105,31 +111,50 @@ class FeatureChoice(BatchChoice):
         One topk per run of affinity ranks with the same ⌈log2 m⌉ (capacities fall with rank, so runs are
         contiguous), each over the rows of rᵀ gathered in rank order and as deep as the run's largest m: the Zipf
         capacities are a few large ones and thousands of small ones, and one topk as deep as the largest over the
-        strided token axis of all F latents cost 4x more.
+        strided token axis of all F latents cost 4x more. Under data parallelism z is this rank's rows of the
+        global batch, and the result this rank's part of the global choice (one gather of every run's offers).
         """
-        B, F = z.shape
-        rt = z.t().contiguous().relu_()  # rᵀ [F, B], contiguous over tokens
+        world = distributed.world()
+        b, F = z.shape
+        B = b * world.world_size  # the global batch
+        rt = z.t().contiguous().relu_()  # rᵀ [F, b], contiguous over tokens
         # latents by affinity rank, summed in fp32 at least: bf16 sums of 4,096 tokens took ~40 distinct values over
         # 9,216 latents (one rounding of the total), so the Zipf ranks were arbitrary among ties
-        order = rt.sum(1, dtype=torch.promote_types(z.dtype, torch.float32)).argsort(descending=True)
+        affinity = distributed.all_reduce_sum_(rt.sum(1, dtype=torch.promote_types(z.dtype, torch.float32)))
+        order = affinity.argsort(descending=True)
         by_rank = zipf_capacities(F, B, self.cfg.k * B, self.config.zipf_exponent, z.device)  # non-increasing
         rt = rt.index_select(0, order)  # row ρ = the latent of rank ρ
         runs = torch.unique_consecutive(by_rank.double().log2().ceil(), return_counts=True)[1].tolist()
-        keys, start = [], 0
+        spans, start = [], 0
         for count in runs:
-            end = start + count
-            caps = by_rank[start:end]
-            depth = int(caps[0])
-            top = rt[start:end].topk(depth, dim=1, sorted=True).indices  # [count, depth], by decreasing r
-            keep = torch.arange(depth, device=z.device) < caps[:, None]
-            keys.append((top * F + order[start:end, None])[keep])
-            start = end
+            caps = by_rank[start : start + count]
+            top = rt[start : start + count].topk(min(int(caps[0]), b), dim=1, sorted=True)  # by decreasing r
+            spans.append((start, caps, top))
+            start += count
+        if world.distributed:
+            offers = distributed.gather_candidates(torch.cat([top.values.flatten() for _, _, top in spans]))
+        keys, at = [], 0
+        for start, caps, top in spans:
+            count, depth = top.indices.shape
+            tokens, latents = top.indices, order[start : start + count, None]
+            if world.distributed:  # merge the ranks' offers [W, count, depth] per latent: its top-m over all
+                mine = offers[:, at : at + count * depth].reshape(-1, count, depth).permute(1, 0, 2).flatten(1)
+                at += count * depth
+                winners = mine.topk(int(caps[0]), dim=1, sorted=True).indices  # [count, m]: rank·depth + slot
+                keep = (torch.arange(winners.shape[1], device=z.device) < caps[:, None]) & (
+                    winners // depth == world.rank
+                )
+                tokens = tokens.gather(1, winners.remainder(depth))
+            else:
+                keep = torch.arange(depth, device=z.device) < caps[:, None]
+            keys.append((tokens * F + latents)[keep])
         return torch.cat(keys)
 
     def smallest_kept(self, values: Tensor, latents: Tensor) -> Tensor:
-        """Per latent, the smallest of its kept values [F] (its m_i-th largest; every latent keeps m_i >= 1)."""
+        """Per latent, the smallest of its kept values [F] (its m_i-th largest; every latent keeps m_i >= 1), over
+        every rank's pairs under data parallelism."""
         out = values.new_full((self.cfg.d_sae,), float("inf"))
-        return out.scatter_reduce(0, latents, values, "amin")
+        return distributed.all_reduce_min_(out.scatter_reduce(0, latents, values, "amin"))
 
     def calibrated_threshold(self, rs: list[Tensor]) -> Tensor:
         """θ_i that exactly n_i of the N calibration tokens exceed, n_i = latent i's capacity share m_i·N/B (capacities

@@ -5,6 +5,11 @@ under bf16 autocast), so tokens keep varying numbers of latents (k on average); 
 differentiated at the k·B pairs only (sae_kit.sparsifiers.batch_choice). The inference threshold is global: the EMA
 of min_{(n, i) ∈ S} r[n, i] (exact fp32 values), and at the end of training the value that exactly k·N calibration
 entries exceed.
+
+Under data parallelism (sae_kit.distributed) z holds this rank's b = B/W rows of the global batch B, and the
+selection is the global one: every rank offers its own k·B largest entries (the most the global top k·B can take
+from one rank), every rank merges the W·k·B offers with the same top-k·B, and keeps the winners that are its own.
+The kept set is exactly the top k·B of the global [B, F] z (ties broken by the merge, identically on every rank).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_kit import distributed
 from sae_kit.sparsifiers.batch_choice import BatchChoice, midpoint_of_ranks
 
 _SAMPLE = 1 << 16
@@ -42,12 +48,23 @@ class MutualChoice(BatchChoice):
     def select(self, z: Tensor) -> Tensor:
         """The flat indices n·F + i of the k·B largest entries of z (or all B·F of them, if fewer): those of r =
         ReLU(z) too, as ReLU keeps the order (with fewer than k·B positive entries the rest are entries with r = 0,
-        which carry no value and no gradient, as the zeros of r that a top-k·B of r would pick). No [B, F] ReLU."""
-        return flat_topk_indices(z.flatten(), min(z.numel(), self.cfg.k * z.shape[0]))
+        which carry no value and no gradient, as the zeros of r that a top-k·B of r would pick). No [B, F] ReLU.
+        Under data parallelism: of the global batch's z (this rank's part of the global selection)."""
+        world = distributed.world()
+        flat = z.flatten()
+        budget = self.cfg.k * z.shape[0] * world.world_size  # k·B over the global batch
+        offer = flat_topk_indices(flat, min(flat.numel(), budget))
+        if not world.distributed:
+            return offer
+        offers = distributed.gather_candidates(flat[offer])  # [W, n]: every rank's offer, the same on every rank
+        n = offers.shape[1]
+        winners = flat_topk_indices(offers.flatten(), min(offers.numel(), budget))
+        return offer[winners[winners // n == world.rank] % n]
 
     def smallest_kept(self, values: Tensor, latents: Tensor) -> Tensor:
-        """min over the kept pairs' values (scalar; the threshold is global)."""
-        return values.min()
+        """min over the kept pairs' values (scalar; the threshold is global: over every rank's pairs)."""
+        smallest = torch.cat([values, values.new_full((1,), float("inf"))]).min()  # a rank may keep no pair
+        return distributed.all_reduce_min_(smallest)
 
     def calibrated_threshold(self, rs: list[Tensor]) -> Tensor:
         """The global θ that exactly k·N of the N calibration tokens' entries exceed. Each batch contributes its
