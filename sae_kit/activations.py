@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from sae_kit.data import Contexts, HarvestError, PackConfig, documents, load_corpus, pack
+from sae_kit.data import Contexts, HarvestError, PackConfig, bos_id, documents, is_hub_name, load_corpus, pack
 from sae_kit.models import (
     DEFAULT_HOOK,
     LanguageModel,
@@ -47,6 +47,14 @@ DATA_SETTINGS = (
 )
 """The data settings (keys of `HarvestConfig.settings`) every trained SAE records in its metadata: its tokenisation,
 held-out split and position rules, from which eval, the index and the browser re-create its held-out data."""
+LATER_SETTINGS: dict[str, str | None] = {
+    "corpus_config": None,
+    "corpus_split": "train",
+    "bos_token_id": None,
+    "bos_token": None,
+}
+"""Keys of `HarvestConfig.settings` added after caches were first written, with the value they had implicitly before
+(None: any, they only describe the tokenizer): a cache from before them resumes when the value is that one."""
 
 
 @dataclass
@@ -61,10 +69,17 @@ class HarvestConfig:
     """Corpus: `default`/`fortunes`/`pydoc` (built in), a local .txt/.jsonl/.parquet file or dir, or a hub dataset."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet/hub corpora."""
+    corpus_config: str | None = None
+    """Configuration (subset) of a hub dataset, e.g. `sample-10BT` for HuggingFaceFW/fineweb; hub datasets are streamed,
+    so only the documents the harvest reads are downloaded. Only for hub corpora."""
+    corpus_split: str = "train"
+    """Split of a hub dataset to read (its documents are then divided into training and held-out ones by
+    --holdout-fraction). Only for hub corpora."""
     context_size: int = 128
     """Tokens per context row, BOS included."""
     prepend_bos: bool = True
-    """Start every context with BOS (as TransformerBridge.to_tokens does)."""
+    """Start every context with BOS (as TransformerBridge.to_tokens does). A tokenizer without a BOS token (Qwen) gets
+    its EOS token instead, the stand-in TransformerBridge uses too; metadata records the token as `bos_token`."""
     packing: Literal["concat", "doc"] = "concat"
     """`concat`: documents joined with a separator token; `doc`: every document starts its own context."""
     separator: Literal["bos", "eos"] = "bos"
@@ -81,9 +96,11 @@ class HarvestConfig:
     """Torch device for the LM (None: cuda if available, else cpu)."""
     model_dtype: ModelDtype = "auto"
     """The LM's dtype when a harvest loads it. `auto`: bfloat16 for activation-only harvests where the device has fast
-    bf16 (`sae_kit.models.fast_bf16`; ~3x faster, activations within 1% of fp32), float32 otherwise and for gradient
-    (g-SAE) harvests, whose bf16 ∂CE/∂x strays on a few positions (BENCHMARKS.md). Activations and gradients are handed
-    out as float32 either way; the dtype used is recorded as `model_dtype` in caches and SAE metadata."""
+    bf16 (`sae_kit.models.fast_bf16`: CUDA GPUs with bf16, CPUs with AVX-512 BF16/AMX; ~3x faster, activations within
+    1% of fp32), float32 otherwise and for gradient (g-SAE) harvests, whose bf16 ∂CE/∂x strays on a few positions
+    (BENCHMARKS.md). `float16` for GPUs without bf16 (models trained in bf16, e.g. Gemma, can overflow in it).
+    Activations and gradients are handed out as float32 either way; the dtype used is recorded as `model_dtype` in
+    caches and SAE metadata."""
 
     def check(self, model: LanguageModel | None = None) -> None:
         """One-line HarvestErrors for settings that cannot work, before anything runs or is written.
@@ -107,6 +124,11 @@ class HarvestConfig:
             )
         if len(set(self.hook)) != len(self.hook):
             raise HarvestError(f"--hook names a hook twice ({' '.join(self.hook)}); pass each hook once")
+        if (self.corpus_config is not None or self.corpus_split != "train") and not is_hub_name(self.corpus):
+            raise HarvestError(
+                f"--corpus-config/--corpus-split choose a subset and split of a hub dataset, but corpus {self.corpus!r} "
+                "is a local or built-in one: drop them, or pass a hub dataset id as --corpus"
+            )
         if self.device is not None:
             check_device(self.device)
         resolve_dtype(self.model_dtype, self.device)
@@ -130,20 +152,23 @@ class HarvestConfig:
             return torch.float32
         return resolve_dtype(self.model_dtype, self.device)
 
-    def settings(self, model_name: str, model_dtype: str | None = None) -> dict:
+    def settings(self, model_name: str, model_dtype: str | None = None, tokenizer=None) -> dict:
         """The tokenisation and data settings as JSON, recorded in caches and SAE metadata.
 
         `model_dtype` is the dtype the LM actually ran in (`sae_kit.models.dtype_name(model)`); None records
-        `model_dtype` resolved for `device` (for an activation-only harvest).
+        `model_dtype` resolved for `device` (for an activation-only harvest). With the model's `tokenizer`, also the
+        token put first in every context (`bos_token_id`, `bos_token`: for a BOS-less tokenizer, its EOS stand-in).
         """
         from sae_kit.data import corpus_fingerprint
 
-        return {
+        out = {
             "model_name": model_name,
             "model_dtype": model_dtype or str(self.torch_dtype()).removeprefix("torch."),
             "hook_names": list(self.hook),
             "dataset_path": self.corpus,
-            "dataset_fingerprint": corpus_fingerprint(self.corpus),
+            "dataset_fingerprint": corpus_fingerprint(self.corpus, self.corpus_config, self.corpus_split),
+            "corpus_config": self.corpus_config,
+            "corpus_split": self.corpus_split,
             "text_field": self.text_field,
             "context_size": self.context_size,
             "prepend_bos": self.prepend_bos,
@@ -153,6 +178,22 @@ class HarvestConfig:
             "exclude_first_position": self.exclude_first_position,
             "holdout_fraction": self.holdout_fraction,
         }
+        if tokenizer is not None:
+            out |= bos_settings(tokenizer)
+        return out
+
+
+def bos_settings(tokenizer) -> dict:
+    """What sae-kit puts first in every context for this tokenizer, as metadata: `bos_token_id`, `bos_token` (the
+    tokenizer's BOS; for a tokenizer without one, e.g. Qwen's, its EOS token, as TransformerBridge does)."""
+    bos = bos_id(tokenizer)
+    return {"bos_token_id": bos, "bos_token": None if bos is None else tokenizer.convert_ids_to_tokens(bos)}
+
+
+def open_corpus(cfg: HarvestConfig):
+    """The corpus of a harvest config as a `datasets` dataset (hub datasets streamed from their config and split);
+    one-line CorpusErrors for a missing file, a gated or unreachable hub dataset, an unknown config or split."""
+    return load_corpus(cfg.corpus, text_field=cfg.text_field, config=cfg.corpus_config, split=cfg.corpus_split)
 
 
 def _limit_text(model: LanguageModel | None) -> str:
@@ -378,8 +419,7 @@ def contexts(
     model: LanguageModel, cfg: HarvestConfig, split: Split = "train", start_row: int = 0
 ) -> Iterator[Contexts]:
     """Packed context batches of one corpus split, starting at context row `start_row`."""
-    ds = load_corpus(cfg.corpus, text_field=cfg.text_field)
-    docs = documents(ds, split, cfg.holdout_fraction)
+    docs = documents(open_corpus(cfg), split, cfg.holdout_fraction)
     return pack(docs, model.tokenizer, cfg.pack_config(), rows_per_batch=cfg.lm_batch_size, start_row=start_row)
 
 

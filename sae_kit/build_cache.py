@@ -13,7 +13,15 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from sae_kit.activations import HarvestConfig, Split, check_splits, harvester_for, stream
+from sae_kit.activations import (
+    LATER_SETTINGS,
+    HarvestConfig,
+    Split,
+    check_splits,
+    harvester_for,
+    open_corpus,
+    stream,
+)
 from sae_kit.cache import MANIFEST, CacheWriter
 from sae_kit.errors import SaeKitError
 from sae_kit.models import LanguageModel, ModelDtype, dtype_name, load_model
@@ -88,15 +96,13 @@ def _model_dtype(cfg: CacheConfig) -> ModelDtype:
     if cfg.harvest.model_dtype != "auto" or resumed is None:
         return cfg.harvest.model_dtype
     recorded = resumed.get("model_dtype", "float32")
-    return "bfloat16" if recorded == "bfloat16" else "float32"
+    return recorded if recorded in ("bfloat16", "float16") else "float32"
 
 
 def build_cache(cfg: CacheConfig, model: LanguageModel | None = None) -> Path:
     """Harvest `cfg.harvest` into `cfg.out`; every argument is checked before anything is written."""
-    from sae_kit.data import load_corpus
-
     check(cfg)
-    load_corpus(cfg.harvest.corpus, text_field=cfg.harvest.text_field)  # fail on a bad corpus before loading the model
+    open_corpus(cfg.harvest)  # fail on a bad corpus before loading the model
     cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, model_dtype=_model_dtype(cfg)))
     model = model or load_model(cfg.harvest.model, device=cfg.harvest.device, dtype=cfg.harvest.torch_dtype(cfg.grads))
     harvester = harvester_for(model, cfg.harvest, with_grads=cfg.grads)  # checks the settings against the model
@@ -108,10 +114,13 @@ def build_cache(cfg: CacheConfig, model: LanguageModel | None = None) -> Path:
         )
     targets = cfg.targets()
     check_splits(model, cfg.harvest, tuple(s for s, n in targets.items() if n > 0), hint=", or pass --heldout-tokens 0")
-    settings = cfg.harvest.settings(model.sae_kit_name, dtype_name(model))
+    settings = cfg.harvest.settings(model.sae_kit_name, dtype_name(model), model.tokenizer)
     resumed = _resumed_settings(cfg)
     if resumed is not None and "model_dtype" not in resumed and settings["model_dtype"] == "float32":
         del settings["model_dtype"]  # resuming a cache from before the setting (its LM ran in float32)
+    for key, before in LATER_SETTINGS.items():  # resuming a cache from before these were recorded
+        if resumed is not None and key not in resumed and before in (None, settings.get(key)):
+            settings.pop(key, None)
     writer = CacheWriter(
         cfg.out,
         settings=settings,

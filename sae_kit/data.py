@@ -3,6 +3,10 @@
 Tokenisation rule (recorded in every manifest and SAE): each document is tokenised by the HF tokenizer WITHOUT
 special tokens; every context row starts with the tokenizer's BOS (`prepend_bos`, as TransformerBridge.to_tokens
 does), and documents are never joined without a separator token between them. Token ids go to the model as-is.
+A tokenizer without a BOS token (Qwen's) gets its EOS token as the stand-in, as TransformerBridge does (`bos_id`).
+
+Hub datasets are always streamed (`datasets` streaming: only the documents a harvest reads are downloaded), from
+the chosen configuration (subset) and split, e.g. `--corpus HuggingFaceFW/fineweb --corpus-config sample-10BT`.
 """
 
 from __future__ import annotations
@@ -88,10 +92,38 @@ def pydoc_documents() -> list[str]:
     return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
 
 
-def load_corpus(name: str = "default", *, text_field: str = "text", split: str = "train", streaming: bool = False):
+def bos_id(tokenizer) -> int | None:
+    """The token sae-kit uses as BOS: the tokenizer's own, or for a tokenizer without one (Qwen) its EOS token, the
+    stand-in TransformerBridge sets too (so `model.to_tokens` and `pack` agree). None only when it has neither."""
+    bos = tokenizer.bos_token_id
+    return tokenizer.eos_token_id if bos is None else bos
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether `name` is read as a hub dataset id (not a built-in corpus, not an existing local path)."""
+    return not (
+        name in BUILTIN_CORPORA
+        or Path(name).expanduser().exists()
+        or name.startswith((".", "/", "~"))
+        or name.endswith(tuple(_FILE_TYPES))
+    )
+
+
+def load_corpus(
+    name: str = "default",
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    streaming: bool = False,
+    config: str | None = None,
+):
     """A `datasets` dataset with a `text` column from a built-in name, local files, a directory, or a hub dataset.
 
     Local `.txt` files give one document per paragraph (blank-line separated); `.jsonl`/`.parquet` read `text_field`.
+    A hub dataset is always streamed (an IterableDataset; nothing is downloaded beyond what is read) from its
+    configuration `config` (subset, e.g. `sample-10BT` of HuggingFaceFW/fineweb) and `split` (both ignored for local
+    and built-in corpora); `streaming` streams local files too. Opening a stream whose fields are not declared reads
+    its first document (to check the text field).
     """
     import datasets
 
@@ -132,21 +164,82 @@ def load_corpus(name: str = "default", *, text_field: str = "text", split: str =
                 f"corpus file {name} does not exist: pass an existing file or directory, a hub dataset name, or one of {', '.join(BUILTIN_CORPORA)}"
             )
         else:
-            try:
-                ds = datasets.load_dataset(name, split=split, streaming=streaming)
-            except Exception as err:  # the hub raises many types; one message says what to do
-                raise CorpusError(
-                    f"could not load dataset {name!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); offline, use a local file or one of {', '.join(BUILTIN_CORPORA)}"
-                ) from err
+            ds = _open_hub(name, config, split)
+            streaming = True
+        columns = ds.column_names
+        if columns is None and streaming:  # a stream whose features are not declared: its first row tells
+            first = _first_row(ds, name)
+            if first is None:
+                raise CorpusError(f"corpus {name!r} is empty")
+            columns = list(first)
         if text_field != "text":
-            if text_field not in (ds.column_names or []):
-                raise CorpusError(f"corpus {name!r} has no field {text_field!r}; its fields are {ds.column_names}")
+            if text_field not in (columns or []):
+                raise CorpusError(f"corpus {name!r} has no field {text_field!r}; its fields are {columns}")
             ds = ds.rename_column(text_field, "text")
-        elif ds.column_names is not None and "text" not in ds.column_names:
-            raise CorpusError(f"corpus {name!r} has no 'text' field; pass --text-field, one of {ds.column_names}")
+        elif columns is not None and "text" not in columns:
+            raise CorpusError(f"corpus {name!r} has no 'text' field; pass --text-field, one of {columns}")
     if not streaming and (len(ds) == 0 or not any(isinstance(t, str) and t.strip() for t in _texts(ds))):
         raise CorpusError(f"corpus {name!r} is empty" + (" (its documents are blank)" if len(ds) else ""))
     return ds
+
+
+def _open_hub(name: str, config: str | None, split: str):
+    """A hub dataset as a stream, or one CorpusError line: gated / not logged in / missing / offline (from
+    `sae_kit.models.hub_error_message`), a missing or unknown configuration, an unknown split."""
+    import datasets
+
+    from sae_kit.models import hub_error_message, hub_failure
+
+    hint = f"offline, use a local file or one of {', '.join(BUILTIN_CORPORA)}"
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # noqa: BLE001  (datasets and the hub raise many types; each gets one line)
+        text = str(err)
+        if "Config name is missing" in text or "BuilderConfig" in text and "not found" in text:
+            choices = _listed(text, "available configs:", "Available:")
+            what = "needs a configuration" if config is None else f"has no configuration {config!r}"
+            raise CorpusError(
+                f"hub dataset {name!r} {what}: pass --corpus-config, one of {choices or 'those listed on its hub page'}"
+            ) from None
+        if "Unknown split" in text or "Bad split" in text:
+            choices = _listed(text, "Available splits:", "Should be one of")
+            raise CorpusError(
+                f"hub dataset {name!r}{f' ({config})' if config else ''} has no split {split!r}: pass --corpus-split, "
+                f"one of {choices or 'those listed on its hub page'}"
+            ) from None
+        why = hub_failure(err)
+        if why != "other":
+            raise CorpusError(hub_error_message(err, "dataset", name)) from None
+        first = text.strip().splitlines()[0][:160] if text.strip() else ""
+        raise CorpusError(f"could not load dataset {name!r} ({err.__class__.__name__}: {first}); {hint}") from None
+
+
+def _listed(text: str, *markers: str) -> str:
+    """The `[...]` list following one of `markers` in an error message, as `a, b, c` ('' when absent)."""
+    import ast
+
+    for marker in markers:
+        at = text.find(marker)
+        if at >= 0 and "[" in text[at:]:
+            body = text[at:][text[at:].index("[") : text[at:].find("]") + 1]
+            try:
+                items = ast.literal_eval(body)
+            except (ValueError, SyntaxError):
+                return body.strip("[]")
+            return ", ".join(str(i) for i in items)
+    return ""
+
+
+def _first_row(ds, name: str) -> dict | None:
+    """The first row of a stream (None: it is empty), a network failure while reading it as one CorpusError line."""
+    from sae_kit.models import hub_error_message, hub_failure
+
+    try:
+        return next(iter(ds), None)
+    except Exception as err:  # noqa: BLE001
+        if hub_failure(err) != "other":
+            raise CorpusError(hub_error_message(err, "dataset", name)) from None
+        raise CorpusError(f"could not read corpus {name!r} ({err.__class__.__name__}: {str(err)[:160]})") from None
 
 
 def _texts(ds) -> Iterator[str]:
@@ -219,13 +312,14 @@ def pack(
         )
     if rows_per_batch < 1:
         raise HarvestError(f"--lm-batch-size must be at least 1, got {rows_per_batch}")
-    bos = tokenizer.bos_token_id
-    sep = bos if cfg.separator == "bos" else tokenizer.eos_token_id
+    bos_or_none = bos_id(tokenizer)
+    sep_or_none = bos_or_none if cfg.separator == "bos" else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if (cfg.prepend_bos or cfg.separator == "bos") and bos is None:
-        raise HarvestError("this tokenizer has no BOS token: pass --no-prepend-bos --separator eos")
-    if cfg.separator == "eos" and sep is None:
+    if (cfg.prepend_bos or cfg.separator == "bos") and bos_or_none is None:
+        raise HarvestError("this tokenizer has neither a BOS nor an EOS token: pass --no-prepend-bos --separator eos")
+    if cfg.separator == "eos" and sep_or_none is None:
         raise HarvestError("this tokenizer has no EOS token: pass --separator bos")
+    bos, sep = int(bos_or_none or 0), int(sep_or_none or 0)  # (each is set wherever it is used)
     body = cfg.context_size - int(cfg.prepend_bos)
     row_index = 0
     out_tok: list[list[int]] = []
@@ -285,8 +379,9 @@ def _batched(it: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def corpus_fingerprint(name: str) -> str:
-    """A short fingerprint of a built-in or local corpus (recorded in manifests so a cache knows its data)."""
+def corpus_fingerprint(name: str, config: str | None = None, split: str = "train") -> str:
+    """A short fingerprint of a built-in or local corpus (recorded in manifests so a cache knows its data); for a hub
+    dataset its id, with `:config` and `/split` when they are not the defaults."""
     if name in BUILTIN_CORPORA:
         import sys
 
@@ -300,4 +395,4 @@ def corpus_fingerprint(name: str) -> str:
             if p.is_file():
                 h.update(f"{p.relative_to(path.parent)}:{p.stat().st_size}:{int(p.stat().st_mtime)}".encode())
         return f"{path.resolve()}:" + h.hexdigest()[:12]
-    return name
+    return name + (f":{config}" if config else "") + (f"/{split}" if split != "train" else "")
