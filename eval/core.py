@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section
-from sae_kit.heldout import fill, fvu, kl_from, next_token_ce, run_lm, splice
+from sae_kit.heldout import fill, fvu, kl_from, next_token_ce, run_lm, splice, vocab_size
 
 PERCENTILES = (1, 10, 25, 50, 75, 90, 99)
 MAX_L0_BINS = 64
@@ -189,28 +189,30 @@ def downstream(inputs: EvalInputs, x_hat: Tensor, cfg: CoreConfig) -> dict[str, 
     ce = dict.fromkeys(("clean", *runs), 0.0)
     kl = dict.fromkeys(runs, 0.0)
     positions = spliced = 0
-    mean = inputs.x.mean(0)
+    mean, vocab = inputs.x.mean(0), vocab_size(inputs.model)
     for batch, rows in inputs.batches():
         if spliced >= cfg.ce_tokens:
             break
         batch = batch.first(cfg.ce_tokens - spliced)
         n = batch.n_kept
-        edits = {
-            "spliced": splice(x_hat[rows.start : rows.start + n]),
-            "zero": fill(torch.zeros_like(mean)),
-            "mean": fill(mean),
-        }
-        ablated = batch.keep if cfg.ablation_positions == "kept" else torch.ones_like(batch.keep)
-        clean, _ = run_lm(inputs.model, batch.tokens, inputs.hook)
-        ce_clean, mask = next_token_ce(clean, batch.tokens, batch.pad)
-        ce["clean"] += float(ce_clean[mask].sum())
-        for name in runs:
-            keep = batch.keep if name == "spliced" else ablated
-            logits, _ = run_lm(inputs.model, batch.tokens, inputs.hook, edit=edits[name], keep=keep)
-            ce[name] += float(next_token_ce(logits, batch.tokens, batch.pad)[0][mask].sum())
-            kl[name] += float(kl_from(clean, logits)[:, :-1][mask].sum())
-            del logits
-        positions += int(mask.sum())
+        for before, sub in batch.logit_batches(vocab):  # at most LOGIT_CELLS fp32 logits per forward
+            edits = {
+                "spliced": splice(x_hat[rows.start + before : rows.start + before + sub.n_kept]),
+                "zero": fill(torch.zeros_like(mean)),
+                "mean": fill(mean),
+            }
+            ablated = sub.keep if cfg.ablation_positions == "kept" else torch.ones_like(sub.keep)
+            clean, _ = run_lm(inputs.model, sub.tokens, inputs.hook)
+            ce_clean, mask = next_token_ce(clean, sub.tokens, sub.pad)
+            ce["clean"] += float(ce_clean[mask].sum())
+            for name in runs:
+                keep = sub.keep if name == "spliced" else ablated
+                logits, _ = run_lm(inputs.model, sub.tokens, inputs.hook, edit=edits[name], keep=keep)
+                ce[name] += float(next_token_ce(logits, sub.tokens, sub.pad)[0][mask].sum())
+                kl[name] += float(kl_from(clean, logits)[:, :-1][mask].sum())
+                del logits
+            positions += int(mask.sum())
+            del clean
         spliced += n
     return downstream_metrics(ce, kl, positions, spliced, cfg)
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section
-from sae_kit.heldout import next_token_ce, run_lm, splice
+from sae_kit.heldout import next_token_ce, run_lm, splice, vocab_size
 
 PAPER_HEADLINE = {"norm_r2": ">0.9", "vector_r2": "~0.5", "model": "Gemma 2 9B layer 20, Gemma Scope, L0≈60"}
 MIN_TOKENS_PER_REGRESSOR = 10
@@ -69,6 +69,15 @@ class DarkMatterConfig:
     def min_fit_tokens(self, d_in: int) -> int:
         """Fewest fit tokens for a regression on `d_in` inputs (plus the intercept)."""
         return self.min_tokens if self.min_tokens is not None else MIN_TOKENS_PER_REGRESSOR * (d_in + 1)
+
+    def tokens_needed(self, d_in: int, context_size: int, lm_batch_size: int) -> int:
+        """Evaluation tokens that are enough for `measure` on `d_in` inputs: the fit share must hold
+        `min_fit_tokens`, and so must the tokens outside the CE contexts (whole LM batches of `lm_batch_size`
+        contexts of `context_size` holding the first `ce_tokens` kept positions, so at most one batch more).
+        `sae-kit eval` raises its default --tokens to this where it is larger (d_in ≳ 2000 at the defaults)."""
+        need = self.min_fit_tokens(d_in)
+        by_split = max(math.ceil(need / self.fit_fraction), math.ceil(2 / (1 - self.fit_fraction))) + 1
+        return max(by_split, need + self.ce_tokens + lm_batch_size * context_size)
 
 
 # ----------------------------------------------------------------------------------------------- pure tensors
@@ -204,14 +213,18 @@ def ce_with(inputs: EvalInputs, x_new: Tensor | None, n_tokens: int) -> float:
     """Mean next-token CE over positions with a real target, in the LM batches holding the first `n_tokens` kept
     positions, with the rows of `x_new` [≥ ce_rows(...), d_in] spliced into the kept positions (None: clean)."""
     total, count = 0.0, 0
+    vocab = vocab_size(inputs.model)
     for batch, rows in inputs.batches():
         if rows.start >= n_tokens:
             break
-        edit = None if x_new is None else splice(x_new[rows])
-        logits, _ = run_lm(inputs.model, batch.tokens, inputs.hook, edit=edit, keep=batch.keep)
-        ce, mask = next_token_ce(logits, batch.tokens, batch.pad)
-        total += float(ce[mask].double().sum())
-        count += int(mask.sum())
+        for before, sub in batch.logit_batches(vocab):  # at most LOGIT_CELLS fp32 logits per forward
+            start = rows.start + before
+            edit = None if x_new is None else splice(x_new[start : start + sub.n_kept])
+            logits, _ = run_lm(inputs.model, sub.tokens, inputs.hook, edit=edit, keep=sub.keep)
+            ce, mask = next_token_ce(logits, sub.tokens, sub.pad)
+            total += float(ce[mask].double().sum())
+            count += int(mask.sum())
+            del logits
     return total / count
 
 

@@ -27,6 +27,8 @@ from sae_kit.heldout import harvest_config_for
 from sae_kit.sae import SAE
 from sae_kit.sae_io import load_sae
 
+DEFAULT_TOKENS = 32768
+"""Held-out tokens `sae-kit eval` reads by default (more where dark matter needs them: `eval_tokens`)."""
 SectionName = Literal["core", "dead", "dark_matter", "steering", "attention"]
 
 
@@ -45,8 +47,10 @@ class EvalConfig:
     """The LM (None: the model the SAEs were trained on, from their metadata)."""
     hook: str | None = None
     """The hook the SAEs read (None: each SAE's metadata.hook_name; needed for SAEs that do not record it)."""
-    tokens: int = 32768
-    """Held-out token positions to evaluate on (the reconstruction, dead-feature and dark-matter statistics)."""
+    tokens: int | None = None
+    """Held-out token positions to evaluate on (the reconstruction, dead-feature and dark-matter statistics). None:
+    32768, or what dark matter needs for the widest SAE's d_in where that is more (~38k at d_in 2304, ~68k at 4096;
+    see DarkMatterConfig.tokens_needed)."""
     corpus: str | None = None
     """Corpus (None: the SAEs' training corpus; its held-out documents are used)."""
     context_size: int | None = None
@@ -78,7 +82,7 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
 
     if not cfg.saes and not saes:
         raise EvalError("name at least one SAE: sae-kit eval RUN_OR_SAE_DIR [...]")
-    if cfg.tokens < 1:
+    if cfg.tokens is not None and cfg.tokens < 1:
         raise EvalError(f"--tokens must be positive, got {cfg.tokens}")
     found = rundir.resolve(cfg.saes)
     entries: list[tuple[str, Path | None, SAE]] = [
@@ -89,6 +93,7 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
         (name, None, copy.deepcopy(sae) if sae.cfg.normalize_activations != "none" else sae)
         for name, sae in (saes or {}).items()
     ]
+    cfg = dataclasses.replace(cfg, tokens=eval_tokens(cfg, [sae for _, _, sae in entries]))
     model_name = cfg.model or entries[0][2].cfg.metadata.get("model_name")
     model = model or load_model(model_name, device=cfg.device)
     out = Path(
@@ -152,6 +157,24 @@ def evaluate(cfg: EvalConfig, model=None, saes: dict[str, SAE] | None = None) ->
     return report | {"out": str(out)}
 
 
+def eval_tokens(cfg: EvalConfig, saes: list[SAE]) -> int:
+    """cfg.tokens, or its default: DEFAULT_TOKENS, raised to what dark matter needs for the widest SAE's d_in when
+    that section runs (its regressions need ten tokens per input dimension)."""
+    if cfg.tokens is not None:
+        return cfg.tokens
+    if "dark_matter" not in cfg.sections:
+        return DEFAULT_TOKENS
+    needs = [
+        cfg.dark_matter.tokens_needed(
+            sae.cfg.d_in,
+            harvest_config_for(sae, hook=cfg.hook, context_size=cfg.context_size).context_size,
+            cfg.lm_batch_size,
+        )
+        for sae in saes
+    ]
+    return max([DEFAULT_TOKENS, *needs])
+
+
 def summary_text(report: dict[str, Any]) -> str:
     """The plain-text summary `sae-kit eval` prints."""
     s = report["settings"]
@@ -193,7 +216,7 @@ def _inputs(shared: dict[tuple, EvalInputs], cfg: EvalConfig, model, sae: SAE) -
         shared[key] = prepare(
             model,
             sae,
-            cfg.tokens,
+            eval_tokens(cfg, [sae]),
             hook=cfg.hook,
             corpus=cfg.corpus,
             context_size=cfg.context_size,

@@ -44,7 +44,18 @@ from torch import Tensor
 
 from sae_kit.activations import HarvestConfig
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section
-from sae_kit.heldout import HeldoutContexts, generate, kl_from, logit_lens, mean_activation, run_lm, steer_edit
+from sae_kit.heldout import (
+    MAX_CELLS,
+    HeldoutContexts,
+    generate,
+    kl_from,
+    logit_lens,
+    mean_activation,
+    position_chunks,
+    row_chunks,
+    run_lm,
+    steer_edit,
+)
 
 POSITIVE = (
     "I love this movie, it was wonderful.",
@@ -169,7 +180,12 @@ class _Probe:
 
     @staticmethod
     def _log_probs(logits: Tensor, batch: HeldoutContexts) -> Tensor:
-        return logits[batch.keep.to(logits.device)].log_softmax(-1)
+        """Log-probabilities [n_kept, vocab] (fp32) at the kept positions, normalised in bounded position chunks."""
+        flat, where = _kept_rows(logits, batch)
+        out = torch.empty(len(where), logits.shape[-1], device=logits.device)
+        for rows in position_chunks(len(where), logits.shape[-1]):
+            out[rows] = flat.index_select(0, where[rows]).float().log_softmax(-1)
+        return out
 
     def effect(self, direction: Tensor, alpha: float, token_ids: Tensor) -> tuple[float, float]:
         """(mean Δmass on token_ids, mean KL(clean ‖ steered)) with alpha·direction added at the kept positions."""
@@ -177,11 +193,15 @@ class _Probe:
         n = 0
         for batch, clean in zip(self.batches, self.clean):
             logits, _ = run_lm(self.model, batch.tokens, self.hook, edit=steer_edit(direction, alpha), keep=batch.keep)
-            steered = self._log_probs(logits, batch)
-            ids = token_ids.to(steered.device)
-            d_mass += float((steered[:, ids].exp().sum(-1) - clean[:, ids].exp().sum(-1)).sum())
-            kl += float(kl_from(clean, steered).sum())
+            flat, where = _kept_rows(logits, batch)
+            ids = token_ids.to(logits.device)
+            for rows in position_chunks(len(where), logits.shape[-1]):  # never a second [n_kept, vocab] copy
+                steered = flat.index_select(0, where[rows]).float().log_softmax(-1)
+                base = clean[rows]
+                d_mass += float((steered[:, ids].exp().sum(-1) - base[:, ids].exp().sum(-1)).sum())
+                kl += float(kl_from(base, steered).sum())
             n += len(clean)
+            del logits
         return d_mass / n, kl / n
 
     def curve(
@@ -217,9 +237,29 @@ def measure(inputs: EvalInputs, cfg: SteeringConfig = SteeringConfig()) -> Secti
 
 def _atoms(inputs: EvalInputs, features: Tensor, max_act: Tensor) -> tuple[Tensor, Tensor]:
     """(unit directions d̂_i [n, d_in], units of α = max |activation|·‖d_i‖ [n]) of `features`."""
-    atoms = inputs.sae.W_dec.detach().float().cpu()[features]
-    norms = atoms.norm(dim=-1)
-    return atoms / norms[:, None], max_act[features] * norms
+    directions, norms = atoms(inputs.sae.W_dec, features)
+    return directions, max_act[features] * norms
+
+
+def atoms(W_dec: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+    """(unit rows [n, d_in], their norms [n]) of the decoder rows `features` (fp32, CPU): only those rows are
+    gathered and copied, on the decoder's own device, never the whole decoder."""
+    rows = W_dec.detach()[features.to(W_dec.device)].float().cpu()
+    norms = rows.norm(dim=-1)
+    return rows / norms[:, None], norms
+
+
+def closest_atom(W_dec: Tensor, v_hat: Tensor, signed: bool, max_cells: int = MAX_CELLS) -> tuple[int, float]:
+    """(index, cosine) of the decoder row with the highest cosine with v̂ (highest |cosine| when `signed`), computed
+    on the decoder's device in blocks of rows holding at most `max_cells` entries in fp32 (no full-size copy)."""
+    W = W_dec.detach()
+    v = v_hat.to(W.device, torch.float32)
+    cos = torch.empty(len(W), device=W.device)
+    for rows in row_chunks(len(W), W.shape[1], max_cells):
+        block = W[rows].float()
+        cos[rows] = (block @ v) / block.norm(dim=-1)
+    best = int((cos.abs() if signed else cos).argmax())
+    return best, float(cos[best])
 
 
 def _feature_curves(
@@ -268,11 +308,9 @@ def _dim(inputs: EvalInputs, cfg: SteeringConfig, probe: _Probe, signed: bool, m
     norm = float(v.norm())
     v_hat = v / norm
     targets = contrast_tokens(model, cfg.contrast_positive, cfg.contrast_negative)
-    W_dec = inputs.sae.W_dec.detach().float().cpu()
-    cos = (W_dec @ v_hat) / W_dec.norm(dim=-1)
-    closest = int((cos.abs() if signed else cos).argmax())
-    sign = 1.0 if cos[closest] >= 0 or not signed else -1.0
-    d_closest = sign * W_dec[closest] / W_dec[closest].norm()
+    closest, cosine = closest_atom(inputs.sae.W_dec, v_hat, signed)
+    sign = 1.0 if cosine >= 0 or not signed else -1.0
+    d_closest = sign * atoms(inputs.sae.W_dec, torch.tensor([closest]))[0][0]
     dim_mass, dim_kl = probe.curve(v_hat, norm, cfg.alphas, targets)
     feat_mass, feat_kl = probe.curve(d_closest, norm, cfg.alphas, targets)
     return {
@@ -282,7 +320,7 @@ def _dim(inputs: EvalInputs, cfg: SteeringConfig, probe: _Probe, signed: bool, m
         "kl": dim_kl,
         "score": budgeted_best(dim_mass, dim_kl, cfg.kl_budget),
         "closest_feature": closest,
-        "closest_cosine": float(cos[closest]),
+        "closest_cosine": cosine,
         "closest_live": bool(max_act[closest] > 0),
         "closest_delta_mass": feat_mass,
         "closest_kl": feat_kl,
@@ -307,6 +345,11 @@ def _generation(
         "clean": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens),
         "steered": generate(inputs.model, inputs.data, cfg.generate_prompt, cfg.generate_tokens, edit),
     }
+
+
+def _kept_rows(logits: Tensor, batch: HeldoutContexts) -> tuple[Tensor, Tensor]:
+    """(logits viewed as [R·T, vocab], the flat indices of the kept positions, row-major)."""
+    return logits.reshape(-1, logits.shape[-1]), batch.keep.to(logits.device).flatten().nonzero().squeeze(1)
 
 
 def _decode(model, ids: Tensor) -> list[str]:

@@ -29,6 +29,9 @@ Edit = Callable[[Tensor, Tensor], Tensor]
 """edit(acts [R, T, d_in], keep [R, T]) -> new acts [R, T, d_in] (keep: positions the edit may change)."""
 MAX_CELLS = 1 << 25
 """Code entries [rows × d_sae] one encode chunk may hold (dense rules materialise them)."""
+LOGIT_CELLS = 1 << 28
+"""fp32 logits [rows × T × vocab] one eval LM forward may return (1 GiB): the CE/KL passes split their LM batches
+into fewer rows for a large vocabulary (Gemma's 256k: 8 contexts of 128 tokens per forward)."""
 SCALE_TOKENS = 8192
 """Leading held-out positions the input scale of a normalising SAE is estimated on."""
 
@@ -64,6 +67,16 @@ class HeldoutContexts:
     @property
     def n_kept(self) -> int:
         return int(self.keep.sum())
+
+    def logit_batches(self, vocab: int, max_cells: int | None = None) -> Iterator[tuple[int, HeldoutContexts]]:
+        """(kept positions before it, rows) for sub-batches of these rows whose fp32 logits [rows, T, vocab] hold at
+        most `max_cells` (None: LOGIT_CELLS) entries, at least one row each: an LM batch split for a large vocabulary."""
+        step = max(1, (max_cells or LOGIT_CELLS) // max(1, self.tokens.shape[1] * vocab))
+        before = 0
+        for i in range(0, len(self.tokens), step):
+            sub = self.rows(i, i + step)
+            yield before, sub
+            before += sub.n_kept
 
 
 # ------------------------------------------------------------------------------------------------ data settings
@@ -175,6 +188,11 @@ def run_lm(
     return logits, captured.get("acts")
 
 
+def vocab_size(model) -> int:
+    """The LM's vocabulary (the width of its logits)."""
+    return int(getattr(getattr(model, "cfg", None), "d_vocab", 0) or model.W_U.shape[-1])
+
+
 def splice(x_new: Tensor) -> Edit:
     """An edit that writes the rows of `x_new` [n_kept, d_in] into the kept positions (in row-major order)."""
 
@@ -204,16 +222,42 @@ def steer_edit(direction: Tensor, alpha: float) -> Edit:
     return edit
 
 
-def next_token_ce(logits: Tensor, tokens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
-    """(per-position next-token cross-entropy [R, T-1], mask [R, T-1] of positions with a real target)."""
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().to(logits.device), reduction="none")
-    return ce.view(tokens.shape[0], -1), ~pad[:, 1:].to(logits.device)
+def position_chunks(n: int, width: int, max_cells: int = MAX_CELLS) -> list[slice]:
+    """Consecutive slices of n positions whose [positions × width] fp32 scratch holds at most `max_cells` entries
+    (at least one position each): the unit CE and KL over a vocabulary of `width` are computed in."""
+    return row_chunks(n, width, max_cells)
 
 
-def kl_from(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
-    """KL(p_clean ‖ p_other) per position [R, T], summed over the vocabulary."""
-    p = clean_logits.log_softmax(-1)
-    return (p.exp() * (p - other_logits.log_softmax(-1))).sum(-1)
+def next_token_ce(logits: Tensor, tokens: Tensor, pad: Tensor, max_cells: int = MAX_CELLS) -> tuple[Tensor, Tensor]:
+    """(per-position next-token cross-entropy [R, T-1], mask [R, T-1] of positions with a real target).
+
+    Computed in `position_chunks` of at most `max_cells` logits (in fp32, whatever the logits' dtype), so a 256k
+    vocabulary never needs more than one chunk of scratch beside `logits` itself; the same values as one
+    cross_entropy over every position."""
+    R, T, V = logits.shape
+    flat = logits.reshape(R * T, V)  # a view of contiguous logits
+    where = (torch.arange(R, device=logits.device)[:, None] * T + torch.arange(T - 1, device=logits.device)).flatten()
+    targets = tokens.to(logits.device).flatten()
+    ce = torch.empty(len(where), device=logits.device)
+    for rows in position_chunks(len(where), V, max_cells):
+        idx = where[rows]
+        ce[rows] = F.cross_entropy(flat.index_select(0, idx).float(), targets[idx + 1], reduction="none")
+    return ce.view(R, T - 1), ~pad[:, 1:].to(logits.device)
+
+
+def kl_from(clean_logits: Tensor, other_logits: Tensor, max_cells: int = MAX_CELLS) -> Tensor:
+    """KL(p_clean ‖ p_other) per position [...] for logits [..., vocab] (either may be log-probabilities already),
+    summed over the vocabulary in fp32, in `position_chunks` of at most `max_cells` logits (the same values as the
+    unchunked formula; scratch of a few chunks, never of the whole [..., vocab])."""
+    V = clean_logits.shape[-1]
+    clean, other = clean_logits.reshape(-1, V), other_logits.reshape(-1, V)
+    out = torch.empty(len(clean), device=clean.device)
+    for rows in position_chunks(len(clean), V, max_cells):
+        p = clean[rows].float().log_softmax(-1)
+        q = other[rows].float().log_softmax(-1).neg_().add_(p)  # log p − log q
+        out[rows] = p.exp_().mul_(q).sum(-1)
+        del p, q  # before the next chunk's: two chunks of scratch at most
+    return out.view(clean_logits.shape[:-1])
 
 
 def logit_lens(model, directions: Tensor) -> Tensor:
