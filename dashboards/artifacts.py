@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae_kit.dashboards.store import CONTEXT, SHARD_SCHEMA
@@ -198,8 +197,10 @@ def contexts(p: Pass, idx: Tensor, band: Tensor | None, before: int, after: int,
 
 
 def _ranked(scores: Tensor, n: int, sign: int = 1) -> tuple[pa.ListArray, pa.ListArray]:
-    """Per row of `scores` [r, m]: the ids and scores of its `n` largest (sign 1) or smallest (sign -1) entries."""
+    """Per row of `scores` [r, m] (on any device): the ids and scores of its `n` largest (sign 1) or smallest
+    (sign -1) entries."""
     vals, ids = (sign * scores).topk(min(n, scores.shape[1]), dim=1)
+    vals, ids = vals.cpu(), ids.cpu()
     counts = torch.full((len(ids),), ids.shape[1])
     return _lists(ids.flatten().to(torch.int32), counts, pa.int32()), _lists(
         sign * vals.flatten().float(), counts, pa.float32()
@@ -207,29 +208,36 @@ def _ranked(scores: Tensor, n: int, sign: int = 1) -> tuple[pa.ListArray, pa.Lis
 
 
 def _blocks(start: int, stop: int, width: int):
-    step = max(1, MAX_CELLS // width)
+    step = max(1, MAX_CELLS // max(width, 1))
     for a in range(start, stop, step):
         yield a, min(a + step, stop)
 
 
 # ------------------------------------------------------------------------------------------------- weights
 def logit_effects(lens: Callable[[Tensor], Tensor], W_dec: Tensor, start: int, stop: int, n: int) -> list[pa.ListArray]:
-    """Top promoted (ids, values) and top suppressed (ids, values) tokens of d_i·W_U for features [start, stop)."""
+    """Top promoted (ids, values) and top suppressed (ids, values) tokens of d_i·W_U for features [start, stop),
+    in blocks of features whose [features × vocab] effects hold at most MAX_CELLS entries."""
+    vocab = lens(W_dec[start : start + 1]).shape[1] if stop > start else 1
     parts = []
-    for a, b in _blocks(start, stop, 1 << 16):
+    for a, b in _blocks(start, stop, vocab):
         effect = lens(W_dec[a:b])
         parts.append((*_ranked(effect, n), *_ranked(effect, n, sign=-1)))
     return [pa.concat_arrays([part[i] for part in parts]) for i in range(4)]
 
 
 def neighbours(W_dec: Tensor, start: int, stop: int, n: int) -> tuple[pa.ListArray, pa.ListArray]:
-    """The `n` decoder directions nearest each of features [start, stop) by cosine (itself excluded)."""
-    unit = F.normalize(W_dec.float(), dim=1)
+    """The `n` decoder directions nearest each of features [start, stop) by cosine (itself excluded).
+
+    Computed on W_dec's device (the SAE's: the accelerator when it has one) in blocks of rows whose [rows × d_sae]
+    cosines hold at most MAX_CELLS entries; the decoder is read in place (fp32: no copy; another dtype: one fp32 copy
+    of it), never normalised into a second full-size matrix: cos = d_a·d_b / (‖d_a‖‖d_b‖)."""
+    W = W_dec.detach().float()
+    inv = 1 / W.norm(dim=1).clamp_min(1e-12)  # F.normalize's eps
     ids, cos = [], []
-    for a, b in _blocks(start, stop, len(unit)):
-        sims = unit[a:b] @ unit.T
-        sims[torch.arange(b - a), torch.arange(a, b)] = -torch.inf
-        i, c = _ranked(sims, min(n, len(unit) - 1))
+    for a, b in _blocks(start, stop, len(W)):
+        sims = (W[a:b] @ W.T) * inv[a:b, None] * inv[None, :]
+        sims[torch.arange(b - a, device=W.device), torch.arange(a, b, device=W.device)] = -torch.inf
+        i, c = _ranked(sims, min(n, len(W) - 1))
         ids.append(i)
         cos.append(c)
     return pa.concat_arrays(ids), pa.concat_arrays(cos)
@@ -237,10 +245,13 @@ def neighbours(W_dec: Tensor, start: int, stop: int, n: int) -> tuple[pa.ListArr
 
 # ------------------------------------------------------------------------------------------------- co-firing
 class CoFiring:
-    """Co-firing counts of a range of features with every feature: (range × positions) @ (positions × features)."""
+    """Co-firing counts of a range of features with every feature: (range × positions) @ (positions × features),
+    sparse products on `device` (the SAE's: the accelerator when it has one) in blocks of features whose dense
+    [block × d_sae] counts hold at most MAX_CELLS entries."""
 
-    def __init__(self, p: Pass) -> None:
+    def __init__(self, p: Pass, device: torch.device | str | None = None) -> None:
         self.p, self.count = p, p.counts()
+        self.device = torch.device(device or "cpu")
         by_position = torch.sort(p.position, stable=True).indices
         with warnings.catch_warnings():  # torch marks sparse CSR as beta; the product below is exact
             warnings.simplefilter("ignore")
@@ -249,12 +260,13 @@ class CoFiring:
                 p.feature[by_position],
                 torch.ones(len(by_position)),
                 (p.tokens.numel(), p.d_sae),
-            )
+            ).to(self.device)
+        self.count_dev = self.count.to(self.device)
 
     def top(self, start: int, stop: int, n: int) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
         """Per feature in [start, stop): the `n` features with the highest Jaccard index of firing positions
         (ids, Jaccard, fraction of this feature's firings they share); only features that co-fire at all."""
-        p = self.p
+        p, dev = self.p, self.device
         ids, jac, frac = [], [], []
         for a, b in _blocks(start, stop, p.d_sae):
             lo, hi = torch.searchsorted(p.feature, torch.tensor([a, b]))
@@ -262,17 +274,19 @@ class CoFiring:
                 warnings.simplefilter("ignore")
                 rows = torch.sparse_csr_tensor(
                     _crow(self.count[a:b]), p.position[lo:hi], torch.ones(int(hi - lo)), (b - a, p.tokens.numel())
-                )
+                ).to(dev)
                 both = torch.sparse.mm(rows, self.fired).to_dense()
-            n_i = self.count[a:b].unsqueeze(1).float()
-            both[torch.arange(b - a), torch.arange(a, b)] = 0
-            jaccard = both / (n_i + self.count.float() - both).clamp(min=1)
+            n_i = self.count_dev[a:b].unsqueeze(1).float()
+            both[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)] = 0
+            jaccard = both / (n_i + self.count_dev.float() - both).clamp(min=1)
             vals, idx = jaccard.topk(min(n, p.d_sae), dim=1)
+            shared = both.gather(1, idx) / n_i.clamp(min=1)
+            vals, idx, shared = vals.cpu(), idx.cpu(), shared.cpu()
             ok = vals > 0
             counts = ok.sum(1)
             ids.append(_lists(idx[ok].to(torch.int32), counts, pa.int32()))
             jac.append(_lists(vals[ok], counts, pa.float32()))
-            frac.append(_lists((both.gather(1, idx) / n_i.clamp(min=1))[ok], counts, pa.float32()))
+            frac.append(_lists(shared[ok], counts, pa.float32()))
         return pa.concat_arrays(ids), pa.concat_arrays(jac), pa.concat_arrays(frac)
 
 

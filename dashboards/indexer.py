@@ -275,8 +275,8 @@ def _write_features(p: artifacts.Pass, sae: SAE, model, cfg: IndexConfig, out: P
     st = artifacts.stats(p)
     hist = artifacts.histograms(p, st, cfg.bins)
     picks = artifacts.Picks.choose(p, cfg, signed)
-    cofiring = artifacts.CoFiring(p)
-    W_dec = sae.W_dec.detach().float().cpu()
+    W_dec = sae.W_dec.detach().float()  # on the SAE's device, read in blocks (fp32 SAE: no copy; else one, once)
+    cofiring = artifacts.CoFiring(p, device=W_dec.device)
     d_sae = sae.cfg.d_sae
     logit_ids = []  # the summary's copy of each shard's promoted tokens
     bar = tqdm(total=d_sae, unit="feat", desc="index: features", disable=not cfg.progress)
