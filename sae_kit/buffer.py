@@ -5,6 +5,10 @@ The buffer fills a chunk of at least `capacity` rows from the source (after the 
 chunk), permutes it with a generator seeded by (seed, chunk index), emits its whole batches and carries the rest
 (fewer than one batch) into the next chunk. Every source row is emitted exactly once, in an order fixed by the seed.
 
+Rows are stored in the dtype they arrive in (a bf16 harvest stays bf16: half the memory of fp32), or in an explicit
+`dtype`; the consumer converts a batch to what it computes in. The chunk is held once: each batch is gathered from
+it through the permutation, rather than the whole chunk being permuted into a second copy.
+
 Where it stands is a `BufferPosition`: the source position where the current chunk's fresh rows begin, the rows
 carried into it, the chunk index and the batches already emitted. Starting from a position rebuilds that chunk from
 the source and goes on with the next batch, so a resumed run sees exactly the batches of an uninterrupted one.
@@ -52,10 +56,20 @@ class BufferPosition:
 class ShuffleBuffer:
     """Iterate `batches(position)` for (batch, position after it); plain iteration yields the batches from the start.
 
-    At the end of a finite source the carried rows form a last, smaller batch unless `drop_last`.
+    At the end of a finite source the carried rows form a last, smaller batch unless `drop_last`. `dtype` (None:
+    the dtype the rows arrive in) is the dtype activations and gradients are stored and handed out in.
     """
 
-    def __init__(self, source: Source, capacity: int, batch_size: int, seed: int = 0, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        source: Source,
+        capacity: int,
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if capacity < batch_size:
@@ -67,6 +81,7 @@ class ShuffleBuffer:
             seed,
             drop_last,
         )
+        self.dtype = dtype
 
     def __iter__(self) -> Iterator[ActivationRows]:
         return (batch for batch, _ in self.batches())
@@ -83,35 +98,42 @@ class ShuffleBuffer:
         exhausted = False
         while not exhausted:
             begin, begin_carry = at, carry
-            parts = [] if carry is None else [carry]
+            parts = [] if carry is None else [self._stored(carry)]
             n = sum(len(p) for p in parts)
             while n < self.capacity:
                 try:
-                    rows, at = next(fresh)
+                    got, at = next(fresh)
                 except StopIteration:
                     exhausted = True
                     break
-                _check_layout(rows, parts[0] if parts else None)
-                parts.append(rows)
-                n += len(rows)
+                parts.append(self._stored(got))
+                _check_layout(parts[-1], parts[0])
+                n += len(parts[-1])
             if n == 0:
                 return
-            rows = ActivationRows.cat(parts).select(self.permutation(n, chunk))
+            chunk_rows = ActivationRows.cat(parts)
+            del parts  # the chunk is held once, in chunk_rows
+            order = self.permutation(n, chunk)
             whole = n // self.batch_size * self.batch_size
-            carry = rows.select(slice(whole, n)) if whole < n else None
+            carry = chunk_rows.select(order[whole:]) if whole < n else None
             n_batches = whole // self.batch_size
             if exhausted and carry is not None and not self.drop_last:
                 n_batches, carry = n_batches + 1, None
             for j in range(skip, n_batches):
-                batch = rows.select(slice(j * self.batch_size, (j + 1) * self.batch_size))
+                batch = chunk_rows.select(order[j * self.batch_size : (j + 1) * self.batch_size])
                 yield batch, BufferPosition(begin, begin_carry, chunk, j + 1)
+            del chunk_rows
             chunk, skip = chunk + 1, 0
 
+    def _stored(self, rows: ActivationRows) -> ActivationRows:
+        """`rows` in the storage dtype (unchanged, not copied, when it is theirs already)."""
+        if self.dtype is None or all(a.dtype == self.dtype for a in rows.tensors().values() if a.is_floating_point()):
+            return rows
+        return rows.to(dtype=self.dtype)
 
-def _check_layout(rows: ActivationRows, first: ActivationRows | None) -> None:
-    """Every part of a chunk must carry the same hooks, widths and gradient presence."""
-    if first is None:
-        return
+
+def _check_layout(rows: ActivationRows, first: ActivationRows) -> None:
+    """Every part of a chunk must carry the same hooks, widths, dtypes and gradient presence."""
     same = rows.acts.keys() == first.acts.keys() and all(
         rows.acts[h].shape[1:] == a.shape[1:] for h, a in first.acts.items()
     )
@@ -119,4 +141,11 @@ def _check_layout(rows: ActivationRows, first: ActivationRows | None) -> None:
         raise ValueError(
             f"ShuffleBuffer source changed shape: got hooks {rows.hooks} (gradients: {rows.grads is not None}), "
             f"earlier rows had {first.hooks} (gradients: {first.grads is not None})"
+        )
+    dtypes = {t.dtype for t in rows.tensors().values() if t.is_floating_point()}
+    before = {t.dtype for t in first.tensors().values() if t.is_floating_point()}
+    if dtypes != before:
+        raise ValueError(
+            f"ShuffleBuffer source changed dtype: got {sorted(map(str, dtypes))}, earlier rows had "
+            f"{sorted(map(str, before))}; pass dtype= to store every row in one dtype"
         )

@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +43,16 @@ SPLITS = ("train", "heldout")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEADER_KEYS = ("settings", "hooks", "d_in", "dtype", "with_grads")
 """Manifest keys that fix what a cache holds; a resumed writer must match all of them."""
+
+MAX_OPEN_MAPS = 8192
+"""Default cap on the shard files an `ActivationCache` keeps memory-mapped at once; the least recently used map is
+closed beyond it. Each map is one of the 65,530 that Linux allows a process by default (`vm.max_map_count`), and
+holds page tables for the pages read through it; 8,192 is every file of 4,096 single-hook shards (268M rows at the
+default 65,536 rows a shard) with most of the process's maps left to the rest. A cache with more files still reads
+correctly, remapping shards as it goes (slower: see BENCHMARKS.md, "Cache reads at scale")."""
+READ_AHEAD_BYTES = 64 << 20
+"""Default bytes of rows a shuffled read gathers at once (whole batches, at least one): reading several batches'
+rows in one pass over the shards touches each shard once for all of them, not once per batch."""
 
 _SHARD_FILE = re.compile(r"^(train|heldout)-\d{6}\.")
 _REPAIR = "re-run `sae-kit cache` with the same --out to repair and resume it"
@@ -363,10 +376,11 @@ class CacheWriter:
 class ActivationCache:
     """Read access to a cache directory: globally shuffled batches for training, sequential reads for evaluation.
 
-    Shard files are memory-mapped lazily, so nothing is loaded into RAM beyond the rows a batch touches.
+    Shard files are memory-mapped lazily, so nothing is loaded into RAM beyond the rows a batch touches, and at
+    most `max_open_maps` of them at a time (least recently used closed first), however many shards the cache has.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, max_open_maps: int = MAX_OPEN_MAPS) -> None:
         self.path = Path(path)
         self.manifest = _load_manifest(self.path)
         self._dtype = DTYPES[self.manifest["dtype"]]
@@ -379,7 +393,21 @@ class ActivationCache:
             s: torch.tensor([0] + [sh["n_rows"] for sh in shards], dtype=torch.int64).cumsum(0)
             for s, shards in self._shards.items()
         }
-        self._maps: dict[str, torch.Tensor] = {}
+        self._files_per_shard = 1 + len(self.hooks) * (2 if self.with_grads else 1)
+        if max_open_maps < self._files_per_shard:
+            raise CacheError(
+                f"max_open_maps={max_open_maps} is below the {self._files_per_shard} files of one shard of {self.path}; "
+                f"raise it (default {MAX_OPEN_MAPS})"
+            )
+        self.max_open_maps = max_open_maps
+        self._root = str(self.path)
+        self._maps: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._maps_lock = threading.Lock()  # a prefetch thread and the caller may read at once
+
+    @property
+    def open_maps(self) -> int:
+        """Shard files memory-mapped right now (at most `max_open_maps`)."""
+        return len(self._maps)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -466,14 +494,18 @@ class ActivationCache:
         hooks: list[str] | None = None,
         with_grads: bool = False,
         drop_last: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         rank: int = 0,
         world_size: int = 1,
         start_batch: int = 0,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ) -> Iterator[ActivationRows]:
         """One epoch of `split` in an order fixed by (seed, epoch), shuffled globally across shards.
 
         `start_batch` skips that many batches of the epoch without reading them (to resume a run mid-epoch).
+        `dtype` is what activations and gradients come out as; None keeps the cache's own (e.g. bfloat16, for a
+        consumer that converts on its device). The rows of as many whole batches as fit in `read_ahead_bytes` (at
+        least one batch) are gathered in one pass over the shards; the batches and their order do not depend on it.
 
         Under data parallelism every rank passes the same seed and its own `rank`: the ranks then read disjoint
         rows, the same number each (up to `world_size - 1` rows of the epoch are left out).
@@ -490,8 +522,15 @@ class ActivationCache:
         order = torch.randperm(n, generator=generator, dtype=torch.int32 if n < 2**31 else torch.int64)
         order = order[: n - n % world_size][rank::world_size]
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        for start in range(start_batch * batch_size, stop, batch_size):
-            yield self._gather(split, order[start : start + batch_size].long(), hooks, with_grads, dtype)
+        row_bytes = len(META_FIELDS) * 8 + len(hooks) * (2 if with_grads else 1) * self.d_in * self._dtype.itemsize
+        per_pass = max(1, read_ahead_bytes // (row_bytes * batch_size)) * batch_size
+        for i, lo in enumerate(range(start_batch * batch_size, stop, per_pass)):
+            index = order[lo : min(lo + per_pass, stop)].long()
+            # every other pass visits the shards backwards, so that the maps it opened last, which the LRU still
+            # holds, are the first the next pass needs (a cache with more files than the cap then remaps fewer)
+            staged, where = self._gather_sorted(split, index, hooks, with_grads, backwards=i % 2 == 1)
+            for b in range(0, len(where), batch_size):
+                yield self._pick(staged, where[b : b + batch_size], hooks, with_grads, dtype)
 
     def read(
         self,
@@ -501,15 +540,15 @@ class ActivationCache:
         *,
         hooks: list[str] | None = None,
         with_grads: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
     ) -> ActivationRows:
-        """Rows `start:stop` of `split` in stored order."""
+        """Rows `start:stop` of `split` in stored order, activations and gradients in `dtype` (None: the cache's)."""
         hooks = self._hooks(hooks, with_grads)
         n = self.n_rows(split)
         stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
             raise CacheError(f"read range {start}:{stop} is outside the {n} rows of split {split!r}")
-        out = self._empty(stop - start, hooks, with_grads, dtype)
+        out = self._empty(stop - start, hooks, with_grads, dtype or self._dtype)
         starts = self._starts[split].tolist()
         for i, shard in enumerate(self._shards[split]):
             lo, hi = max(start, starts[i]), min(stop, starts[i + 1])
@@ -517,6 +556,7 @@ class ActivationCache:
                 src, dst = slice(lo - starts[i], hi - starts[i]), slice(lo - start, hi - start)
                 for name, buf in self._arrays(shard, hooks, with_grads).items():
                     out[name][dst].copy_(buf[src])
+                del buf  # see _gather_sorted
         return self._rows(out, hooks, with_grads)
 
     def _hooks(self, hooks: list[str] | None, with_grads: bool) -> list[str]:
@@ -532,11 +572,31 @@ class ActivationCache:
         return hooks
 
     def _map(self, name: str, n_rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """File `name` memory-mapped (lazily, copy-on-write, no open file kept) as [n_rows, width]."""
-        if name not in self._maps:
-            flat = torch.from_file(str(self.path / name), shared=False, size=n_rows * width, dtype=dtype)
-            self._maps[name] = flat.view(n_rows, width)
-        return self._maps[name]
+        """File `name` memory-mapped (lazily, copy-on-write, no open file kept) as [n_rows, width].
+
+        The maps form an LRU of `max_open_maps` entries: one beyond it closes the least recently used (its memory is
+        unmapped once no tensor refers to it; every read copies out of the maps, so none outlives the read).
+        """
+        with self._maps_lock:
+            mapped = self._maps.get(name)
+            if mapped is not None:
+                self._maps.move_to_end(name)
+                return mapped
+            while len(self._maps) >= self.max_open_maps:  # close first, so the cap holds at every moment
+                self._maps.popitem(last=False)
+            try:
+                flat = torch.from_file(os.path.join(self._root, name), shared=False, size=n_rows * width, dtype=dtype)
+            except RuntimeError as e:
+                if "Cannot allocate memory" not in str(e):
+                    raise
+                raise CacheError(
+                    f"cannot memory-map {self.path / name}: the process is out of memory maps (Linux allows "
+                    f"vm.max_map_count per process; this cache holds up to max_open_maps={self.max_open_maps}, each "
+                    "open ActivationCache as many); open fewer caches at once, pass a lower max_open_maps, "
+                    "or raise vm.max_map_count (sysctl)"
+                ) from None
+            self._maps[name] = mapped = flat.view(n_rows, width)
+            return mapped
 
     def _arrays(self, shard: dict[str, Any], hooks: list[str], with_grads: bool) -> dict[str, torch.Tensor]:
         """The mapped arrays of one shard, keyed like `_empty`'s buffers."""
@@ -565,24 +625,40 @@ class ActivationCache:
             **dict(zip(META_FIELDS, out["meta"].t().contiguous())),
         )
 
-    def _gather(
-        self, split: str, index: torch.Tensor, hooks: list[str], with_grads: bool, dtype: torch.dtype
-    ) -> ActivationRows:
-        """Rows at global `index` of `split`, read shard by shard in sorted order, returned in `index` order."""
+    def _gather_sorted(
+        self, split: str, index: torch.Tensor, hooks: list[str], with_grads: bool, backwards: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rows at global `index` of `split` in the cache dtype, keyed like `_empty`'s buffers, gathered in sorted
+        order (one index op per shard and file, each shard visited once, last shard first if `backwards`); and where
+        each of `index`'s rows sits in them, so `_pick(staged, where[i:j])` gives `index[i:j]`'s rows in `index` order."""
         ordered, order = index.sort()
         starts = self._starts[split]
-        shard_ids, counts = torch.unique_consecutive(
-            torch.searchsorted(starts, ordered, right=True) - 1, return_counts=True
-        )
+        shard_of = torch.searchsorted(starts, ordered, right=True) - 1
+        local = ordered - starts[shard_of]  # row within its shard, for every row at once
+        shard_ids, counts = torch.unique_consecutive(shard_of, return_counts=True)
+        ends = counts.cumsum(0)
         staged = self._empty(len(index), hooks, with_grads, self._dtype)
-        lo = 0
-        for shard_id, count in zip(shard_ids.tolist(), counts.tolist()):
-            local = ordered[lo : lo + count] - starts[shard_id]
-            for name, src in self._arrays(self._shards[split][shard_id], hooks, with_grads).items():
-                torch.index_select(src, 0, local, out=staged[name][lo : lo + count])
-            lo += count
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
-        out = {name: buf.index_select(0, inverse) for name, buf in staged.items()}
-        out = {name: t if name == "meta" else t.to(dtype) for name, t in out.items()}
+        shards = self._shards[split]
+        groups = list(zip(shard_ids.tolist(), (ends - counts).tolist(), ends.tolist()))
+        for shard_id, lo, hi in reversed(groups) if backwards else groups:
+            rows = local[lo:hi]
+            for name, src in self._arrays(shards[shard_id], hooks, with_grads).items():
+                torch.index_select(src, 0, rows, out=staged[name][lo:hi])
+            del src  # the last map of the shard: an evicted one must not stay mapped through the next shard
+        where = torch.empty_like(order)
+        where[order] = torch.arange(len(order))
+        return staged, where
+
+    def _pick(
+        self,
+        staged: dict[str, torch.Tensor],
+        where: torch.Tensor,
+        hooks: list[str],
+        with_grads: bool,
+        dtype: torch.dtype | None,
+    ) -> ActivationRows:
+        """The staged rows at `where`, as their own tensors, activations and gradients in `dtype` (None: the cache's)."""
+        out = {name: buf.index_select(0, where) for name, buf in staged.items()}
+        if dtype is not None:
+            out = {name: t if name == "meta" else t.to(dtype) for name, t in out.items()}
         return self._rows(out, hooks, with_grads)

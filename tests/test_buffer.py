@@ -116,3 +116,42 @@ def test_resuming_from_any_position_gives_the_same_remaining_batches():
                 and torch.equal(a.grads["h1"], b.grads["h1"])
             )
     assert any(p.carry is not None for _, p in full)  # some resumes had to restore carried rows
+
+
+def test_batches_are_the_chunk_permuted_by_its_seeded_order():
+    """The batches of a chunk are its rows (the source's, concatenated) in `permutation(n, chunk)` order, cut in
+    batch_size pieces; each batch is its own tensor, so a queued batch does not keep the chunk alive."""
+    source = chunks([16, 5, 23])
+    buf = buffer(source, capacity=100, batch_size=8, seed=7)
+    want = ActivationRows.cat(source).select(buf.permutation(44, 0))
+    batches = list(buf)
+    assert torch.equal(torch.cat([b.token for b in batches]), want.token)
+    assert torch.equal(torch.cat([b.grads["h1"] for b in batches]), want.grads["h1"])  # type: ignore[index]
+    acts = batches[1].acts["h0"]
+    assert acts.untyped_storage().nbytes() == acts.nbytes
+
+
+def test_rows_are_stored_in_their_own_dtype_or_the_one_asked_for():
+    fp32 = chunks(SIZES)
+    bf16 = [p.to(dtype=torch.bfloat16) for p in fp32]
+    reference = list(buffer(fp32, capacity=50, batch_size=8, seed=2).batches())
+    own = list(buffer(bf16, capacity=50, batch_size=8, seed=2).batches())  # a bf16 harvest stays bf16
+    cast = list(buffer(fp32, capacity=50, batch_size=8, seed=2, dtype=torch.bfloat16).batches())
+    for got in (own, cast):
+        assert len(got) == len(reference)
+        for (b, pos), (r, _) in zip(got, reference):
+            assert b.acts["h0"].dtype == torch.bfloat16 and b.grads["h1"].dtype == torch.bfloat16  # type: ignore[index]
+            assert torch.equal(b.token, r.token) and b.token.dtype == torch.int64
+            assert torch.equal(b.acts["h1"], r.acts["h1"].bfloat16())
+            assert torch.equal(b.grads["h0"], r.grads["h0"].bfloat16())  # type: ignore[index]
+            assert pos.carry is None or pos.carry.acts["h0"].dtype == torch.bfloat16
+    # resuming a bf16 buffer from a checkpointed position (its carry stored in bf16) gives the same batches
+    buf = buffer(fp32, capacity=50, batch_size=8, seed=2, dtype=torch.bfloat16)
+    cut = next(i for i, (_, p) in enumerate(cast) if p.carry is not None)
+    meta, tensors = cast[cut][1].state()
+    assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if "acts" in k or "grads" in k)
+    rest = list(buf.batches(BufferPosition.from_state(meta, tensors)))
+    assert len(rest) == len(cast) - cut - 1
+    assert all(torch.equal(a.acts["h0"], b.acts["h0"]) for (a, _), (b, _) in zip(rest, cast[cut + 1 :]))
+    with pytest.raises(ValueError, match="changed dtype"):
+        list(buffer(fp32[:2] + bf16[2:4], capacity=64, batch_size=8))
