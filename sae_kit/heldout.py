@@ -263,17 +263,20 @@ def kl_from(clean_logits: Tensor, other_logits: Tensor, max_cells: int = MAX_CEL
 def logit_lens(model, directions: Tensor) -> Tensor:
     """Direct effect of residual directions [n, d_in] on the logits: [n, vocab] = (d ⊙ γ)·W_U (fp32, CPU).
 
-    The final norm's linear part is applied (γ = its weight; LayerNorm models also centre d), its division by the
-    position's scale is not: that scale is a positive number per position, so it changes no token ranking. The
-    unembedding bias, the same for every direction, is left out.
+    The final norm's linear part is applied (γ = the scale it multiplies by, `sae_kit.models.final_norm_scale`: its
+    weight w, or (1 + w) for Gemma's RMSNorm; LayerNorm models also centre d), its division by the position's scale
+    is not: that scale is a positive number per position, so it changes no token ranking. The unembedding bias, the
+    same for every direction, is left out.
     """
+    from sae_kit.models import final_norm_scale
+
     W_U = model.W_U
     d = directions.to(W_U.device, W_U.dtype)
     if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
         d = d - d.mean(-1, keepdim=True)
-    weight = getattr(model.ln_final, "weight", None)
-    if weight is not None:
-        d = d * weight
+    scale = final_norm_scale(model)
+    if scale is not None:
+        d = d * scale.to(W_U.device, W_U.dtype)
     return (d @ W_U).float().cpu()
 
 

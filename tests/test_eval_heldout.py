@@ -236,3 +236,31 @@ def test_an_sae_expecting_normalised_inputs_is_scaled_everywhere(model):
         encode_prompt(model, unfolded, text).codes, encode_prompt(model, raw, text).codes, rtol=1e-4, atol=1e-4
     )
     assert unfolded.cfg.normalize_activations == "none"
+
+
+def test_logit_lens_applies_the_final_norm_s_own_scale_gemma_s_one_plus_w():
+    """A Gemma-style final RMSNorm multiplies by (1 + w): the lens must weight d by (1 + w), not by the raw w
+    (which would flip the sign of every dimension with w < -1/2 relative to the real model, and zero w = 0 ones)."""
+    from types import SimpleNamespace
+
+    from sae_kit.heldout import logit_lens
+
+    class GemmaRMSNorm(torch.nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(d, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+    d, vocab = 8, 11
+    g = torch.Generator().manual_seed(1)
+    model = SimpleNamespace(
+        W_U=torch.randn(d, vocab, generator=g),
+        ln_final=GemmaRMSNorm(d),
+        cfg=SimpleNamespace(d_model=d, eps=1e-6, normalization_type="RMSPre"),
+    )
+    directions = torch.randn(3, d, generator=g)
+    want = (directions * (1 + model.ln_final.weight.detach())) @ model.W_U
+    assert torch.allclose(logit_lens(model, directions), want, atol=1e-4)
+    assert not torch.allclose(logit_lens(model, directions), (directions * model.ln_final.weight.detach()) @ model.W_U)
