@@ -121,3 +121,91 @@ def test_doc_packing_pads_and_resume_matches(tokenizer):
     import torch
 
     assert torch.equal(torch.cat([c.tokens for c in resumed]), torch.cat(tail)[5:])
+
+
+# ------------------------------------------------------------------------------------------------ hub corpora, streamed
+def _hub_like_dir(tmp_path):
+    """A local dataset repo laid out as on the hub: two configurations (its README's `configs:`), train/test splits
+    (3000 documents in large/test, 50 elsewhere)."""
+    root = tmp_path / "org-data"
+    for config in ("small", "large"):
+        (root / config).mkdir(parents=True)
+        for split in ("train", "test"):
+            n = 3000 if (config, split) == ("large", "test") else 50
+            rows = [{"content": f"{config} {split} document {i} " + "word " * 20} for i in range(n)]
+            (root / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+            f"  - split: test\n    path: {c}/test.jsonl\n"
+            for c in ("small", "large")
+        )
+        + "---\n"
+    )
+    return root
+
+
+def test_local_files_stream(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(5)))
+    ds = load_corpus(str(path), text_field="body", streaming=True)
+    assert not hasattr(ds, "__len__") and [r["text"] for r in ds] == [f"document {i}" for i in range(5)]
+    with pytest.raises(CorpusError, match="has no field 'nope'; its fields are"):
+        load_corpus(str(path), text_field="nope", streaming=True)
+
+
+def test_hub_datasets_stream_from_their_config_and_split(tmp_path, monkeypatch, tokenizer):
+    """A hub id goes to `datasets.load_dataset(id, config, split=..., streaming=True)` and only the documents the
+    harvest needs are read (the stream is a local one here: no network)."""
+    import datasets
+
+    from sae_kit.activations import HarvestConfig
+    from sae_kit.data import pack
+
+    real = datasets.load_dataset
+    calls, read = [], []
+
+    def fake(name, config=None, *, split, streaming):
+        calls.append((name, config, split, streaming))
+        ds = real(str(_hub_like_dir(tmp_path)), config, split=split, streaming=streaming)
+        return ds.map(lambda row: read.append(1) or row)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    cfg = HarvestConfig(corpus="org/data", corpus_config="large", corpus_split="test", text_field="content")
+    cfg.check()
+    from sae_kit.activations import open_corpus
+
+    docs = documents(open_corpus(cfg), "train", cfg.holdout_fraction)
+    first = next(pack(docs, tokenizer, PackConfig(context_size=16), rows_per_batch=2))
+    assert calls == [("org/data", "large", "test", True)]
+    text = tokenizer.decode(first.tokens[0, 1:])
+    assert "large test document 0" in text
+    assert len(read) <= 1100  # streamed: the documents after the first chunk of 1024 were never read
+    settings = cfg.settings("m")
+    assert settings["corpus_config"] == "large" and settings["corpus_split"] == "test"
+    assert settings["dataset_fingerprint"] == "org/data:large/test"
+
+
+def test_hub_config_and_split_errors_are_one_line(tmp_path, monkeypatch):
+    """Real `datasets` errors of a repo with configurations (a local one, offline), each one line naming the fix."""
+    import datasets
+
+    from sae_kit.activations import HarvestConfig
+
+    real, repo = datasets.load_dataset, str(_hub_like_dir(tmp_path))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: real(repo, *a, **k))
+    cases = [
+        ({}, r"hub dataset 'org/data' needs a configuration: pass --corpus-config, one of (small, large|large, small)"),
+        ({"config": "huge"}, r"has no configuration 'huge': pass --corpus-config, one of"),
+        (
+            {"config": "small", "split": "validation"},
+            r"has no split 'validation': pass --corpus-split, one of train, test",
+        ),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(CorpusError, match=message) as err:
+            load_corpus("org/data", text_field="content", **kwargs)
+        assert "\n" not in str(err.value)
+    with pytest.raises(HarvestError, match="--corpus-config/--corpus-split choose a subset .* drop them"):
+        HarvestConfig(corpus="default", corpus_config="small").check()
