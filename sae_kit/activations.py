@@ -315,13 +315,14 @@ class Harvester:
             except _StopForward:
                 pass
             h = store[_FINAL]
-            _, grad_h = ce_and_grad(h.detach(), targets, *_unembedding(self.model))
+            _, grad_h = ce_and_grad(h.detach(), targets, *_unembedding(self.model), soft_cap=logit_soft_cap(self.model))
             grads = torch.autograd.grad(h, [store[name] for name in self.hooks], grad_h.to(h.dtype))
         return store, grads
 
     def _chunked_ok(self) -> bool:
         """Whether the chunked CE reproduces this model's logits: `unembed.hook_in` exists, no requested hook sits at
-        or after it, and the logits of a 3-token probe equal h @ W_U + b_U (else the straightforward path is used)."""
+        or after it, and the logits of a 3-token probe equal h @ W_U + b_U (soft-capped for Gemma 2: `logit_soft_cap`)
+        (else the straightforward path is used)."""
         if _FINAL not in self.model.hook_dict or any(h.startswith(("unembed.", "hook_unembed")) for h in self.hooks):
             return False
         tokens = torch.full((1, 3), self.model.tokenizer.bos_token_id or 0, device=next(self.model.parameters()).device)
@@ -340,6 +341,9 @@ class Harvester:
         if "h" not in seen or not isinstance(logits, torch.Tensor) or logits.shape[-1] != W.shape[1]:
             return False
         mine = seen["h"].float() @ W.float() + (0 if b is None else b.float())
+        cap = logit_soft_cap(self.model)
+        if cap is not None:
+            mine = cap * torch.tanh(mine / cap)
         tol = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 3e-2
         return bool(torch.allclose(mine, logits.float(), rtol=tol, atol=tol * float(logits.float().abs().max())))
 
@@ -377,18 +381,26 @@ def _unembedding(model: LanguageModel) -> tuple[torch.Tensor, torch.Tensor | Non
     return W, (b if isinstance(b, torch.Tensor) and bool(b.any()) else None)
 
 
+def logit_soft_cap(model: LanguageModel) -> float | None:
+    """The final-logit soft cap c of models that squash their logits as c·tanh(logits / c) (Gemma 2: 30), else None."""
+    cap = getattr(getattr(model, "cfg", None), "output_logits_soft_cap", None)
+    return float(cap) if isinstance(cap, (int, float)) and cap > 0 else None
+
+
 def ce_and_grad(
     h: torch.Tensor,
     targets: torch.Tensor,
     W: torch.Tensor,
     b: torch.Tensor | None = None,
     max_cells: int = CE_CHUNK_CELLS,
+    soft_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed next-token cross-entropy of logits h @ W + b and its gradient with respect to h, in float32.
 
     h: [..., d] final hidden states; targets: [...] token ids, -100 for ignored positions; W: [d, vocab]. Works through
     chunks of positions so no more than `max_cells` logits exist at a time; the matmuls run in W's dtype (bf16 GEMMs
-    for a bf16 model), the softmax in float32. Exact: ∂CE/∂h = (softmax(logits) - onehot(target)) @ W^T.
+    for a bf16 model), the softmax in float32. Exact: ∂CE/∂h = (softmax(logits) - onehot(target)) @ W^T. With
+    `soft_cap` c the logits are c·tanh(z / c) of z = h @ W + b (Gemma 2), and the gradient carries (1 - tanh²).
     """
     flat, tgt = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     grad = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
@@ -400,11 +412,17 @@ def ce_and_grad(
         logits = (flat.index_select(0, idx).to(W.dtype) @ W).float()
         if b is not None:
             logits += b.float()
+        squash = None
+        if soft_cap is not None:
+            squash = torch.tanh(logits / soft_cap)
+            logits = squash * soft_cap
         lse = logits.logsumexp(-1, keepdim=True)
         t = tgt.index_select(0, idx)
         ce += (lse.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
         p = logits.sub_(lse).exp_()
         p[torch.arange(len(idx), device=h.device), t] -= 1
+        if squash is not None:
+            p.mul_(1 - squash.square_())
         grad.index_copy_(0, idx, (p.to(W.dtype) @ W.T).float())
     return ce, grad.view(h.shape)
 

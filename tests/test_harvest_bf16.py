@@ -27,6 +27,16 @@ def test_chunked_ce_equals_autograd_of_the_full_logits():
     torch.testing.assert_close(ce.double(), ref.detach(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5)
     assert grad[:, -1].abs().max() == 0 and grad[1, 2].abs().max() == 0
+    # Gemma 2's soft-capped logits c·tanh(z / c): W scaled up so the cap bends them (|z| up to ~100 > c = 5)
+    W = W * 8
+    capped = lambda z: 5.0 * torch.tanh(z / 5.0)  # noqa: E731
+    ref = F.cross_entropy(capped(leaf @ W + b).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    (want,) = torch.autograd.grad(ref, [leaf])
+    ce, grad = ce_and_grad(h, targets, W, b, max_cells=3 * 50, soft_cap=5.0)
+    torch.testing.assert_close(ce.double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5)
+    uncapped, _ = ce_and_grad(h, targets, W, b)
+    assert abs(float(uncapped) - float(ref)) > 1.0  # the cap matters at these logits
 
 
 @pytest.mark.slow

@@ -179,6 +179,27 @@ def test_final_norm_scale_is_none_without_a_norm(tiny_dirs):
     assert final_norm_scale(NoNorm()) is None  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_harvest_takes_the_chunked_path_and_equals_the_full_logits(family, tiny_dirs):
+    """∂CE/∂x at a residual and an attention hook: the chunked CE (Gemma 2 with its soft-capped logits too) equals
+    autograd through the model's own full logits."""
+    from sae_kit.activations import HarvestConfig, Harvester, contexts
+
+    path = str(tiny_dirs[family])
+    model = load_model(path, device="cpu", dtype="float32")
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    ctx = next(contexts(model, HarvestConfig(model=path, context_size=16, lm_batch_size=2)))
+    chunked = Harvester(model, hooks, with_grads=True)
+    assert chunked._chunked
+    full = Harvester(model, hooks, with_grads=True)
+    full._chunked = False
+    (a1, g1), (_, g2) = chunked.run(ctx.tokens), full.run(ctx.tokens)
+    assert g1 is not None and g2 is not None and a1["blocks.1.attn.hook_z"].shape[-1] == 64  # n_heads · d_head
+    for h in hooks:
+        torch.testing.assert_close(g1[h], g2[h], rtol=1e-4, atol=1e-5 * float(g2[h].abs().max()))
+        assert g2[h].abs().max() > 0
+
+
 def test_float16_harvest_agrees_with_float32(tiny_dirs):
     from sae_kit.activations import HarvestConfig, Harvester, contexts
     from sae_kit.models import dtype_name
