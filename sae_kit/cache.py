@@ -123,6 +123,11 @@ def _shard_problem(root: Path, shard: dict[str, Any], d_in: int, itemsize: int) 
     return None
 
 
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of `t`'s memory as integers of its element size (numpy has no bfloat16)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy()
+
+
 def _write_pieces(path: Path, pieces: list[torch.Tensor]) -> str:
     """Atomically write the raw bytes of `pieces` one after another to `path`; return their sha256."""
     digest = hashlib.sha256()
@@ -401,7 +406,8 @@ class ActivationCache:
             )
         self.max_open_maps = max_open_maps
         self._root = str(self.path)
-        self._maps: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._starts_np = {s: starts.numpy() for s, starts in self._starts.items()}
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
         self._maps_lock = threading.Lock()  # a prefetch thread and the caller may read at once
 
     @property
@@ -524,11 +530,12 @@ class ActivationCache:
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         row_bytes = len(META_FIELDS) * 8 + len(hooks) * (2 if with_grads else 1) * self.d_in * self._dtype.itemsize
         per_pass = max(1, read_ahead_bytes // (row_bytes * batch_size)) * batch_size
+        staged = self._empty(min(per_pass, max(stop - start_batch * batch_size, 0)), hooks, with_grads, self._dtype)
         for i, lo in enumerate(range(start_batch * batch_size, stop, per_pass)):
-            index = order[lo : min(lo + per_pass, stop)].long()
+            index = order[lo : min(lo + per_pass, stop)].numpy()
             # every other pass visits the shards backwards, so that the maps it opened last, which the LRU still
             # holds, are the first the next pass needs (a cache with more files than the cap then remaps fewer)
-            staged, where = self._gather_sorted(split, index, hooks, with_grads, backwards=i % 2 == 1)
+            where = self._gather_sorted(split, index, hooks, with_grads, staged, backwards=i % 2 == 1)
             for b in range(0, len(where), batch_size):
                 yield self._pick(staged, where[b : b + batch_size], hooks, with_grads, dtype)
 
@@ -571,11 +578,13 @@ class ActivationCache:
             raise CacheError(f"activation cache {self.path} holds hooks {self.hooks}; cannot read {unknown or hooks}")
         return hooks
 
-    def _map(self, name: str, n_rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """File `name` memory-mapped (lazily, copy-on-write, no open file kept) as [n_rows, width].
+    def _map(self, name: str, n_rows: int, width: int, dtype: torch.dtype) -> np.ndarray:
+        """File `name` memory-mapped (lazily, copy-on-write, no open file kept) as [n_rows, width] elements of
+        `dtype`, seen through numpy as the integers of the same size (`_raw`; numpy's per-call cost is a fraction of
+        torch's, and a shuffled read makes one call per shard it touches).
 
         The maps form an LRU of `max_open_maps` entries: one beyond it closes the least recently used (its memory is
-        unmapped once no tensor refers to it; every read copies out of the maps, so none outlives the read).
+        unmapped once no array refers to it; every read copies out of the maps, so none outlives the read).
         """
         with self._maps_lock:
             mapped = self._maps.get(name)
@@ -595,19 +604,17 @@ class ActivationCache:
                     "open ActivationCache as many); open fewer caches at once, pass a lower max_open_maps, "
                     "or raise vm.max_map_count (sysctl)"
                 ) from None
-            self._maps[name] = mapped = flat.view(n_rows, width)
+            self._maps[name] = mapped = _raw(flat.view(n_rows, width))
             return mapped
 
     def _arrays(self, shard: dict[str, Any], hooks: list[str], with_grads: bool) -> dict[str, torch.Tensor]:
         """The mapped arrays of one shard, keyed like `_empty`'s buffers."""
-        n = shard["n_rows"]
-        arrays = {"meta": self._map(shard["meta"], n, len(META_FIELDS), torch.int64)}
-        for hook in hooks:
-            i = self.hooks.index(hook)
-            arrays[f"acts/{hook}"] = self._map(shard["acts"][i], n, self.d_in, self._dtype)
-            if with_grads:
-                arrays[f"grads/{hook}"] = self._map(shard["grads"][i], n, self.d_in, self._dtype)
-        return arrays
+        return {
+            key: torch.from_numpy(
+                self._map(shard[field] if i < 0 else shard[field][i], shard["n_rows"], width, dtype)
+            ).view(dtype)
+            for key, field, i, width, dtype in self._files(hooks, with_grads)
+        }
 
     def _empty(self, n: int, hooks: list[str], with_grads: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out = {"meta": torch.empty(n, len(META_FIELDS), dtype=torch.int64)}
@@ -626,28 +633,50 @@ class ActivationCache:
         )
 
     def _gather_sorted(
-        self, split: str, index: torch.Tensor, hooks: list[str], with_grads: bool, backwards: bool = False
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Rows at global `index` of `split` in the cache dtype, keyed like `_empty`'s buffers, gathered in sorted
-        order (one index op per shard and file, each shard visited once, last shard first if `backwards`); and where
-        each of `index`'s rows sits in them, so `_pick(staged, where[i:j])` gives `index[i:j]`'s rows in `index` order."""
-        ordered, order = index.sort()
-        starts = self._starts[split]
-        shard_of = torch.searchsorted(starts, ordered, right=True) - 1
-        local = ordered - starts[shard_of]  # row within its shard, for every row at once
-        shard_ids, counts = torch.unique_consecutive(shard_of, return_counts=True)
-        ends = counts.cumsum(0)
-        staged = self._empty(len(index), hooks, with_grads, self._dtype)
-        shards = self._shards[split]
-        groups = list(zip(shard_ids.tolist(), (ends - counts).tolist(), ends.tolist()))
-        for shard_id, lo, hi in reversed(groups) if backwards else groups:
+        self,
+        split: str,
+        index: np.ndarray,
+        hooks: list[str],
+        with_grads: bool,
+        staged: dict[str, torch.Tensor],
+        backwards: bool = False,
+    ) -> torch.Tensor:
+        """Gather the rows at global `index` of `split` into the first len(index) rows of `staged` (`_empty`'s
+        buffers in the cache dtype) in sorted order: one index op per shard and file, each shard visited once (last
+        first if `backwards`). Returns where each of `index`'s rows sits there: `_pick(staged, where[i:j])` gives
+        `index[i:j]`'s rows in `index` order."""
+        order = np.argsort(index)  # numpy: no thread pool to stall on a busy machine; the ids are distinct
+        ordered = index[order].astype(np.int64)
+        starts = self._starts_np[split]
+        bounds = np.searchsorted(ordered, starts)  # shard s holds ordered[bounds[s]:bounds[s + 1]]
+        counts = np.diff(bounds)
+        local = ordered - np.repeat(starts[:-1], counts)  # row within its shard, for every row at once
+        touched = np.flatnonzero(counts).tolist()
+        files = [
+            (_raw(staged[key]), field, i, width, dtype)
+            for key, field, i, width, dtype in self._files(hooks, with_grads)
+        ]
+        shards, lows = self._shards[split], bounds.tolist()
+        for shard_id in reversed(touched) if backwards else touched:
+            shard, lo, hi = shards[shard_id], lows[shard_id], lows[shard_id + 1]
             rows = local[lo:hi]
-            for name, src in self._arrays(shards[shard_id], hooks, with_grads).items():
-                torch.index_select(src, 0, rows, out=staged[name][lo:hi])
+            for out, field, i, width, dtype in files:
+                src = self._map(shard[field] if i < 0 else shard[field][i], shard["n_rows"], width, dtype)
+                src.take(rows, axis=0, out=out[lo:hi], mode="clip")  # clip: unbuffered; the rows are in range
             del src  # the last map of the shard: an evicted one must not stay mapped through the next shard
-        where = torch.empty_like(order)
-        where[order] = torch.arange(len(order))
-        return staged, where
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order))
+        return torch.from_numpy(where)
+
+    def _files(self, hooks: list[str], with_grads: bool) -> list[tuple[str, str, int, int, torch.dtype]]:
+        """(staged key, shard field, index in it or -1, width, dtype) of each file a read of `hooks` maps."""
+        files = [("meta", "meta", -1, len(META_FIELDS), torch.int64)]
+        for hook in hooks:
+            i = self.hooks.index(hook)
+            files.append((f"acts/{hook}", "acts", i, self.d_in, self._dtype))
+            if with_grads:
+                files.append((f"grads/{hook}", "grads", i, self.d_in, self._dtype))
+        return files
 
     def _pick(
         self,
