@@ -133,3 +133,30 @@ def test_rules(tmp_path):
     for rule in ("mutual_choice", "feature_choice", "mpsae"):
         assert re.search(rf"{rule} step / topk step \(bfloat16\)\s+{NUMBER}x", out), out
     assert not list(tmp_path.glob("sae-kit-rules-smoke-*")), "the smoke data directory is left behind"
+
+
+def test_scaling(tmp_path):
+    out = smoke("scaling.py", tmp_path)
+    assert "cost against d_sae (d_in 32)" in out and "cost against d_in (d_sae 512)" in out
+    row = rf"\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\s+{NUMBER}"
+    for axis, first, second in (("d_sae", 256, 512), ("d_in", 32, 64)):
+        table = out.split(f"cost against {axis}")[1]
+        step, ratio, *_ = numbers(rf"\n\s+{first}{row}", table)
+        assert step > 0 and ratio == 1.0, out
+        cells = numbers(rf"\n\s+{second}{row} \|{row} \|{row}", table)  # step, eval, index: s, ratio, µs/lat, µs/tok
+        assert cells[0] > 0 and cells[4] > 0 and cells[8] > 0, out
+    assert not list(tmp_path.glob("sae-kit-scaling-*")), "the index directories are left behind"
+
+
+def test_cache_read(tmp_path):
+    out = smoke("cache_read.py", tmp_path)
+    assert "64 shards x 32 rows" in out and "rows identical to the old reader's: yes" in out
+    row = rf"\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\n"
+    peaks = {}
+    for reader in ("old per-shard loop", "reader, float32 out", "read-ahead one batch", "map cap 2", "bfloat16 out"):
+        rows_s, gb_s, ratio, peaks[reader] = numbers(rf"\n *{re.escape(reader)}{row}", out)
+        assert rows_s > 0 and gb_s > 0 and ratio > 0, (reader, out)
+    assert peaks["old per-shard loop"] == 128 and peaks["map cap 2"] == 2, out  # every file, or the cap
+    assert peaks["reader, float32 out"] == 16, out  # the smoke run's cap
+    assert number(rf"one-shard copy \(floor\){row}", out) > 0
+    assert not list(tmp_path.glob("sae-kit-cache-read-*")), "the cache is left behind"
