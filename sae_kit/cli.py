@@ -57,6 +57,8 @@ def _train(args) -> None:
                 f"--resume continues a run with its saved config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}"
             )
     s = train(args)
+    if not s:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return
     if len(s["members"]) == 1:
         m = s["members"][0]
         h = m["heldout"]
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         args = tyro.cli(config_cls, args=rest, default=default, prog=f"sae-kit {name}", config=flat)
         run(args)
     except SaeKitError as err:
-        print(f"sae-kit {name}: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # under torchrun one rank speaks for a failure (sae_kit.distributed)
+            print(f"sae-kit {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,8 +16,10 @@ What is reduced (see docs/distributed.md):
   batch (`gather_rows`), so they come out bit-identical to one process on the same global batch.
 - Mutual Choice and Feature Choice merge their batch-level selections (`gather_candidates`; sae_kit.sparsifiers).
 
-Failures: `agree_failures` makes every rank learn that one rank hit a non-finite loss (and which); `PeerLost` turns a
-collective that fails because a rank died (its sockets close) or hung (the timeout) into one line that names the rank.
+Failures: `first_failure` makes every rank learn that one rank hit a non-finite loss (and which, and when);
+`PeerLost` turns a collective that fails because a rank died (its sockets close) or hung (the timeout) into one line
+that names the rank; `record_failure` leaves a rank's own error in torchrun's store for the others to report; `quiet`
+says which rank prints a failure, so the user reads one line.
 """
 
 from __future__ import annotations
@@ -43,10 +45,6 @@ _STORE_PREFIX = "sae_kit/"
 
 class PeerLost(SaeKitError):
     """A collective failed because another rank died, hung past the timeout, or failed on its own."""
-
-
-class RankFailed(SaeKitError):
-    """Another rank raised an error (a non-finite loss, bad data) that stops every rank."""
 
 
 @dataclass(frozen=True)
@@ -160,32 +158,61 @@ def global_sum(t: Tensor) -> Tensor:
     return all_reduce_sum_(t.clone()) if _world.distributed else t
 
 
-def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
-    """Replace every gradient by its mean over ranks: one flattened all-reduce per dtype.
+def batch_mean(t: Tensor) -> Tensor:
+    """The mean over the global batch of per-row values t [b, ...] (dim 0): t.mean(0) in one process, the summed
+    rows over the summed row count under data parallelism (every rank gets the same value). Not differentiable
+    through the reduction: for normalisers of detached values (AuxK's)."""
+    if not _world.distributed:
+        return t.mean(0)
+    return all_reduce_sum_(t.detach().sum(0)) / (t.shape[0] * _world.world_size)
 
-    A parameter without a gradient on some ranks takes zeros there; one without a gradient on every rank keeps
-    None (Adam then skips it, as in one process).
+
+def all_reduce_grads(params: Sequence[torch.nn.Parameter], ok: Tensor) -> Tensor:
+    """Replace every gradient by its mean over ranks (one flattened all-reduce per dtype); returns `ok` (a 0-dim bool
+    tensor: this rank's step is fine) and-ed over the ranks, carried in the same all-reduce (no host read).
+
+    Parameters without a gradient are left out: every rank runs the same graph (the same rule, the same global dead
+    latents), so the same ones have gradients everywhere. The single-process call returns `ok` and changes nothing.
     """
     if not _world.distributed:
-        return
+        return ok
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p in params:
-        by_dtype.setdefault(p.dtype, []).append(p)
-    for dtype, group in by_dtype.items():
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
-            + [torch.tensor([float(p.grad is not None) for p in group], dtype=dtype, device=group[0].device)]
-        )
+        if p.grad is not None:
+            by_dtype.setdefault(p.dtype, []).append(p)
+    bad = (~ok).to(torch.float32).reshape(1)
+    if not by_dtype:
+        return all_reduce_sum_(bad)[0] == 0
+    for i, group in enumerate(by_dtype.values()):
+        extra = [bad.to(group[0].dtype)] if i == 0 else []
+        flat = torch.cat([p.grad.reshape(-1) for p in group if p.grad is not None] + extra)
         all_reduce_sum_(flat)
-        flat.div_(_world.world_size)
         offset = 0
         for p in group:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)
+            p.grad = flat[offset : offset + n].view_as(p).div_(_world.world_size)
             offset += n
-        for p, has in zip(group, flat[offset:].tolist()):
-            if has == 0:
-                p.grad = None
+        if i == 0:
+            bad = flat[offset:]
+    return bad[0] == 0
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op in one process)."""
+    if _world.distributed:
+        with guard():
+            dist.barrier()
+
+
+def rank0_flag(flag: bool) -> bool:
+    """Rank 0's `flag`, on every rank (a decision that must be common, such as a checkpoint by rank 0's clock)."""
+    if not _world.distributed:
+        return flag
+    device = _world.device if _world.device and _world.device.startswith("cuda") else "cpu"
+    t = torch.tensor([float(flag)], device=device)
+    with guard():
+        dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def gather_rows(x: Tensor) -> Tensor:
@@ -206,6 +233,19 @@ def gather_candidates(values: Tensor) -> Tensor:
     return torch.stack(_all_gather(wide))
 
 
+def gather_bytes(data: bytes) -> list[bytes]:
+    """Every rank's `data`, by rank, on every rank (e.g. each rank's data-source position for rank 0's checkpoint)."""
+    if not _world.distributed:
+        return [data]
+    device = _world.device if _world.device and _world.device.startswith("cuda") else "cpu"
+    sizes = _all_gather(torch.tensor([len(data)], dtype=torch.int64, device=device))
+    longest = int(max(int(n) for n in sizes))
+    buf = torch.zeros(max(1, longest), dtype=torch.uint8, device=device)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    return [bytes(part[: int(n)].cpu().numpy().tobytes()) for part, n in zip(_all_gather(buf), sizes)]
+
+
 def _all_gather(t: Tensor) -> list[Tensor]:
     parts = [torch.empty_like(t) for _ in range(_world.world_size)]
     with guard():
@@ -214,22 +254,35 @@ def _all_gather(t: Tensor) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------- failures
-def agree_failures(first_bad_step: Tensor) -> None:
-    """Every rank learns whether any rank saw a non-finite loss: `first_bad_step` is this rank's first bad step
-    (a 0-dim int64 tensor, -1 when none). Raises RankFailed on every rank when another rank went bad first (this
-    rank's own failure is raised by the caller, who knows its cause). A host synchronisation: call it on log steps."""
+def first_failure(first_bad_step: Tensor) -> tuple[int, int] | None:
+    """(rank, step) of the earliest non-finite step over every rank (ties: the lowest rank), or None; the same on
+    every rank. `first_bad_step` is this rank's (0-dim int64, -1 for none). One host read (and one gather)."""
+    steps = gather_candidates(first_bad_step.to(torch.float64).reshape(1)).reshape(-1).tolist()
+    bad = [(int(s), r) for r, s in enumerate(steps) if s >= 0]
+    if not bad:
+        return None
+    step, rank = min(bad)
+    return rank, step
+
+
+def check_same(tensors: Sequence[Tensor], what: str) -> None:
+    """Raise SaeKitError when the ranks' copies of `tensors` differ (a float64 checksum of each, gathered)."""
     if not _world.distributed:
         return
-    steps = gather_candidates(first_bad_step.to(torch.float64).reshape(1)).reshape(-1).tolist()
-    bad = [(s, r) for r, s in enumerate(steps) if s >= 0]
-    if not bad:
-        return
-    step, rank = min(bad)
-    if rank != _world.rank:
-        raise RankFailed(
-            f"rank {rank} hit a non-finite loss or batch at step {int(step) + 1}, and every rank stopped"
-            + (f"; see rank {rank}'s error, then resume with --resume {_run_hint}" if _run_hint else "")
+    sums = torch.stack(
+        [t.detach().double().sum() for t in tensors] + [t.detach().double().square().sum() for t in tensors]
+    )
+    gathered = gather_candidates(sums)
+    if not bool((gathered == gathered[0]).all()):
+        diverged = [r for r in range(_world.world_size) if not bool((gathered[r] == gathered[0]).all())]
+        raise SaeKitError(
+            f"rank(s) {diverged} hold a different {what} from rank 0; the ranks diverged (a bug: report it)"
         )
+
+
+def quiet(err: BaseException) -> bool:
+    """Whether this rank should not print `err` because another rank prints the line (training.run marks them)."""
+    return bool(getattr(err, "quiet", False))
 
 
 def record_failure(message: str) -> None:
@@ -247,11 +300,10 @@ def guard() -> Iterator[None]:
     try:
         yield
     except (RuntimeError, dist.DistError) as err:
-        raise PeerLost(_peer_lost_message(err)) from None
+        raise peer_lost(err) from None
 
 
-def _peer_lost_message(err: BaseException) -> str:
-    lost, causes = _census()
+def _message(err: BaseException, lost: list[int], causes: dict[int, str]) -> str:
     resume = f"; resume with --resume {_run_hint}" if _run_hint else ""
     if causes:
         rank, why = min(causes.items())
@@ -260,6 +312,16 @@ def _peer_lost_message(err: BaseException) -> str:
         who = ", ".join(map(str, lost))
         return f"rank {who} stopped responding (killed?){resume}"
     return f"a collective failed on rank {_world.rank} ({_first_line(err)}){resume}"
+
+
+def peer_lost(err: BaseException) -> PeerLost:
+    """The PeerLost for a failed collective; quiet (not printed) on every rank but the lowest surviving one, and on
+    all of them when the failed rank recorded (and printed) its own cause."""
+    lost, causes = _census()
+    out = PeerLost(_message(err, lost, causes))
+    survivors = [r for r in range(_world.world_size) if r not in lost and r not in causes]
+    out.quiet = bool(causes) or _world.rank != min(survivors, default=_world.rank)  # type: ignore[attr-defined]
+    return out
 
 
 def _census(wait_s: float = 3.0) -> tuple[list[int], dict[int, str]]:

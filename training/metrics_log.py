@@ -48,7 +48,16 @@ class MetricsLog:
         self._files = {name: open(path, "a") for name, path in files.items()}
         self._wandb = _start_wandb(run_dir, wandb_project, config) if wandb_project else None
 
+    @classmethod
+    def disabled(cls) -> MetricsLog:
+        """A log that writes nothing (the ranks other than 0 of a data-parallel run)."""
+        log = cls.__new__(cls)
+        log._files, log._wandb = {}, None
+        return log
+
     def write(self, member: str, metrics: dict[str, float]) -> None:
+        if member not in self._files:  # a disabled log
+            return
         f = self._files[member]
         f.write(json.dumps(metrics) + "\n")
         f.flush()
