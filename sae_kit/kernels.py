@@ -38,9 +38,10 @@ def fixed_crow(n: int, k: int, device: torch.device | str) -> Tensor:
     return torch.arange(0, n * k + 1, k, device=device)
 
 
-def rows_of(crow: Tensor) -> Tensor:
-    """The token of every pair [P] (non-decreasing) from the row offsets."""
-    return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+def rows_of(crow: Tensor, n_pairs: int | None = None) -> Tensor:
+    """The token of every pair [P] (non-decreasing) from the row offsets. Pass P (the pairs' length, known on the
+    host) when you have it: without it the output size is read from the device, a host synchronisation on a GPU."""
+    return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff(), output_size=n_pairs)
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
@@ -56,7 +57,7 @@ def _csr_t(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
     order = cols.argsort(stable=True)
     crow_t = torch.zeros(n_cols + 1, dtype=crow.dtype, device=crow.device)
     crow_t[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)
-    return _csr(crow_t, rows_of(crow)[order], values[order], len(crow) - 1)
+    return _csr(crow_t, rows_of(crow, len(values))[order], values[order], len(crow) - 1)
 
 
 def _sddmm(crow: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -120,7 +121,7 @@ def pair_preacts(xc: Tensor, W_enc: Tensor, b_enc: Tensor, z: Tensor | None, cro
     """
     known = None
     if z is not None and z.dtype == W_enc.dtype:
-        known = z.detach()[rows_of(crow), cols]
+        known = z.detach()[rows_of(crow, len(cols)), cols]
     return _PairPreacts.apply(xc, W_enc, b_enc, crow, cols, known)
 
 
@@ -152,7 +153,7 @@ class _PairDecode(torch.autograd.Function):
         with _no_autocast(grad):
             if ctx.needs_input_grad[0]:  # grad[n]·W_dec[col] per pair: embedding_bag's fused kernel (repeats allowed)
                 grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    grad, W_dec, cols, crow[:-1], rows_of(crow), 0, -1
+                    grad, W_dec, cols, crow[:-1], rows_of(crow, len(cols)), 0, -1
                 )
             if ctx.needs_input_grad[3]:
                 grad_W = _csr_t(crow, cols, values, W_dec.shape[0]) @ grad

@@ -96,7 +96,8 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
 
 
 def available_device(device: str) -> str:
-    """`device` if this machine has it, else "cpu" (an SAE trained on a GPU loads on a laptop)."""
+    """`device` if this machine has it, else "cpu" (an SAE trained on a GPU loads on a laptop), or "cuda" for a GPU
+    index this machine lacks."""
     import torch
 
     try:
@@ -105,6 +106,8 @@ def available_device(device: str) -> str:
         return device  # SAEConfig names the fix
     if kind == "cuda" and not torch.cuda.is_available():
         return "cpu"
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        return "cuda"  # a cuda:3 from an 8-GPU node, on a machine with fewer GPUs
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         return "cpu"
     return device

@@ -62,6 +62,9 @@ def test_auxk_trains_dead_latents_only_when_there_are_some():
         t.step(x[:256])
         assert t.step(x[256:512])["aux"] == 0  # nothing is dead yet
         t.tokens_since_fired[:32] = 10**9  # declare half the latents dead
+        assert t.aux_candidates.numel() == 0  # the aux loss reads the dead set as of the last sync ...
+        t.sync()  # ... which runs every sync_every steps (and here by hand)
+        assert t.aux_candidates.tolist() == (list(range(32)) if aux == "auxk" else [])
         before = t.sae.W_dec.clone()
         m = t.step(x[512:768])
         moved[aux] = (t.sae.W_dec - before)[:32].norm(dim=-1)
@@ -92,15 +95,46 @@ def test_mutual_choice_reports_inference_l0_next_to_training_l0():
     assert m["l0"] == pytest.approx(4, rel=1e-6) and "inference_l0" in m and m["inference_l0"] > 0
 
 
-def test_nan_batch_stops_cleanly():
-    t, x = make(), data()
+def test_nan_batch_stops_at_the_next_sync_with_the_weights_finite():
+    """A NaN batch is not checked on the host when it arrives (that would stall a GPU every step): its gradients
+    and those of the steps after it are zeroed, and the next sync (every sync_every steps) raises naming its step."""
+    t, x = make(sync_every=4), data()
     t.step(x[:256])
     bad = x[256:512].clone()
     bad[3, 2] = math.nan
-    w = t.sae.W_dec.clone()
-    with pytest.raises(NonFiniteError, match="NaN"):
-        t.step(bad)
-    assert t.step_count == 1 and torch.equal(t.sae.W_dec, w)
+    t.step(bad)  # step index 1: queued, no host read
+    t.step(x[512:768])
+    with pytest.raises(NonFiniteError, match="NaN/inf at step 1"):
+        t.step(x[768:1024])  # the 4th step syncs
+    assert t.step_count == 4 and all(bool(torch.isfinite(p).all()) for p in t.sae.parameters())
+    with pytest.raises(NonFiniteError, match="at step 1"):
+        t.state()  # no checkpoint of a failed state
+
+
+def test_a_bad_step_leaves_the_weights_as_adam_momentum_alone_moves_them():
+    """The bad step's update is exactly one with zero gradients (what a skipped batch costs: Adam's momentum)."""
+    x = data()
+    runs = {}
+    for name in ("nan", "zero"):
+        t = make(sync_every=100, grad_clip=0.0)
+        t.step(x[:256])
+        if name == "nan":
+            bad = x[256:512].clone()
+            bad[0, 0] = math.nan
+            t.step(bad)
+        else:  # the same step with its gradients zeroed by hand
+            orig = t.opt.step
+
+            def zeroed(*a, orig=orig, t=t, **k):
+                for p in t.sae.parameters():
+                    if p.grad is not None:
+                        p.grad.zero_()
+                return orig(*a, **k)
+
+            t.opt.step = zeroed  # type: ignore[method-assign]
+            t.step(x[256:512])
+        runs[name] = t.sae.W_dec.clone()
+    torch.testing.assert_close(runs["nan"], runs["zero"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kw, match", [({"lr": 0.0}, "--lr"), ({"lr": -1.0}, "--lr"), ({"tokens": 10}, "--tokens")])
@@ -113,7 +147,7 @@ def test_aux_zipf_waits_one_window_and_reads_a_windowed_density():
     """aux_zipf's density used to be cumulative from step 0, so at the start every latent looked dead (and a latent
     that stopped firing stayed 'alive' for ever). It now reads an EMA over the dead window, after a grace period."""
     x = data()
-    t = make("topk", aux="zipf", dead_tokens=256 * 4)
+    t = make("topk", aux="zipf", dead_tokens=256 * 4, sync_every=1)
     for i in range(4):
         assert t.step(x[i * 256 : (i + 1) * 256])["aux"] == 0  # the first window: no aux yet
     assert t.step(x[1024:1280])["aux"] > 0

@@ -40,7 +40,7 @@ def auxk_loss(
     codes: Codes,
     residual: Tensor,
     W_dec: Tensor,
-    dead_mask: Tensor,
+    candidates: Tensor,
     k_aux: int | None = None,
     coef: float = AUXK_COEF,
     weights: Tensor | None = None,
@@ -48,7 +48,8 @@ def auxk_loss(
 ) -> Tensor:
     """AuxK (Gao et al. 2024): reconstruct the detached residual e = x − x̂ from the top-k_aux candidate latents.
 
-    Candidates are `dead_mask` [d_sae] (bool); each token ranks them by z (by |z| keeping the sign when
+    `candidates` are the latents it may use: a mask [d_sae] (bool; turning it into indices is a host
+    synchronisation) or their indices (int64, as the trainer keeps them between syncs). Each token ranks them by z (by |z| keeping the sign when
     `codes.signed`), keeps min(k_aux, #candidates) (k_aux default d_in/2), applies ReLU (not when signed), scales
     them by `weights[i]` if given, and decodes without bias. Returns coef·||e − ê||²/||e − mean_batch(e)||²
     (the OpenAI normalisation), or 0 when there is no candidate. Gradients reach the candidates' encoder columns
@@ -58,7 +59,8 @@ def auxk_loss(
     """
     if codes.z is None or codes.preact is None:
         raise ValueError("aux losses rank latents by encoder pre-activations; this rule (MP-SAE) has none")
-    candidates = dead_mask.nonzero().squeeze(1)
+    if candidates.dtype == torch.bool:
+        candidates = candidates.nonzero().squeeze(1)
     if candidates.numel() == 0:
         return residual.new_zeros(())
     e = residual.detach().reshape(-1, W_dec.shape[1])

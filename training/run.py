@@ -51,7 +51,7 @@ from sae_kit.training.trainer import NonFiniteError, TrainConfig, Trainer
 log = logging.getLogger(__name__)
 
 _SWEEP_AXES = ("architecture", "k", "expansion_factor", "d_sae", "seed")
-_NOT_SETTINGS = ("out", "resume", "progress", "wandb", "wandb_project", "prefetch")
+_NOT_SETTINGS = ("out", "resume", "progress", "wandb", "wandb_project", "prefetch", "checkpoint_minutes")
 """Fields that may differ between a run and its resumption (they do not change what is computed)."""
 
 
@@ -102,8 +102,13 @@ class TrainRunConfig:
     step already uses (there the two compete and the run gets slower, see BENCHMARKS.md)."""
     log_every: int = 10
     """Write a metrics.jsonl line every this many steps."""
-    checkpoint_every: int = 100_000
-    """Write a resumable checkpoint every this many training tokens."""
+    checkpoint_every: int | None = None
+    """Write a resumable checkpoint every this many training tokens (0: not by tokens; None: 100,000 when the SAEs
+    train on the CPU, not by tokens on an accelerator, where a checkpoint of a wide SAE is gigabytes and
+    --checkpoint-minutes paces them)."""
+    checkpoint_minutes: float | None = None
+    """Also write a checkpoint when this many minutes have passed since the last one (0: not by time; None: 15 on an
+    accelerator, not by time on the CPU). Either cadence resumes bit-identically: a checkpoint is a step's state."""
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted; a damaged newest one falls back to the one before)."""
     resume: Path | None = None
@@ -127,9 +132,12 @@ class TrainRunConfig:
         """One-line errors for settings that cannot work, before any work starts."""
         self.train.check()
         self.harvest.check()
-        for name in ("eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "buffer_tokens"):
+        for name in ("eval_tokens", "log_every", "keep_checkpoints", "buffer_tokens"):
             if getattr(self, name) < 1:
                 raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "checkpoint_minutes"):
+            if (getattr(self, name) or 0) < 0:
+                raise SaeKitError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
         for arch in self.architecture:
             if self.train.aux in ("auxk", "zipf") and not get_sparsifier(arch).uses_encoder:
                 raise SaeKitError(
@@ -151,6 +159,14 @@ def use_prefetch(setting: str, device: str) -> bool:
     if setting != "auto":
         return setting == "on"
     return torch.device(device).type != "cpu" or (os.cpu_count() or 1) >= 2 * torch.get_num_threads()
+
+
+def checkpoint_cadence(cfg: TrainRunConfig, device: str) -> tuple[int, float]:
+    """(tokens, seconds) between checkpoints for SAEs on `device` (0: that trigger is off); see the two fields."""
+    on_cpu = torch.device(device).type == "cpu"
+    tokens = cfg.checkpoint_every if cfg.checkpoint_every is not None else (100_000 if on_cpu else 0)
+    minutes = cfg.checkpoint_minutes if cfg.checkpoint_minutes is not None else (0.0 if on_cpu else 15.0)
+    return tokens, 60.0 * minutes
 
 
 def members_of(cfg: TrainRunConfig, d_in: int) -> list[Member]:
@@ -274,6 +290,8 @@ def _steps(
     spent = {"data": 0.0, "sae_steps": 0.0}
     shown = ""
     started, first_step = time.perf_counter(), step
+    every_tokens, every_seconds = checkpoint_cadence(cfg, source.device)
+    last_checkpoint = started
     stop = threading.Event()
     batches = source.batches(position, stop)
     if use_prefetch(cfg.prefetch, source.device):
@@ -294,28 +312,38 @@ def _steps(
                     continue
                 try:
                     m = trainer.step(x, g if trainer.sae.sparsifier.uses_grad else None)
+                    if step == total:
+                        trainer.sync_finite()  # a NaN/inf in the last steps, before the SAE is exported
                 except NonFiniteError as err:
                     failed[name] = _keep_last_good(trainer, rundir.sae_dir(dirs[name]), err)
                     continue
-                if step % cfg.log_every == 0 or step == total:
-                    m["tok_per_s"] = (step - first_step) * b / max(1e-9, time.perf_counter() - started)
-                    metrics_log.write(name, m)
+                if step % cfg.log_every == 0 or step == total:  # the only host read of the step's metrics
+                    row = dict(m) | {"tok_per_s": (step - first_step) * b / max(1e-9, time.perf_counter() - started)}
+                    metrics_log.write(name, row)
                     if solo:
                         shown = (
-                            f"loss={m['loss']:.3f}, fvu={m['fvu']:.3f}, l0={m['l0']:.1f}, "
-                            f"dead={100 * m['dead_frac']:.1f}%, "
+                            f"loss={row['loss']:.3f}, fvu={row['fvu']:.3f}, l0={row['l0']:.1f}, "
+                            f"dead={100 * row['dead_frac']:.1f}%, "
                         )
             spent["data"] += t1 - t0
             spent["sae_steps"] += time.perf_counter() - t1
             share = spent["data"] / max(1e-9, sum(spent.values()))
             bar.set_postfix_str(f"{shown}{fetching} {100 * share:.0f}% of the time", refresh=False)
             bar.update(b)
-            if step < total and step * b // cfg.checkpoint_every > (step - 1) * b // cfg.checkpoint_every:
-                states = {
-                    name: ({}, {"failed": failed[name]}) if name in failed else t.state()
-                    for name, t in trainers.items()
-                }
+            by_tokens = every_tokens and step * b // every_tokens > (step - 1) * b // every_tokens
+            by_time = every_seconds and time.perf_counter() - last_checkpoint >= every_seconds
+            if step < total and (by_tokens or by_time):
+                states = {}
+                for name, t in trainers.items():
+                    if name not in failed:
+                        try:
+                            states[name] = t.state()
+                        except NonFiniteError as err:
+                            failed[name] = _keep_last_good(t, rundir.sae_dir(dirs[name]), err)
+                    if name in failed:
+                        states[name] = ({}, {"failed": failed[name]})
                 save_checkpoint(run_dir, step, step * b, position, states, cfg.keep_checkpoints)
+                last_checkpoint = time.perf_counter()
         _calibrate({name: t for name, t in trainers.items() if name not in failed}, stream, source.hook)
     finally:
         stop.set()

@@ -19,7 +19,7 @@ import torch
 from sae_kit.activations import DATA_SETTINGS, HarvestConfig, check_splits, harvester_for, stream
 from sae_kit.buffer import BufferPosition, ShuffleBuffer
 from sae_kit.errors import SaeKitError
-from sae_kit.models import dtype_name
+from sae_kit.models import default_device, dtype_name
 from sae_kit.rows import ActivationRows
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ class CacheSource:
             raise SaeKitError(
                 f"{cache_dir} holds {self.cache.n_rows('train')} training rows, fewer than --batch-size {batch_size}"
             )
-        self.d_in, self.device = self.cache.d_in, harvest.device or "cpu"
+        # the SAEs train on the accelerator when there is one (a cache needs no LM, so nothing else picks it)
+        self.d_in, self.device = self.cache.d_in, harvest.device or str(default_device())
 
     def describe(self) -> str:
         return f"cache {self.cache_dir}"

@@ -4,11 +4,20 @@ A step: scale the batch (optional input normalisation), encode and decode, add t
 over the data variance), the aux loss on dead or underused latents and the rule's own penalties, backpropagate, remove
 the gradient component parallel to each atom, clip, take an Adam step on fp32 master weights, renormalise the atoms,
 and let the rule tidy its state. Everything architecture-specific is a hook on the rule (sae_kit.sparsifiers.base).
+
+No host synchronisation per step: on a GPU the host queues step after step while the device works, and any read of
+a device value (`.item()`, `float(t)`, `bool(t)`, `nonzero`, a boolean mask) would stall that queue. So a step's
+metrics stay on the device (`StepMetrics` reads them all at once when someone looks), and the trainer reads device
+state on the host only every `TrainConfig.sync_every` steps (`Trainer.sync`): the non-finite check and the aux
+loss's candidate latents. A step whose loss is NaN/inf has its gradients zeroed (the weights stay finite), and so do
+the steps after it, until the next sync raises `NonFiniteError` naming the step it happened at. The rules themselves
+may sync where their maths needs it (tests/test_step_sync.py lists which do).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,6 +77,11 @@ class TrainConfig:
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing (None: min(10M, tokens / 10)); also the window of the
     density that aux_zipf reads and its grace period."""
+    sync_every: int = 10
+    """Steps between the trainer's host reads of device state: the non-finite check (a NaN/inf is reported at the
+    next such step, its gradients and those of the steps between zeroed) and the aux loss's candidate set (the dead
+    latents for auxk, the underused ones and their weights for zipf), which is refreshed then. Every other step
+    queues its work on the device without waiting for it."""
 
     def check(self) -> None:
         """One-line errors for settings that cannot work, before any work starts."""
@@ -77,6 +91,33 @@ class TrainConfig:
             raise SaeKitError(f"need --tokens ({self.tokens}) >= --batch-size ({self.batch_size}) >= 1")
         if not 0 <= self.decay_fraction <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise SaeKitError("decay_fraction must be in [0, 1], warmup_steps and grad_clip non-negative")
+        if self.sync_every < 1:
+            raise SaeKitError(f"--sync-every must be positive, got {self.sync_every}")
+
+
+class StepMetrics(Mapping[str, float]):
+    """One step's metrics. The values stay on the device until the first lookup, which reads them all to the host
+    in one transfer (one synchronisation), so a training loop that logs every n steps waits for the device only then."""
+
+    def __init__(self, device_values: dict[str, Tensor], host_values: dict[str, float]) -> None:
+        self._device, self._host = device_values, dict(host_values)
+
+    def _read(self) -> dict[str, float]:
+        if self._device:
+            names = list(self._device)
+            values = torch.stack([self._device[n].detach().reshape(()).to(torch.float64) for n in names]).tolist()
+            self._host |= dict(zip(names, values))
+            self._device = {}
+        return self._host
+
+    def __getitem__(self, name: str) -> float:
+        return self._read()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
 
 
 class Trainer:
@@ -97,6 +138,9 @@ class Trainer:
         self.opt = torch.optim.Adam(self._param_groups(), lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         device = sae.W_dec.device
+        if device.type == "cuda":  # TF32 tensor cores for the fp32 products (the bf16 autocast ones are unaffected)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.step_count = 0
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
@@ -106,6 +150,12 @@ class Trainer:
         self.scale = 1.0
         self.data_var = 1.0
         self.initialised = False
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        """The first step whose loss was NaN/inf (-1: none yet), read on the host by `sync`."""
+        self.aux_candidates = torch.zeros(0, dtype=torch.int64, device=device)
+        """The latents the aux loss may use (dead for auxk, underused for zipf), as of the last `sync`."""
+        self.aux_weights: Tensor | None = None
+        """aux_zipf's underuse weights [d_sae] as of the last `sync` (None for auxk)."""
         self.compute_dtype = (
             resolve_compute_dtype(cfg.compute_dtype, device) if sae.W_dec.dtype == torch.float32 else sae.W_dec.dtype
         )
@@ -157,15 +207,13 @@ class Trainer:
             (self.density_ema / (1 - decay**self.step_count)).float() if self.step_count else self.density_ema.float()
         )
 
-    def step(self, x: Tensor, grad: Tensor | None = None) -> dict[str, float]:
-        """One optimiser step on x [B, d_in] (and dCE/dx for g-SAE); returns the step's metrics."""
+    def step(self, x: Tensor, grad: Tensor | None = None) -> StepMetrics:
+        """One optimiser step on x [B, d_in] (and dCE/dx for g-SAE); returns the step's metrics (read lazily)."""
         if not self.initialised:
             self.init_from_sample(x)
         sae, cfg = self.sae, self.cfg
         sae.train()
-        x = x.to(sae.W_dec.device, torch.float32)
-        _check_finite(x, f"the batch of step {self.step_count}")
-        x = x * self.scale
+        x = x.to(sae.W_dec.device, torch.float32) * self.scale
         if grad is not None:
             grad = grad.to(x.device, torch.float32)
         low = self.compute_dtype != sae.W_dec.dtype
@@ -179,20 +227,23 @@ class Trainer:
             # aux_zipf waits one dead window, as AuxK does by construction (no latent is dead sooner): before it the
             # windowed density is not measured yet, and a density from step 0 would call every latent dead.
             residual = x - out.x_hat.float()
-            if self.aux == "zipf" and self.tokens_seen >= self.dead_tokens:
-                aux = losses.aux_zipf_loss(codes, residual, sae.W_dec, self.recent_density(), cfg.k_aux, cfg.aux_coef)
-            elif self.aux == "auxk" and bool(self.dead_mask.any()):
-                aux = losses.auxk_loss(codes, residual, sae.W_dec, self.dead_mask, cfg.k_aux, cfg.aux_coef)
+            if self.aux != "none" and self.aux_candidates.numel():
+                aux = losses.auxk_loss(
+                    codes, residual, sae.W_dec, self.aux_candidates, cfg.k_aux, cfg.aux_coef, self.aux_weights
+                )
             loss = loss + aux.float()
             penalties = self.rule.penalties(sae, ctx)
             for term in penalties.values():
                 loss = loss + term.float()
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"the loss became {loss.item()} at step {self.step_count}; lower --lr or check the data"
-            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        # A NaN/inf loss (a bad batch, a diverging run) must not reach the weights, and checking it on the host would
+        # stall the device every step: from the first bad step on, the gradients are zeroed; `sync` raises.
+        fine = torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(fine | (self.first_bad_step >= 0), self.first_bad_step, self.step_count)
+        for p in sae.parameters():
+            if p.grad is not None:
+                p.grad.masked_fill_(~fine, 0.0)
         sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -209,25 +260,37 @@ class Trainer:
             self.tokens_seen += x.shape[0]
             self.step_count += 1
             err = (out.x_hat.float() - x).square().sum()
-            fvu = float(err / (x - x.mean(0)).square().sum().clamp_min(1e-12))
-            metrics = {
-                "step": self.step_count,
-                "tokens": self.tokens_seen,
-                "loss": float(loss),
-                "mse_norm": float(rec),
-                "aux": float(aux),
-                "fvu": fvu,
-                "l0": float(codes.l0().float().mean()),
-                "dead_frac": float(self.dead_mask.float().mean()),
-                "lr": float(self.sched.get_last_lr()[0]),
+            on_device = {
+                "loss": loss.detach(),
+                "mse_norm": rec.detach(),
+                "aux": aux.detach(),
+                "fvu": err / (x - x.mean(0)).square().sum().clamp_min(1e-12),
+                "l0": codes.l0().float().mean(),
+                "dead_frac": self.dead_mask.float().mean(),
             }
-            metrics |= {name: float(term) for name, term in penalties.items()}
+            on_device |= {name: term.detach() for name, term in penalties.items()}
             if codes.inference_l0 is not None:
-                metrics["inference_l0"] = float(codes.inference_l0)
-        return metrics
+                on_device["inference_l0"] = torch.as_tensor(codes.inference_l0)
+            host = {"step": self.step_count, "tokens": self.tokens_seen, "lr": float(self.sched.get_last_lr()[0])}
+        if self.step_count % cfg.sync_every == 0:
+            self.sync()
+        return StepMetrics(on_device, host)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Read the device state the host needs: raise NonFiniteError for a NaN/inf loss since the last sync, and
+        refresh the aux loss's candidates. Runs every `sync_every` steps, and before a checkpoint or an export."""
+        self.sync_finite()
+        if self.aux == "zipf" and self.tokens_seen >= self.dead_tokens:
+            self.aux_weights = losses.zipf_underuse_weights(self.recent_density())
+            self.aux_candidates = (self.aux_weights > 0).nonzero().squeeze(1)
+        elif self.aux == "auxk":
+            self.aux_candidates = self.dead_mask.nonzero().squeeze(1)
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
-        """Everything `load_state` needs to continue bit for bit: (tensors, JSON-able counters)."""
+        """Everything `load_state` needs to continue bit for bit: (tensors, JSON-able counters). A NaN/inf since the
+        last sync raises NonFiniteError here, so no checkpoint holds a failed state."""
+        self.sync_finite()
         tensors = {f"sae/{k}": v for k, v in self.sae.state_dict().items()}
         for name, p in self.sae.named_parameters():
             tensors |= {f"adam/{name}/{k}": v for k, v in self.opt.state.get(p, {}).items()}
@@ -235,7 +298,10 @@ class Trainer:
             "tokens_since_fired": self.tokens_since_fired,
             "fired_count": self.fired_count,
             "density_ema": self.density_ema,
+            "aux/candidates": self.aux_candidates,
         }
+        if self.aux_weights is not None:
+            tensors["aux/weights"] = self.aux_weights
         meta = {
             "step_count": self.step_count,
             "tokens_seen": self.tokens_seen,
@@ -259,6 +325,12 @@ class Trainer:
         self.tokens_since_fired = tensors["tokens_since_fired"].to(device)
         self.fired_count = tensors["fired_count"].to(device)
         self.density_ema = tensors["density_ema"].to(device)
+        if "aux/candidates" in tensors:
+            self.aux_candidates = tensors["aux/candidates"].to(device)
+            weights = tensors.get("aux/weights")
+            self.aux_weights = None if weights is None else weights.to(device)
+        else:  # a checkpoint from before the candidates were state: they are what a sync would find now
+            self.sync()
         self.step_count, self.tokens_seen = meta["step_count"], meta["tokens_seen"]
         self.scale, self.data_var, self.initialised = meta["scale"], meta["data_var"], meta["initialised"]
         for group, lr in zip(self.opt.param_groups, meta["lr"]):
@@ -275,6 +347,15 @@ class Trainer:
         device = self.sae.W_dec.device
         self.sae.eval()
         self.rule.calibrate(self.sae, [b.to(device, torch.float32) * self.scale for b in batches])
+
+    def sync_finite(self) -> None:
+        """Raise NonFiniteError if a step since the last sync had a NaN/inf loss (one host read)."""
+        bad = int(self.first_bad_step)
+        if bad >= 0:
+            raise NonFiniteError(
+                f"the loss became NaN/inf at step {bad} (a NaN/inf in that batch, or a diverging run); "
+                "lower --lr or check the activation source (a corrupt cache shard, a broken model dtype)"
+            )
 
     def export(self) -> SAE:
         """A copy of the SAE that takes raw activations: the input scale folded in, eval mode, densities attached."""

@@ -82,7 +82,7 @@ class Codes:
         values, indices = self.sparse()
         if self.crow is not None:
             out = values.new_zeros(self.num_tokens, self.d_sae)
-            return out.index_put((rows_of(self.crow), indices), values, accumulate=True)
+            return out.index_put((rows_of(self.crow, len(indices)), indices), values, accumulate=True)
         return values.new_zeros(values.shape[0], self.d_sae).scatter_add(1, indices, values)
 
     def nonzeros(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,7 +90,7 @@ class Codes:
         MP-SAE atoms summed (detached)."""
         if self.dense is None and self.unique_indices:
             crow, latent, values = self.pairs()
-            token = rows_of(crow)
+            token = rows_of(crow, len(latent))
             values = values.detach()
             order = (token * self.d_sae + latent).argsort()
             token, latent, values = token[order], latent[order], values[order]
@@ -103,8 +103,9 @@ class Codes:
     def l0(self) -> Tensor:
         """Number of nonzero latents per token [N] (int64)."""
         if self.dense is None and self.unique_indices:
-            if self.crow is not None:
-                return torch.bincount(rows_of(self.crow)[self.values != 0], minlength=self.num_tokens)
+            if self.crow is not None:  # index_add_ rather than bincount(mask-indexed): no host sync on a GPU
+                counts = torch.zeros(self.num_tokens, dtype=torch.int64, device=self.crow.device)
+                return counts.index_add_(0, rows_of(self.crow, len(self.values)), (self.values != 0).long())
             return (self.sparse()[0] != 0).sum(-1)
         return (self.to_dense() != 0).sum(-1)
 
@@ -112,7 +113,8 @@ class Codes:
         """How many tokens of the batch each latent fired on [F] (int64); the trainer's dead/density statistics."""
         if self.dense is None and self.unique_indices:
             values, indices = self.sparse()
-            return torch.bincount(indices[values != 0], minlength=self.d_sae)
+            counts = torch.zeros(self.d_sae, dtype=torch.int64, device=indices.device)
+            return counts.index_add_(0, indices.flatten(), (values != 0).flatten().long())
         return (self.to_dense() != 0).sum(0)
 
 

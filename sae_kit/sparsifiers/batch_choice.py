@@ -81,7 +81,8 @@ def sorted_pairs(keys: Tensor, n_tokens: int, d_sae: int) -> tuple[Tensor, Tenso
     keys = keys.sort().values
     tokens, latents = keys.div(d_sae, rounding_mode="floor"), keys.remainder(d_sae)
     crow = torch.zeros(n_tokens + 1, dtype=torch.int64, device=keys.device)
-    crow[1:] = torch.bincount(tokens, minlength=n_tokens).cumsum(0)
+    ones = torch.ones_like(tokens)  # index_add_ rather than bincount, whose output size is a host read on a GPU
+    crow[1:] = torch.zeros(n_tokens, dtype=torch.int64, device=keys.device).index_add_(0, tokens, ones).cumsum(0)
     return crow, latents
 
 
@@ -126,8 +127,10 @@ class BatchChoice(Sparsifier):
     def update_threshold(self, smallest_kept: Tensor) -> None:
         """θ ← θ + rate·(smallest_kept − θ), rate = max(threshold_ema, 1/(updates + 1)): a plain running mean over
         the first 1/threshold_ema batches, then an EMA."""
-        rate = max(self.config.threshold_ema, 1.0 / (int(self.threshold_updates) + 1))
-        self.threshold.lerp_(smallest_kept.detach().to(self.threshold.dtype).expand_as(self.threshold), rate)
+        # the rate stays on the device: reading the update count on the host would stall a GPU every step
+        rate = (1.0 / (self.threshold_updates + 1).double()).clamp_min(self.config.threshold_ema)
+        target = smallest_kept.detach().to(self.threshold.dtype).expand_as(self.threshold)
+        self.threshold.lerp_(target, rate.to(self.threshold.dtype))
         self.threshold_updates += 1
 
     def score_threshold(self, dtype: torch.dtype) -> Tensor:

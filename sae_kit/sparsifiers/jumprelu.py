@@ -36,7 +36,7 @@ def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
 
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
         return z * (z > threshold)
@@ -52,7 +52,7 @@ class _JumpReLU(torch.autograd.Function):
 
 class _Step(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
         return (z > threshold).to(z.dtype)
@@ -65,18 +65,18 @@ class _Step(torch.autograd.Function):
         return None, grad_t, None
 
 
-def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """z·H(z − θ); STE: ∂/∂z = H(z − θ), ∂/∂θ = −(θ/ε)·K((z − θ)/ε)."""
     return _JumpReLU.apply(z, threshold, bandwidth)
 
 
-def heaviside_step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def heaviside_step(z: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """H(z − θ) as 0/1 floats; STE: no gradient to z, ∂/∂θ = −(1/ε)·K((z − θ)/ε)."""
     return _Step.apply(z, threshold, bandwidth)
 
 
 def l0_penalty(
-    z: Tensor, threshold: Tensor, bandwidth: float, coefficient: float = 1.0, target_l0: float | None = None
+    z: Tensor, threshold: Tensor, bandwidth: float | Tensor, coefficient: float = 1.0, target_l0: float | None = None
 ) -> Tensor:
     """JumpReLU sparsity penalty from the pre-activations z [N, d_sae] and the thresholds θ [d_sae].
 
@@ -135,9 +135,9 @@ class JumpReLU(Sparsifier):
         )  # E‖x‖ of the training inputs: ε's unit
 
     @property
-    def bandwidth(self) -> float:
-        """The kernel width ε in input units."""
-        return self.config.bandwidth * float(self.input_norm)
+    def bandwidth(self) -> Tensor:
+        """The kernel width ε in input units (a device scalar: reading it on the host would stall a GPU step)."""
+        return self.config.bandwidth * self.input_norm
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {"threshold": self.threshold}
