@@ -278,6 +278,13 @@ def load_model(
         model = TransformerBridge.boot_transformers(source, device=str(device), dtype=dtype)
     except OSError as err:
         raise ModelError(hub_error_message(err, "model", name or source)) from err
+    except (ValueError, KeyError, NotImplementedError) as err:  # an architecture transformers or TransformerLens lacks
+        text = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        first = text.split(". ")[0].rstrip(".")[:200]
+        raise ModelError(
+            f"could not load model {name!r} as a TransformerBridge ({first}); use a causal LM of a family TransformerLens "
+            "4 supports (docs/models.md lists the tested ones: Llama, Gemma 2/3, Qwen2/3, GPT-2, Pythia)"
+        ) from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -48,6 +48,15 @@ def test_bad_model_names(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_unknown_architecture_is_a_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "foo", "architectures": ["FooForCausalLM"]}')
+    with pytest.raises(
+        ModelError, match=r"could not load model .* as a TransformerBridge \(.*model type `foo`.*\); use a causal LM"
+    ) as err:
+        models.load_model(str(tmp_path), device="cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_bad_devices_are_one_line_errors(monkeypatch):
     assert check_device("cpu") == torch.device("cpu")
     with pytest.raises(ModelError, match="unknown --device 'gpu0'; use cpu, cuda"):
