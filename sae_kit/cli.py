@@ -43,13 +43,15 @@ def _cache(args) -> None:
 
 
 def _train(args) -> None:
-    from sae_kit.training.run import TrainRunConfig, train
+    from sae_kit.training.run import _NOT_SETTINGS, TrainRunConfig, train
 
     if args.resume is not None:
         changed = [
             f.name
             for f in fields(args)
-            if f.name not in ("resume", "progress", "wandb", "wandb_project", "prefetch")
+            if (
+                f.name == "out" or f.name not in _NOT_SETTINGS
+            )  # what may differ: progress, prefetch, --dist-timeout, ...
             and getattr(args, f.name) != getattr(TrainRunConfig(), f.name)
         ]
         if changed:

@@ -85,10 +85,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+def init(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = "auto") -> World:
     """Join torchrun's process group if there is one; the World either way (idempotent).
 
-    `device` is the run's SAE device: "cuda..." selects NCCL and cuda:LOCAL_RANK, anything else gloo on CPU.
+    `device` is the run's SAE device: "cuda..." puts rank r on cuda:LOCAL_RANK; `backend` auto is NCCL there and
+    gloo on CPU (gloo on CUDA lets several ranks share one GPU: rank r on cuda:LOCAL_RANK mod the GPU count).
     """
     global _world
     if _world.distributed or env_world_size() <= 1:
@@ -97,27 +98,33 @@ def init(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Wor
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             raise SaeKitError(f"WORLD_SIZE={size} but {name} is not set; launch with torchrun --nproc-per-node N")
+    if backend not in ("auto", "nccl", "gloo"):
+        raise SaeKitError(f"--dist-backend {backend!r}; use auto, nccl or gloo")
     cuda = device is not None and device.startswith("cuda")
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise SaeKitError("--dist-backend nccl needs the SAEs on CUDA (--device cuda); use gloo on CPU")
     if cuda:
-        if local >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if count == 0 or (backend == "nccl" and local >= count):
             raise SaeKitError(
-                f"rank {rank} wants cuda:{local}, and this machine has {torch.cuda.device_count()} GPUs; "
-                "lower --nproc-per-node"
+                f"rank {rank} wants cuda:{local}, and this machine has {count} GPUs; lower --nproc-per-node "
+                "(or --dist-backend gloo to share a GPU between ranks)"
             )
-        torch.cuda.set_device(local)
+        local_device = local % count
+        torch.cuda.set_device(local_device)
     if not 0 < timeout_s < 10**7:
         raise SaeKitError(f"--dist-timeout must be a positive number of seconds, got {timeout_s}")
     try:
-        dist.init_process_group(
-            "nccl" if cuda else "gloo", rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as err:
         raise SaeKitError(
             f"rank {rank} could not join the process group at "
             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({_first_line(err)}); check that every rank "
             "was launched (torchrun --nproc-per-node N) and the port is free"
         ) from None
-    _world = World(rank, size, local, f"cuda:{local}" if cuda else device)
+    _world = World(rank, size, local, f"cuda:{local_device}" if cuda else device)
     return _world
 
 
@@ -254,15 +261,19 @@ def _all_gather(t: Tensor) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------- failures
-def first_failure(first_bad_step: Tensor) -> tuple[int, int] | None:
-    """(rank, step) of the earliest non-finite step over every rank (ties: the lowest rank), or None; the same on
-    every rank. `first_bad_step` is this rank's (0-dim int64, -1 for none). One host read (and one gather)."""
-    steps = gather_candidates(first_bad_step.to(torch.float64).reshape(1)).reshape(-1).tolist()
-    bad = [(int(s), r) for r, s in enumerate(steps) if s >= 0]
-    if not bad:
-        return None
-    step, rank = min(bad)
-    return rank, step
+def first_failure(first_bad_step: Tensor) -> Tensor:
+    """[step, rank] (int64, on the device) of the earliest non-finite step over every rank (ties: the lowest rank), or
+    [-1, -1]; the same on every rank. `first_bad_step` is this rank's (0-dim int64, -1 for none). No host read (the
+    caller reads the two values); under data parallelism one all-gather."""
+    step = first_bad_step.reshape(1).to(torch.int64)
+    if not _world.distributed:
+        return torch.cat([step, torch.zeros_like(step)])
+    size = _world.world_size
+    steps = torch.cat(_all_gather(step))  # [W]
+    none = torch.iinfo(torch.int64).max
+    key = torch.where(steps >= 0, steps * size + torch.arange(size, device=steps.device), none).min()
+    found = torch.stack([key // size, key % size])
+    return torch.where(key < none, found, torch.full_like(found, -1))
 
 
 def check_same(tensors: Sequence[Tensor], what: str) -> None:

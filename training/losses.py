@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_kit import distributed
 from sae_kit.kernels import sparse_decode
 from sae_kit.sparsifiers import Codes
 
@@ -90,7 +91,9 @@ def auxk_loss(
         if weights is not None:
             values = values * weights.to(values.dtype)[indices]
         e_hat = sparse_decode(values, indices, W_dec)
-    return coef * (e_hat - e).square().sum(-1).mean() / (e - e.mean(0)).square().sum(-1).mean().clamp_min(1e-12)
+    # the normaliser is the global batch's under data parallelism (batch_mean: e.mean(0) in one process)
+    spread = distributed.batch_mean((e - distributed.batch_mean(e)).square().sum(-1))
+    return coef * (e_hat - e).square().sum(-1).mean() / spread.clamp_min(1e-12)
 
 
 @torch.no_grad()

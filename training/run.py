@@ -8,6 +8,11 @@ see training.checkpoint), `summary.json` (held-out FVU, L0 and dead % per member
 and `sae/`. A one-member run keeps those two in the run directory itself; a sweep puts them in `<run>/<member>/`.
 `resume=<run>` continues from the newest good checkpoint and ends bit-identical to an uninterrupted run. The
 checkpoints are deleted once the run is complete (summary.json written).
+
+Under `torchrun --nproc-per-node N -m sae_kit train` the run is data parallel (docs/distributed.md): every rank
+trains every member on its own B/N rows of each global batch of B (training.sources), the trainers reduce what must
+be global (training.trainer), and rank 0 alone writes the run directory; a failure on one rank stops every rank with
+one line that names it (sae_kit.distributed).
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from sae_kit import rundir
+from sae_kit import distributed, rundir
 from sae_kit.activations import HarvestConfig
 from sae_kit.atomic import write_json
 from sae_kit.config_files import to_jsonable
 from sae_kit.errors import SaeKitError
+from sae_kit.models import default_device
 from sae_kit.sae import SAE, SAEConfig
 from sae_kit.sparsifiers import (
     DEFAULT_ARCHITECTURE,
@@ -51,7 +57,17 @@ from sae_kit.training.trainer import NonFiniteError, TrainConfig, Trainer
 log = logging.getLogger(__name__)
 
 _SWEEP_AXES = ("architecture", "k", "expansion_factor", "d_sae", "seed")
-_NOT_SETTINGS = ("out", "resume", "progress", "wandb", "wandb_project", "prefetch", "checkpoint_minutes")
+_NOT_SETTINGS = (
+    "out",
+    "resume",
+    "progress",
+    "wandb",
+    "wandb_project",
+    "prefetch",
+    "checkpoint_minutes",
+    "dist_timeout",
+    "dist_backend",
+)
 """Fields that may differ between a run and its resumption (they do not change what is computed)."""
 
 
@@ -113,6 +129,12 @@ class TrainRunConfig:
     """Checkpoints kept (older ones are deleted; a damaged newest one falls back to the one before)."""
     resume: Path | None = None
     """Continue the run in this directory from its newest good checkpoint, with its saved settings."""
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """Under torchrun: seconds a rank waits in a collective for the others before the job stops (a hung rank; a
+    killed one is noticed at once). Above the time rank 0 takes to write a checkpoint."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Under torchrun: the collective backend (auto: NCCL for SAEs on CUDA, gloo on CPU; gloo on CUDA lets several
+    ranks share one GPU)."""
     wandb: bool = False
     """Mirror the metrics to Weights & Biases (optional; metrics.jsonl stays the record)."""
     wandb_project: str = "sae-kit"
@@ -175,10 +197,53 @@ def members_of(cfg: TrainRunConfig, d_in: int) -> list[Member]:
 
 
 def train(cfg: TrainRunConfig, model=None) -> dict:
-    """Run the job; returns the summary (also written to summary.json). Bad settings fail before any work."""
+    """Run the job; returns the summary (also written to summary.json). Bad settings fail before any work.
+
+    Under torchrun every rank calls it; rank 0 returns the summary and the other ranks {}. An error names the rank
+    it happened on, and is marked `quiet` on the ranks that should not print it (distributed.quiet), so the user
+    reads one line: a setting's error once (rank 0), a rank's own failure from that rank, a lost rank from the
+    lowest surviving one.
+    """
+    device = cfg.harvest.device or str(default_device())
+    world = distributed.init(device, cfg.dist_timeout, cfg.dist_backend)
+    started = False
+
+    def begun() -> None:
+        nonlocal started
+        started = True
+
+    try:
+        with distributed.terminated_as_error():
+            summary = _train(cfg, model, world, begun)
+    except distributed.PeerLost:
+        raise
+    except SaeKitError as err:
+        if not world.distributed:
+            raise
+        if not started or isinstance(err, NonFiniteError):  # the same error on every rank: rank 0 prints it
+            err.quiet = not world.is_main  # type: ignore[attr-defined]
+            raise
+        distributed.record_failure(str(err))
+        raise SaeKitError(f"rank {world.rank}: {err}") from None
+    except Exception as err:
+        distributed.record_failure(f"{type(err).__name__}: {err}")
+        raise
+    distributed.barrier()  # the others wait for rank 0's summary, then every rank leaves the group together
+    distributed.shutdown()
+    return summary
+
+
+def _train(cfg: TrainRunConfig, model, world: distributed.World, begun) -> dict:
     if cfg.resume is not None:
         cfg = _resumed(cfg)
     cfg.check()
+    if cfg.train.batch_size % world.world_size:
+        raise SaeKitError(
+            f"--batch-size {cfg.train.batch_size} is not a multiple of the {world.world_size} ranks; "
+            f"use a multiple of {world.world_size} (each rank takes an equal share of the global batch)"
+        )
+    if world.device is not None and world.device.startswith("cuda"):  # under NCCL, each rank on its own GPU
+        cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, device=world.device))
     needs_grads = any(get_sparsifier(a).uses_grad for a in cfg.architecture)
     b = cfg.train.batch_size
     source = (
@@ -198,12 +263,15 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
             raise SaeKitError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass a new --out"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / rundir.CONFIG, cfg.settings())
+        distributed.barrier()  # every rank has looked before rank 0 creates it
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / rundir.CONFIG, cfg.settings())
     else:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
+        ckpt = latest_checkpoint(run_dir)  # every rank reads the same checkpoint (a shared file system)
+        if ckpt is None and world.is_main:
             log.warning("%s has no usable checkpoint: starting it from the beginning", run_dir)
+    distributed.set_resume_hint(str(run_dir))
     dirs = rundir.member_dirs(run_dir, [m.name for m in team])
     trainers = {m.name: _trainer(cfg, m, source) for m in team}
     failed: dict[str, str] = {}
@@ -215,19 +283,28 @@ def train(cfg: TrainRunConfig, model=None) -> dict:
             else:
                 trainers[name].load_state(tensors, meta)
         set_rng_state(*ckpt.rng)
-        position = ckpt.data
+        position = source.resume_position(ckpt.data)
     step = ckpt.step if ckpt else 0
-    metrics_log = MetricsLog(
-        run_dir,
-        {name: d / rundir.METRICS for name, d in dirs.items()},
-        step if cfg.resume else None,
-        cfg.wandb_project if cfg.wandb else None,
-        cfg.settings(),
+    metrics_log = (
+        MetricsLog(
+            run_dir,
+            {name: d / rundir.METRICS for name, d in dirs.items()},
+            step if cfg.resume else None,
+            cfg.wandb_project if cfg.wandb else None,
+            cfg.settings(),
+        )
+        if world.is_main
+        else MetricsLog.disabled()  # rank 0 alone writes
     )
+    begun()
     try:
         step = _steps(cfg, source, trainers, failed, dirs, metrics_log, run_dir, step, position)
         if len(team) == 1 and failed:
             raise NonFiniteError(failed[team[0].name])
+        live = [p for name, t in trainers.items() if name not in failed for p in t.sae.parameters()]
+        distributed.check_same(live, "SAE weights")
+        if not world.is_main:
+            return {}
         heldout = source.heldout()
         rows = []
         for m in team:
@@ -276,13 +353,14 @@ def _steps(
     desc = f"train {next(iter(trainers)) if solo else f'{len(trainers)} SAEs'}"
     # smoothing=0: the rate and ETA are the average since the start, not of the last few updates, which swing
     # between buffer fills (the LM harvest) and bursts of SAE steps; the description names the current phase.
+    world = distributed.world()
     bar = tqdm(
         total=total * b,
         initial=step * b,
         unit="tok",
         unit_scale=True,
         desc=desc,
-        disable=not cfg.progress,
+        disable=not cfg.progress or not world.is_main,
         dynamic_ncols=True,
         smoothing=0,
     )
@@ -318,7 +396,9 @@ def _steps(
                     failed[name] = _keep_last_good(trainer, rundir.sae_dir(dirs[name]), err)
                     continue
                 if step % cfg.log_every == 0 or step == total:  # the only host read of the step's metrics
-                    row = dict(m) | {"tok_per_s": (step - first_step) * b / max(1e-9, time.perf_counter() - started)}
+                    row = dict(m.mean_over_ranks()) | {
+                        "tok_per_s": (step - first_step) * b / max(1e-9, time.perf_counter() - started)
+                    }
                     metrics_log.write(name, row)
                     if solo:
                         shown = (
@@ -331,7 +411,9 @@ def _steps(
             bar.set_postfix_str(f"{shown}{fetching} {100 * share:.0f}% of the time", refresh=False)
             bar.update(b)
             by_tokens = every_tokens and step * b // every_tokens > (step - 1) * b // every_tokens
-            by_time = every_seconds and time.perf_counter() - last_checkpoint >= every_seconds
+            by_time = bool(every_seconds) and time.perf_counter() - last_checkpoint >= every_seconds
+            if world.distributed:  # the ranks' clocks differ: rank 0's decides, asked on sync steps only
+                by_time = step % cfg.train.sync_every == 0 and distributed.rank0_flag(by_time)
             if step < total and (by_tokens or by_time):
                 states = {}
                 for name, t in trainers.items():
@@ -342,7 +424,9 @@ def _steps(
                             failed[name] = _keep_last_good(t, rundir.sae_dir(dirs[name]), err)
                     if name in failed:
                         states[name] = ({}, {"failed": failed[name]})
-                save_checkpoint(run_dir, step, step * b, position, states, cfg.keep_checkpoints)
+                at = source.checkpoint_position(position)  # every rank's, under data parallelism
+                if world.is_main:
+                    save_checkpoint(run_dir, step, step * b, at, states, cfg.keep_checkpoints)
                 last_checkpoint = time.perf_counter()
         _calibrate({name: t for name, t in trainers.items() if name not in failed}, stream, source.hook)
     finally:
@@ -380,8 +464,8 @@ def _trainer(cfg: TrainRunConfig, member: Member, source) -> Trainer:
 
 
 def _keep_last_good(trainer: Trainer, sae_dir: Path, err: NonFiniteError) -> str:
-    """Save the member's SAE as it was before the failing step (when it is finite); the failure message."""
-    if all(bool(torch.isfinite(p).all()) for p in trainer.sae.parameters()):
+    """Save the member's SAE as it was before the failing step (when it is finite; rank 0 saves); the message."""
+    if distributed.world().is_main and all(bool(torch.isfinite(p).all()) for p in trainer.sae.parameters()):
         trainer.export().save(sae_dir)
     where = f"the last good SAE is in {sae_dir}" if sae_dir.exists() else "no SAE was saved"
     return f"{err}; {where}"

@@ -3,12 +3,20 @@
 Both give `batches(position)`: (batch, position after it) from a saved position, forever (epoch after epoch), so a
 checkpoint can record the position and a resumed run continue with exactly the next batch. A position is a pair
 (JSON dict, tensors dict) that the checkpoint stores as it is.
+
+Under data parallelism (sae_kit.distributed, W ranks) every rank yields its own b = B/W rows of each global batch:
+- from a cache, rank r reads rows r, r + W, ... of the same seeded global order (the cache's rank reader), so global
+  batch j holds the same rows at any W and the position (epoch, batch) is global: a run resumes exactly at any W;
+- from the model, each rank harvests its own LM batches (batch i of the corpus goes to rank i mod W) into its own
+  shuffle buffer of buffer_tokens/W rows; each rank's position is its own, and the checkpoint holds all of them
+  (`checkpoint_position`), so such a run resumes at its own W only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -16,7 +24,8 @@ from typing import Any
 
 import torch
 
-from sae_kit.activations import DATA_SETTINGS, HarvestConfig, check_splits, harvester_for, stream
+from sae_kit import distributed
+from sae_kit.activations import DATA_SETTINGS, HarvestConfig, check_splits, contexts, harvester_for, stream
 from sae_kit.buffer import BufferPosition, ShuffleBuffer
 from sae_kit.errors import SaeKitError
 from sae_kit.models import default_device, dtype_name
@@ -67,6 +76,7 @@ class CacheSource:
             raise SaeKitError(f"g-SAE needs gradients, and {cache_dir} has none; build it with `sae-kit cache --grads`")
         if self.cache.n_rows("heldout") == 0:
             raise SaeKitError(f"{cache_dir} has no held-out rows; rebuild it with --heldout-tokens > 0")
+        self.world = distributed.world()
         if self.cache.n_rows("train") < batch_size:
             raise SaeKitError(
                 f"{cache_dir} holds {self.cache.n_rows('train')} training rows, fewer than --batch-size {batch_size}"
@@ -91,19 +101,29 @@ class CacheSource:
             if epoch == 1 and start == 0:
                 log.warning("the cache holds fewer rows than --tokens: starting epoch 2 over the same rows")
             rows = self.cache.batches(
-                self.batch_size,
+                self.batch_size // self.world.world_size,  # this rank's share of every global batch
                 seed=self.seed,
                 epoch=epoch,
                 hooks=[self.hook],
                 with_grads=self.needs_grads,
                 drop_last=True,
                 start_batch=start,
+                rank=self.world.rank,
+                world_size=self.world.world_size,
             )
             for b, batch in enumerate(rows, start):
                 yield batch, ({"epoch": epoch, "batch": b + 1}, {})
                 if stop is not None and stop.is_set():
                     return
             start = 0
+
+    def checkpoint_position(self, position: Position) -> Position:
+        """The position a checkpoint records: (epoch, batch) is the same on every rank and at any world size."""
+        return position
+
+    def resume_position(self, saved: Position) -> Position:
+        """This rank's position from what `checkpoint_position` saved (a run resumes at any world size)."""
+        return saved
 
     def heldout(self) -> ActivationRows:
         n = min(self.eval_tokens, self.cache.n_rows("heldout"))
@@ -150,6 +170,7 @@ class ModelSource:
         self.d_in = probe[self.hook].shape[-1]
         self.device = str(next(self.model.parameters()).device)
         self.prefetch_depth = -(-buffer_tokens // batch_size) + 1  # one whole chunk ahead
+        self.world = distributed.world()
 
     def describe(self) -> str:
         return f"hook {self.hook} of {self.model.sae_kit_name}"
@@ -159,18 +180,25 @@ class ModelSource:
         return {**{k: s[k] for k in _PROVENANCE}, "hook_name": self.hook}
 
     def _rows(self, at: list[int] | None, stop: threading.Event | None) -> Iterator[tuple[ActivationRows, list[int]]]:
-        """Training rows from [epoch, row] on, with the position after each LM batch; stops early once `stop` is set."""
+        """This rank's training rows from [epoch, row] on (LM batch i of the corpus is rank i mod W's), with the
+        position after each LM batch; stops early once `stop` is set."""
         epoch, row = at or (0, 0)
+        rank, size, lm_batch = self.world.rank, self.world.world_size, self.harvest.lm_batch_size
+        harvester = harvester_for(self.model, self.harvest, self.needs_grads)
         while True:
             empty, start = True, row
-            for rows, row in stream(self.model, self.harvest, "train", with_grads=self.needs_grads, start_row=start):
+            for ctx in contexts(self.model, self.harvest, "train", start):
+                row = int(ctx.row[-1]) + 1
+                if int(ctx.row[0]) // lm_batch % size != rank:
+                    continue  # another rank's LM batch
                 empty = False
-                yield rows, [epoch, row]
+                yield harvester.rows(ctx), [epoch, row]
                 if stop is not None and stop.is_set():
                     return
-            if empty and row == 0:
+            if empty and start == 0:
+                ranks = f" for rank {rank} of {size} (fewer LM batches than ranks)" if size > 1 else ""
                 raise SaeKitError(
-                    f"corpus {self.harvest.corpus!r} gave no training tokens; check --corpus and --holdout-fraction"
+                    f"corpus {self.harvest.corpus!r} gave no training tokens{ranks}; check --corpus and --holdout-fraction"
                 )
             epoch, row = epoch + 1, 0
             if epoch == 1:
@@ -179,16 +207,51 @@ class ModelSource:
     def batches(
         self, position: Position | None = None, stop: threading.Event | None = None
     ) -> Iterator[tuple[ActivationRows, Position]]:
+        size = self.world.world_size
         buffer = ShuffleBuffer(
             lambda at: self._rows(at, stop),
-            capacity=self.buffer_tokens,
-            batch_size=self.batch_size,
+            capacity=max(self.buffer_tokens // size, self.batch_size // size),
+            batch_size=self.batch_size // size,
             seed=self.seed,
             drop_last=True,
         )
         start = BufferPosition.from_state(*position) if position else None
         for batch, pos in buffer.batches(start):
             yield batch, pos.state()
+
+    def checkpoint_position(self, position: Position) -> Position:
+        """The position a checkpoint records: every rank's own (gathered; a collective, so every rank calls it)."""
+        if not self.world.distributed:
+            return position
+        from safetensors.torch import load as load_bytes
+        from safetensors.torch import save as save_bytes
+
+        blob = (
+            json.dumps(position[0]).encode() + b"\n" + save_bytes({k: v.contiguous() for k, v in position[1].items()})
+        )
+        metas: list[dict] = []
+        tensors: dict[str, torch.Tensor] = {}
+        for r, part in enumerate(distributed.gather_bytes(blob)):
+            head, _, body = part.partition(b"\n")
+            metas.append(json.loads(head))
+            tensors |= {f"rank{r}/{k}": v for k, v in load_bytes(body).items()}
+        return {"world_size": self.world.world_size, "ranks": metas}, tensors
+
+    def resume_position(self, saved: Position) -> Position:
+        """This rank's position from what `checkpoint_position` saved, refused at another world size."""
+        meta, tensors = saved
+        saved_size = meta.get("world_size", 1) if "ranks" in meta else 1
+        if saved_size != self.world.world_size:
+            raise SaeKitError(
+                f"this run harvested from the model with {saved_size} process(es), each with its own shard of the "
+                f"corpus; resume it with {saved_size} (torchrun --nproc-per-node {saved_size}), or train from a cache "
+                "(`sae-kit cache`), whose runs resume at any world size"
+            )
+        if not self.world.distributed:
+            return saved
+        prefix = f"rank{self.world.rank}/"
+        mine = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        return meta["ranks"][self.world.rank], mine
 
     def heldout(self) -> ActivationRows:
         parts, n = [], 0

@@ -12,6 +12,12 @@ state on the host only every `TrainConfig.sync_every` steps (`Trainer.sync`): th
 loss's candidate latents. A step whose loss is NaN/inf has its gradients zeroed (the weights stay finite), and so do
 the steps after it, until the next sync raises `NonFiniteError` naming the step it happened at. The rules themselves
 may sync where their maths needs it (tests/test_step_sync.py lists which do).
+
+Under data parallelism (torchrun; sae_kit.distributed) each rank steps on its own rows of the global batch, and the
+trainer reduces what must be global, through functions that are no-ops in one process: the initialisation sample and
+the calibration batches are the gathered global batches, the gradients are averaged over ranks in one flattened
+all-reduce (carrying the ranks' non-finite flags), the feature counts behind the dead-latent statistics are summed,
+and a sync agrees on the first rank and step that went non-finite. Every rank then holds the same weights.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from sae_kit import distributed
 from sae_kit.errors import SaeKitError
 from sae_kit.models import fast_bf16
 from sae_kit.sae import DTYPES, SAE, dtype_name
@@ -101,6 +108,16 @@ class StepMetrics(Mapping[str, float]):
 
     def __init__(self, device_values: dict[str, Tensor], host_values: dict[str, float]) -> None:
         self._device, self._host = device_values, dict(host_values)
+
+    def mean_over_ranks(self) -> StepMetrics:
+        """The metrics averaged over the ranks of a data-parallel run (each rank's are means over its own rows of
+        the global batch): one all-reduce of the device values. A collective: every rank calls it at the same step."""
+        if not distributed.world().distributed or not self._device:
+            return self
+        names = list(self._device)
+        stacked = torch.stack([self._device[n].detach().reshape(()).to(torch.float64) for n in names])
+        stacked = distributed.all_reduce_sum_(stacked) / distributed.world().world_size
+        return StepMetrics(dict(zip(names, stacked.unbind())), self._host)
 
     def _read(self) -> dict[str, float]:
         if self._device:
@@ -210,7 +227,7 @@ class Trainer:
     def step(self, x: Tensor, grad: Tensor | None = None) -> StepMetrics:
         """One optimiser step on x [B, d_in] (and dCE/dx for g-SAE); returns the step's metrics (read lazily)."""
         if not self.initialised:
-            self.init_from_sample(x)
+            self.init_from_sample(distributed.gather_rows(x.to(self.sae.W_dec.device)))  # the global batch
         sae, cfg = self.sae, self.cfg
         sae.train()
         x = x.to(sae.W_dec.device, torch.float32) * self.scale
@@ -241,6 +258,7 @@ class Trainer:
         # stall the device every step: from the first bad step on, the gradients are zeroed; `sync` raises.
         fine = torch.isfinite(loss) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(fine | (self.first_bad_step >= 0), self.first_bad_step, self.step_count)
+        fine = distributed.all_reduce_grads(list(sae.parameters()), fine)  # mean gradients; fine on every rank
         for p in sae.parameters():
             if p.grad is not None:
                 p.grad.masked_fill_(~fine, 0.0)
@@ -252,12 +270,13 @@ class Trainer:
         sae.set_decoder_norm_to_unit_norm()
         self.rule.after_step(sae)
         with torch.no_grad():
-            counts = codes.feature_counts()
+            counts = distributed.all_reduce_sum_(codes.feature_counts())  # over the global batch
+            rows = x.shape[0] * distributed.world().world_size
             self.fired_count += counts
             decay = 1 - cfg.batch_size / self.dead_tokens
-            self.density_ema.mul_(decay).add_(counts.double() / x.shape[0], alpha=1 - decay)
-            self.tokens_since_fired = torch.where(counts > 0, 0, self.tokens_since_fired + x.shape[0])
-            self.tokens_seen += x.shape[0]
+            self.density_ema.mul_(decay).add_(counts.double() / rows, alpha=1 - decay)
+            self.tokens_since_fired = torch.where(counts > 0, 0, self.tokens_since_fired + rows)
+            self.tokens_seen += rows
             self.step_count += 1
             err = (out.x_hat.float() - x).square().sum()
             on_device = {
@@ -346,14 +365,19 @@ class Trainer:
         """End of training: let the rule fit its inference state on raw training batches (scaled here as in training)."""
         device = self.sae.W_dec.device
         self.sae.eval()
-        self.rule.calibrate(self.sae, [b.to(device, torch.float32) * self.scale for b in batches])
+        # the global batches under data parallelism: the thresholds come out as in one process
+        self.rule.calibrate(
+            self.sae, [distributed.gather_rows(b.to(device, torch.float32)) * self.scale for b in batches]
+        )
 
     def sync_finite(self) -> None:
-        """Raise NonFiniteError if a step since the last sync had a NaN/inf loss (one host read)."""
-        bad = int(self.first_bad_step)
+        """Raise NonFiniteError if a step since the last sync had a NaN/inf loss (one host read). Under data
+        parallelism a collective: every rank raises, naming the rank (and step) that went bad first."""
+        bad, rank = (int(v) for v in distributed.first_failure(self.first_bad_step))  # the host read
         if bad >= 0:
+            where = f"rank {rank}: " if distributed.world().distributed else ""
             raise NonFiniteError(
-                f"the loss became NaN/inf at step {bad} (a NaN/inf in that batch, or a diverging run); "
+                f"{where}the loss became NaN/inf at step {bad} (a NaN/inf in that batch, or a diverging run); "
                 "lower --lr or check the activation source (a corrupt cache shard, a broken model dtype)"
             )
 
