@@ -132,9 +132,11 @@ def test_caches_record_the_model_dtype_and_old_caches_resume(model, tmp_path):
     build_cache(cfg, model=model)
     assert ActivationCache(cfg.out).settings["model_dtype"] == "float32"  # what the LM ran in, not the setting
     manifest = json.loads((cfg.out / "manifest.json").read_text())
-    del manifest["settings"]["model_dtype"]  # a cache from before the setting
+    assert manifest["settings"]["bos_token_id"] == model.tokenizer.bos_token_id
+    for key in ("model_dtype", "corpus_config", "corpus_split", "bos_token_id", "bos_token"):
+        del manifest["settings"][key]  # a cache from before these settings were recorded
     manifest["complete"] = False
     (cfg.out / "manifest.json").write_text(json.dumps(manifest))
     build_cache(CacheConfig(**{**vars(cfg), "tokens": 128}), model=model)  # resumes it (its LM ran in float32)
     cache = ActivationCache(cfg.out)
-    assert cache.n_rows("train") >= 128 and "model_dtype" not in cache.settings
+    assert cache.n_rows("train") >= 128 and "model_dtype" not in cache.settings and "bos_token" not in cache.settings
