@@ -111,8 +111,7 @@ class ShuffleBuffer:
                 n += len(parts[-1])
             if n == 0:
                 return
-            chunk_rows = ActivationRows.cat(parts)
-            del parts  # the chunk is held once, in chunk_rows
+            chunk_rows = _cat_releasing(parts)  # the chunk is held once, in chunk_rows
             order = self.permutation(n, chunk)
             whole = n // self.batch_size * self.batch_size
             carry = chunk_rows.select(order[whole:]) if whole < n else None
@@ -130,6 +129,22 @@ class ShuffleBuffer:
         if self.dtype is None or all(a.dtype == self.dtype for a in rows.tensors().values() if a.is_floating_point()):
             return rows
         return rows.to(dtype=self.dtype)
+
+
+def _cat_releasing(parts: list[ActivationRows]) -> ActivationRows:
+    """`ActivationRows.cat(parts)` that empties `parts` as it goes, each part released once copied. The chunk's
+    pages are only touched as they are written, so the peak stays near one chunk rather than the parts plus it."""
+    fields = {name: (t.shape[1:], t.dtype) for name, t in parts[0].tensors().items()}
+    n = sum(len(p) for p in parts)
+    out = {name: torch.empty((n, *shape), dtype=dtype) for name, (shape, dtype) in fields.items()}
+    at = 0
+    while parts:
+        part = parts.pop(0)
+        for name, t in part.tensors().items():
+            out[name][at : at + len(part)] = t
+        at += len(part)
+        del part
+    return ActivationRows.from_tensors(out)
 
 
 def _check_layout(rows: ActivationRows, first: ActivationRows) -> None:

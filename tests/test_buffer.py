@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -155,3 +157,18 @@ def test_rows_are_stored_in_their_own_dtype_or_the_one_asked_for():
     assert all(torch.equal(a.acts["h0"], b.acts["h0"]) for (a, _), (b, _) in zip(rest, cast[cut + 1 :]))
     with pytest.raises(ValueError, match="changed dtype"):
         list(buffer(fp32[:2] + bf16[2:4], capacity=64, batch_size=8))
+
+
+def test_a_chunk_is_held_once_its_parts_released_as_they_are_copied():
+    refs = []
+
+    def source(start):  # parts made on the fly, as a harvest makes them: only the buffer holds them
+        for i in range(start or 0, 10):
+            part = chunks([16] * (i + 1))[-1]
+            refs.append(weakref.ref(part.acts["h0"]))
+            yield part, i + 1
+
+    batches = ShuffleBuffer(source, capacity=160, batch_size=16).batches()
+    first, _ = next(batches)
+    assert len(refs) == 10 and sum(r() is not None for r in refs) <= 1  # at most the part last read
+    assert len(first) == 16
