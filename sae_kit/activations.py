@@ -39,6 +39,8 @@ DATA_SETTINGS = (
     "prepend_bos",
     "dataset_path",
     "text_field",
+    "corpus_config",
+    "corpus_split",
     "packing",
     "separator",
     "exclude_special_tokens",

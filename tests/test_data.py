@@ -187,6 +187,21 @@ def test_hub_datasets_stream_from_their_config_and_split(tmp_path, monkeypatch, 
     assert settings["dataset_fingerprint"] == "org/data:large/test"
 
 
+def test_an_sae_records_its_hub_config_and_split_and_eval_reads_them_back():
+    from sae_kit.activations import DATA_SETTINGS, HarvestConfig
+    from sae_kit.heldout import harvest_config_for
+    from sae_kit.sae import SAE, SAEConfig
+
+    cfg = HarvestConfig(corpus="org/data", corpus_config="large", corpus_split="test")
+    settings = cfg.settings("m")
+    meta = {k: settings[k] for k in DATA_SETTINGS} | {"hook_name": "blocks.1.hook_resid_post"}
+    sae = SAE(SAEConfig(architecture="topk", d_in=8, d_sae=16, k=2, metadata=meta))
+    back = harvest_config_for(sae)
+    assert (back.corpus, back.corpus_config, back.corpus_split) == ("org/data", "large", "test")
+    old = SAE(SAEConfig(architecture="topk", d_in=8, d_sae=16, k=2, metadata={"dataset_path": "org/data"}))
+    assert (harvest_config_for(old).corpus_config, harvest_config_for(old).corpus_split) == (None, "train")
+
+
 def test_hub_config_and_split_errors_are_one_line(tmp_path, monkeypatch):
     """Real `datasets` errors of a repo with configurations (a local one, offline), each one line naming the fix."""
     import datasets

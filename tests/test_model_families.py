@@ -81,6 +81,7 @@ def test_family_load_harvest_train_eval_index(family, tiny_dirs, tmp_path):
     assert math.isfinite(member["heldout"]["fvu"]) and member["heldout"]["fvu"] < 1.5
     sae = load_sae(member["sae_dir"])
     assert sae.cfg.d_in == 64 and sae.cfg.metadata["model_name"] == path and sae.cfg.metadata["hook_name"] == HOOK
+    assert sae.cfg.metadata["bos_token_id"] == int(row[0]) and sae.cfg.metadata["corpus_split"] == "train"
 
     # every section on one RMSNorm family with the (1 + w) norm and the LayerNorm one; core and dead on the rest (CI time)
     sections = EvalConfig().sections if family in FULL_EVAL else ("core", "dead")

@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from sae_kit import distributed
-from sae_kit.activations import DATA_SETTINGS, HarvestConfig, check_splits, contexts, harvester_for, stream
+from sae_kit.activations import (
+    DATA_SETTINGS,
+    HarvestConfig,
+    check_splits,
+    contexts,
+    harvester_for,
+    open_corpus,
+    stream,
+)
 from sae_kit.buffer import BufferPosition, ShuffleBuffer
 from sae_kit.errors import SaeKitError
 from sae_kit.models import default_device, dtype_name
@@ -35,7 +43,7 @@ log = logging.getLogger(__name__)
 
 Position = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
-_PROVENANCE = ("model_name", "model_dtype", *DATA_SETTINGS)
+_PROVENANCE = ("model_name", "model_dtype", *DATA_SETTINGS, "bos_token_id", "bos_token")
 """What every trained SAE records in its metadata about its data (besides the hook); `model_dtype` is the dtype the
 LM ran in (float32 for caches from before the setting)."""
 
@@ -147,7 +155,6 @@ class ModelSource:
         eval_tokens: int,
         model=None,
     ) -> None:
-        from sae_kit.data import load_corpus
         from sae_kit.models import load_model, validate_hooks
 
         if buffer_tokens < batch_size:
@@ -159,7 +166,7 @@ class ModelSource:
             needs_grads,
             eval_tokens,
         )
-        load_corpus(harvest.corpus, text_field=harvest.text_field)
+        open_corpus(harvest)  # hub datasets: streamed from their --corpus-config and --corpus-split
         self.model = model or load_model(harvest.model, device=harvest.device, dtype=harvest.torch_dtype(needs_grads))
         self.hook = validate_hooks(self.model, list(harvest.hook))[0]
         self.harvest = dataclasses.replace(harvest, hook=(self.hook,))
@@ -176,7 +183,7 @@ class ModelSource:
         return f"hook {self.hook} of {self.model.sae_kit_name}"
 
     def metadata(self) -> dict:
-        s = self.harvest.settings(self.model.sae_kit_name, dtype_name(self.model))
+        s = self.harvest.settings(self.model.sae_kit_name, dtype_name(self.model), self.model.tokenizer)
         return {**{k: s[k] for k in _PROVENANCE}, "hook_name": self.hook}
 
     def _rows(self, at: list[int] | None, stop: threading.Event | None) -> Iterator[tuple[ActivationRows, list[int]]]:
