@@ -160,3 +160,14 @@ def test_cache_read(tmp_path):
     assert peaks["reader, float32 out"] == 16, out  # the smoke run's cap
     assert number(rf"one-shard copy \(floor\){row}", out) > 0
     assert not list(tmp_path.glob("sae-kit-cache-read-*")), "the cache is left behind"
+
+
+def test_gpu_check(tmp_path):
+    """The prepared GPU script (benchmarks/gpu_check.py) on the CPU: every rule steps, the step, two gloo ranks and
+    the wide eval run, and the two-rank SAE equals the one-process SAE to float rounding."""
+    out = smoke("gpu_check.py", tmp_path, "--out", str(tmp_path / "gpu.json"))
+    report = __import__("json").loads((tmp_path / "gpu.json").read_text())
+    assert set(report["sync"].values()) == {"ok"} and len(report["sync"]) >= 10
+    assert report["step"]["ours:512"]["tok_per_s"] > 0
+    assert report["ddp"]["max_weight_diff"] < 1e-5, report["ddp"]
+    assert 0 < report["eval"]["fvu"] and "eval  seconds" in out
