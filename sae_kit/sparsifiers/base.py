@@ -104,8 +104,9 @@ class Codes:
         """Number of nonzero latents per token [N] (int64)."""
         if self.dense is None and self.unique_indices:
             if self.crow is not None:  # index_add_ rather than bincount(mask-indexed): no host sync on a GPU
+                values, _ = self.sparse()
                 counts = torch.zeros(self.num_tokens, dtype=torch.int64, device=self.crow.device)
-                return counts.index_add_(0, rows_of(self.crow, len(self.values)), (self.values != 0).long())
+                return counts.index_add_(0, rows_of(self.crow, len(values)), values.ne(0).long())
             return (self.sparse()[0] != 0).sum(-1)
         return (self.to_dense() != 0).sum(-1)
 
