@@ -292,7 +292,7 @@ def load_model(
     return cast(LanguageModel, model)
 
 
-HubFailure = Literal["gated", "auth", "not_found", "offline", "other"]
+HubFailure = Literal["licence", "auth", "not_found", "offline", "other"]
 """Why a hub download failed: a gated repo whose licence is not accepted, a 401/403 (not logged in / no access), a
 repo that does not exist, the hub unreachable (offline, no network, HF_HUB_OFFLINE), or anything else."""
 
@@ -308,7 +308,7 @@ def hub_failure(err: BaseException) -> HubFailure:
         seen = seen.__cause__ or seen.__context__
     for e in chain:
         if isinstance(e, hub.GatedRepoError):
-            return "gated"
+            return "licence"
     for e in chain:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if (
@@ -324,8 +324,8 @@ def hub_failure(err: BaseException) -> HubFailure:
         if type(e).__module__.split(".")[0].startswith(("httpx", "httpcore", "requests", "urllib3")):
             return "offline"
     text = " ".join(str(e) for e in chain).lower()
-    if "gated" in text:
-        return "gated"
+    if re.search(r"\bgated\b", text):  # "gated repo", "is gated"
+        return "licence"
     if "couldn't connect" in text or "couldn't reach" in text or "offline" in text:
         return "offline"
     return "other"
@@ -340,7 +340,7 @@ def hub_error_message(err: BaseException, kind: Literal["model", "dataset"], nam
         else ("a local .txt/.jsonl/.parquet file or directory, or a built-in corpus (default, fortunes, pydoc)")
     )
     why = hub_failure(err)
-    if why == "gated":
+    if why == "licence":
         return (
             f"{kind} {name!r} is gated on the Hugging Face hub: accept its licence at {page} with your account, then "
             "log in here (`hf auth login` or set HF_TOKEN)"

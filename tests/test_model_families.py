@@ -253,8 +253,8 @@ def _wrapped(inner: BaseException, outer: str = "could not load") -> OSError:
 
 
 HUB_CASES = [
-    (_http(hub_errors.GatedRepoError, 403), "gated", r"is gated on the Hugging Face hub: accept its licence at "),
-    (_http(hub_errors.GatedRepoError, 401), "gated", r"log in here \(`hf auth login` or set HF_TOKEN\)"),
+    (_http(hub_errors.GatedRepoError, 403), "licence", r"is gated on the Hugging Face hub: accept its licence at "),
+    (_http(hub_errors.GatedRepoError, 401), "licence", r"log in here \(`hf auth login` or set HF_TOKEN\)"),
     (_http(hub_errors.HfHubHTTPError, 401), "auth", r"refused access .* \(401/403\): log in with `hf auth login`"),
     (_http(hub_errors.RepositoryNotFoundError, 404), "not_found", r"does not exist on the hub \(or is private\)"),
     (
@@ -279,7 +279,7 @@ def test_hub_model_errors_are_told_apart(monkeypatch, inner, kind, message):
     with pytest.raises(ModelError, match=message) as err:
         load_model("google/gemma-2-2b", device="cpu")
     assert "\n" not in str(err.value) and "'google/gemma-2-2b'" in str(err.value)
-    if kind == "gated":
+    if kind == "licence":
         assert "https://huggingface.co/google/gemma-2-2b" in str(err.value) and "unreachable" not in str(err.value)
 
 
@@ -301,7 +301,7 @@ def test_hub_dataset_errors_are_told_apart(monkeypatch):
         with pytest.raises(CorpusError, match=message) as err:
             load_corpus("org/data")
         assert "\n" not in str(err.value) and "dataset 'org/data'" in str(err.value)
-        if kind == "gated":
+        if kind == "licence":
             assert "https://huggingface.co/datasets/org/data" in str(err.value)
     assert "other" == hub_failure(ValueError("unrelated"))
     assert "pass a local HF directory" in hub_error_message(ValueError("boom"), "model", "x/y")
