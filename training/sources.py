@@ -118,6 +118,7 @@ class CacheSource:
                 start_batch=start,
                 rank=self.world.rank,
                 world_size=self.world.world_size,
+                dtype=None,  # the cache's own dtype (half the bytes for a bf16 cache); the trainer upcasts on its device
             )
             for b, batch in enumerate(rows, start):
                 yield batch, ({"epoch": epoch, "batch": b + 1}, {})
@@ -215,12 +216,17 @@ class ModelSource:
         self, position: Position | None = None, stop: threading.Event | None = None
     ) -> Iterator[tuple[ActivationRows, Position]]:
         size = self.world.world_size
+        # An LM in bf16/fp16 gives activations that the harvester upcasts to fp32: storing them back in the LM's dtype
+        # is exact and halves the buffer. Gradients are computed in fp32 and stay so.
+        lm = dtype_name(self.model)
+        store = None if self.needs_grads or lm not in ("bfloat16", "float16") else getattr(torch, lm)
         buffer = ShuffleBuffer(
             lambda at: self._rows(at, stop),
             capacity=max(self.buffer_tokens // size, self.batch_size // size),
             batch_size=self.batch_size // size,
             seed=self.seed,
             drop_last=True,
+            dtype=store,
         )
         start = BufferPosition.from_state(*position) if position else None
         for batch, pos in buffer.batches(start):

@@ -227,7 +227,7 @@ class Trainer:
     def step(self, x: Tensor, grad: Tensor | None = None) -> StepMetrics:
         """One optimiser step on x [B, d_in] (and dCE/dx for g-SAE); returns the step's metrics (read lazily)."""
         if not self.initialised:
-            self.init_from_sample(distributed.gather_rows(x.to(self.sae.W_dec.device)))  # the global batch
+            self.init_from_sample(distributed.gather_rows(x.to(self.sae.W_dec.device, torch.float32)))  # global batch
         sae, cfg = self.sae, self.cfg
         sae.train()
         x = x.to(sae.W_dec.device, torch.float32) * self.scale
