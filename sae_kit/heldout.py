@@ -93,7 +93,12 @@ def harvest_config_for(sae: SAE, **overrides) -> HarvestConfig:
     for key in DATA_SETTINGS:
         if meta.get(key) is not None:
             settings["corpus" if key == "dataset_path" else key] = meta[key]
-    settings |= {k: v for k, v in overrides.items() if v is not None}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "corpus" in given and given["corpus"] != settings.get("corpus"):
+        # another corpus: the training corpus's hub subset and split do not apply to it (unless given too)
+        settings.pop("corpus_config", None)
+        settings.pop("corpus_split", None)
+    settings |= given
     unknown = set(settings) - {f.name for f in dataclasses.fields(HarvestConfig)}
     if unknown:
         raise HeldoutError(f"unknown harvest setting(s) {sorted(unknown)}; use fields of HarvestConfig")

@@ -264,3 +264,21 @@ def test_logit_lens_applies_the_final_norm_s_own_scale_gemma_s_one_plus_w():
     want = (directions * (1 + model.ln_final.weight.detach())) @ model.W_U
     assert torch.allclose(logit_lens(model, directions), want, atol=1e-4)
     assert not torch.allclose(logit_lens(model, directions), (directions * model.ln_final.weight.detach()) @ model.W_U)
+
+
+def test_another_corpus_drops_the_training_corpus_subset_and_split():
+    """An SAE trained on a hub subset (fineweb sample-10BT, train) evaluated on a local corpus: the subset and split
+    belong to the training corpus, so they must not follow the override (they would be refused for a local file)."""
+    sae = SAE(SAEConfig(architecture="topk", d_in=8, d_sae=16, k=2))
+    sae.cfg.metadata |= {
+        "hook_name": "blocks.0.hook_resid_post",
+        "dataset_path": "HuggingFaceFW/fineweb",
+        "corpus_config": "sample-10BT",
+        "corpus_split": "train",
+    }
+    same = harvest_config_for(sae)
+    assert (same.corpus, same.corpus_config, same.corpus_split) == ("HuggingFaceFW/fineweb", "sample-10BT", "train")
+    other = harvest_config_for(sae, corpus="pydoc")
+    assert other.corpus == "pydoc" and other.corpus_config is None and other.corpus_split == "train"
+    chosen = harvest_config_for(sae, corpus="HuggingFaceFW/fineweb-edu", corpus_config="sample-10BT")
+    assert chosen.corpus_config == "sample-10BT"
