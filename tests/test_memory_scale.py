@@ -2,7 +2,8 @@
 d_in 2304/4096, steering's decoder reads and the feature-max pass on a 2^18-latent SAE, the indexer's blockwise
 decoder-neighbour and co-firing passes.
 
-Peak memory is measured for real: a subprocess allocates its inputs, reads its peak RSS (getrusage), runs the code and
+Peak memory is measured for real: a subprocess allocates its inputs, reads its peak RSS (VmHWM: getrusage's ru_maxrss would carry the parent's
+peak over the exec, and a CI parent holds gigabytes), runs the code and
 reads the peak again; the growth is what the code itself needed. glibc's allocator runs with a fixed mmap threshold
 (MALLOC_MMAP_THRESHOLD_), so every large tensor is its own mapping, returned when freed, and the figure is the tensors'
 footprint rather than heap fragmentation (with glibc's adaptive default a loop of 16 MiB chunks can hold ~2x). Each bound is checked against a control run of the
@@ -38,12 +39,14 @@ def peak_growth(setup: str, work: str) -> int:
     """Bytes by which the peak RSS of a fresh interpreter grows while it runs `work` (after `setup` has run)."""
     code = textwrap.dedent(
         """
-        import json, resource, torch
+        import json, torch
         torch.set_num_threads(1)
+        def hwm():  # this process's own peak RSS in kB (ru_maxrss would include the parent's: it survives exec)
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
         {setup}
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = hwm()
         {work}
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after = hwm()
         print(json.dumps({{"growth": (after - before) * 1024}}))
         """
     ).format(setup=textwrap.indent(textwrap.dedent(setup), ""), work=textwrap.dedent(work))
