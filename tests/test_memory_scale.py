@@ -271,7 +271,10 @@ def test_eval_lm_batches_split_for_a_large_vocabulary_give_the_same_ce_and_kl(mo
         assert max(len(sub.tokens) for _, sub in parts) == max(1, cells // (32 * 64))
         split = downstream(inputs, x_hat, cfg)
         for key, value in whole.items():
-            assert split[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key  # float32 sums in another order
+            if isinstance(value, float):  # float32 sums in another order
+                assert split[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+            else:  # counts, settings (ablation_positions), None where a pass did not run
+                assert split[key] == value, key
         assert dark_matter.ce_with(inputs, x_hat, 400) == pytest.approx(ce_whole, rel=1e-9)
     assert (
         whole["ce_spliced"] > whole["ce_clean"] and whole["kl_spliced"] > 0
