@@ -168,12 +168,18 @@ def fast_bf16(device: str | torch.device | None = None) -> bool:
     return True
 
 
-def resolve_dtype(choice: str, device: str | torch.device | None = None) -> torch.dtype:
-    """The torch dtype of a `ModelDtype` choice on `device` (`auto`: bfloat16 where `fast_bf16(device)`, else float32)."""
+def resolve_dtype(
+    choice: str,
+    device: str | torch.device | None = None,
+    flag: str = "--model-dtype",
+    allowed: tuple[str, ...] = ("float32", "bfloat16", "float16"),
+) -> torch.dtype:
+    """The torch dtype of a precision choice on `device` (`auto`: bfloat16 where `fast_bf16(device)`, else float32):
+    the LM's `ModelDtype` by default; the trainer's `--compute-dtype` passes its own flag and choices."""
     if choice == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
-    if choice not in DTYPES:
-        raise ModelError(f"unknown --model-dtype {choice!r}; use auto, float32, bfloat16 or float16")
+    if choice not in allowed or choice not in DTYPES:
+        raise ModelError(f"unknown {flag} {choice!r}; use auto, {', '.join(allowed[:-1])} or {allowed[-1]}")
     return DTYPES[choice]
 
 

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from sae_kit import distributed
 from sae_kit.errors import SaeKitError
-from sae_kit.models import fast_bf16
-from sae_kit.sae import DTYPES, SAE, dtype_name
+from sae_kit.models import resolve_dtype
+from sae_kit.sae import SAE, dtype_name
 from sae_kit.sparsifiers import StepContext
 from sae_kit.training import losses
 
@@ -396,11 +396,7 @@ class Trainer:
 
 def resolve_compute_dtype(setting: str, device: torch.device | str) -> torch.dtype:
     """The autocast dtype of `TrainConfig.compute_dtype` on `device` ("auto": bfloat16 where it is fast there)."""
-    if setting == "auto":
-        return torch.bfloat16 if fast_bf16(device) else torch.float32
-    if setting not in ("float32", "bfloat16"):
-        raise SaeKitError(f"--compute-dtype {setting!r}; use auto, float32 or bfloat16")
-    return DTYPES[setting]
+    return resolve_dtype(setting, device, "--compute-dtype", ("float32", "bfloat16"))
 
 
 def _check_finite(x: Tensor, what: str) -> None:
