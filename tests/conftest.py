@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 model (loaded once per session), a tiny random Llama for exact checks, a small
-indexed sweep for the browser and autointerp (`browse_run`), and the Chromium the browser tests drive."""
+indexed sweep for the browser and autointerp (`browse_run`), a realistic TopK SAE for the notebook API
+(`analysis_sae`), and the Chromium the browser tests drive."""
 
 from __future__ import annotations
 
@@ -104,6 +105,32 @@ def browse_run(model, tmp_path_factory):
         IndexConfig(sae=sweep, tokens=3000, context_size=64, shard_size=256, row_group=8, progress=False), model=model
     )
     return sweep
+
+
+@pytest.fixture(scope="session")
+def analysis_sae(model, tmp_path_factory):
+    """A realistic TopK SAE for the notebook API and attribution tests: 4608 latents, k 32, on SmolLM2's default hook
+    (blocks.6.hook_resid_post), trained from the model on 131k tokens of the embedded corpus. Returns the run directory
+    (the SAE is in <run>/sae; load it with sae_kit.load_sae)."""
+    from sae_kit import HarvestConfig
+    from sae_kit.training import TrainConfig
+    from sae_kit.training.run import TrainRunConfig, train
+
+    run = tmp_path_factory.mktemp("analysis") / "run"
+    train(
+        TrainRunConfig(
+            out=run,
+            harvest=HarvestConfig(context_size=128),
+            architecture=("topk",),
+            k=(32,),
+            expansion_factor=(8,),
+            eval_tokens=2048,
+            progress=False,
+            train=TrainConfig(batch_size=1024, tokens=131072, lr=2e-3, warmup_steps=8),
+        ),
+        model=model,
+    )
+    return run
 
 
 @pytest.fixture(scope="session")
