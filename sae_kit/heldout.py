@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +223,93 @@ def steer_edit(direction: Tensor, alpha: float) -> Edit:
 
     def edit(acts: Tensor, keep: Tensor) -> Tensor:
         return acts + keep.unsqueeze(-1).to(acts.dtype) * (alpha * direction).to(acts.device, acts.dtype)
+
+    return edit
+
+
+FeatureMode = Literal["clamp", "scale", "add"]
+FEATURE_MODES: tuple[str, ...] = ("clamp", "scale", "add")
+"""How `feature_edit` changes a feature's value f: "clamp" sets it to v, "scale" multiplies it by v, "add" adds v."""
+
+
+def feature_ids(sae: SAE, features: Sequence[int] | Tensor) -> Tensor:
+    """`features` as an int64 tensor [j], or a one-line HeldoutError naming the first id that is not a latent of `sae`."""
+    ids = torch.as_tensor(features, dtype=torch.int64 if len(features) == 0 else None).reshape(-1)
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise HeldoutError(
+            f"feature ids must be integers, got {ids.tolist()[:5]}; pass latent indices 0..{sae.cfg.d_sae - 1}"
+        )
+    ids = ids.long()
+    bad = ids[(ids < 0) | (ids >= sae.cfg.d_sae)]
+    if len(bad):
+        raise HeldoutError(
+            f"feature {int(bad[0])} is out of range: this SAE has d_sae={sae.cfg.d_sae} latents (ids 0..{sae.cfg.d_sae - 1})"
+        )
+    return ids
+
+
+def position_mask(positions: Sequence[int] | Tensor | None, keep: Tensor) -> Tensor:
+    """The positions [R, T] (bool) of `keep` that are also in `positions`: None (every kept one), token indices along
+    T (negative ones count from the end, so -1 is the last token of each row; indices beyond T select nothing), or a
+    bool mask [T] or [R, T]."""
+    if positions is None:
+        return keep
+    R, T = keep.shape
+    pos = torch.as_tensor(positions, device=keep.device)
+    if pos.dtype == torch.bool:
+        if pos.shape not in ((T,), (R, T)):
+            raise HeldoutError(f"a position mask has shape {tuple(pos.shape)}; use [T]={T} or [R, T]=[{R}, {T}]")
+        return keep & pos.expand(R, T)
+    if pos.is_floating_point():
+        raise HeldoutError(f"positions must be integer token indices or a bool mask, got {pos.tolist()[:5]}")
+    pos = pos.reshape(-1).long()
+    pos = torch.where(pos < 0, pos + T, pos)
+    pos = pos[(pos >= 0) & (pos < T)]
+    chosen = torch.zeros(T, dtype=torch.bool, device=keep.device)
+    chosen[pos] = True
+    return keep & chosen
+
+
+def feature_edit(
+    sae: SAE,
+    features: Mapping[int, float],
+    mode: FeatureMode = "clamp",
+    positions: Sequence[int] | Tensor | None = None,
+    use_error_term: bool = True,
+) -> Edit:
+    """An edit that changes the SAE's features {id: v} at the kept positions (those also in `positions`, see
+    `position_mask`): "clamp" sets feature i to v (0.0 ablates it), "scale" multiplies it by v, "add" adds v.
+
+    With `use_error_term` (the default) the output is x + Σ_i (f_i' − f_i)·d_i: the activations stay exact except
+    for the edited features' decoder contributions (clamping feature i from f to v adds exactly (v − f)·d_i, and a
+    feature that does not change leaves x bit-for-bit). Without it every kept position becomes the reconstruction x̂
+    with the edited codes (f'·W_dec + b_dec), as in the eval's spliced pass. The SAE is run on its own device and in
+    its own dtype, in its current mode (put it in eval mode), and must take raw activations (`fold_input_scale`).
+    """
+    if mode not in FEATURE_MODES:
+        raise HeldoutError(f"mode={mode!r}; use one of: {', '.join(FEATURE_MODES)}")
+    ids = feature_ids(sae, list(features.keys()))
+    device, dtype = sae.W_dec.device, sae.W_dec.dtype
+    ids = ids.to(device)
+    values = torch.tensor([float(v) for v in features.values()], device=device, dtype=dtype)
+
+    def edit(acts: Tensor, keep: Tensor) -> Tensor:
+        chosen = position_mask(positions, keep)[keep].to(device)  # [n] which kept rows are edited
+        x = acts[keep]
+        atoms = sae.W_dec[ids]  # [j, d_in]
+        parts = []
+        for rows in row_chunks(len(x), sae.cfg.d_sae):
+            codes = sae.forward_codes(x[rows].to(device))
+            f = codes.to_dense()[:, ids]  # [n, j]
+            new = values.expand_as(f) if mode == "clamp" else f * values if mode == "scale" else f + values
+            delta = torch.where(chosen[rows, None], new - f, torch.zeros_like(f)) @ atoms
+            parts.append(delta if use_error_term else sae.decode_codes(codes) + delta)
+        out = acts.clone()
+        if not parts:
+            return out
+        change = torch.cat(parts).to(acts.device, acts.dtype)
+        out[keep] = x + change if use_error_term else change
+        return out
 
     return edit
 
