@@ -47,6 +47,7 @@ from sae_kit.eval.inputs import EvalError, EvalInputs, Section
 from sae_kit.heldout import (
     MAX_CELLS,
     HeldoutContexts,
+    atoms,
     generate,
     kl_from,
     logit_lens,
@@ -55,6 +56,7 @@ from sae_kit.heldout import (
     row_chunks,
     run_lm,
     steer_edit,
+    steering_units,
 )
 
 POSITIVE = (
@@ -236,17 +238,8 @@ def measure(inputs: EvalInputs, cfg: SteeringConfig = SteeringConfig()) -> Secti
 
 
 def _atoms(inputs: EvalInputs, features: Tensor, max_act: Tensor) -> tuple[Tensor, Tensor]:
-    """(unit directions d̂_i [n, d_in], units of α = max |activation|·‖d_i‖ [n]) of `features`."""
-    directions, norms = atoms(inputs.sae.W_dec, features)
-    return directions, max_act[features] * norms
-
-
-def atoms(W_dec: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
-    """(unit rows [n, d_in], their norms [n]) of the decoder rows `features` (fp32, CPU): only those rows are
-    gathered and copied, on the decoder's own device, never the whole decoder."""
-    rows = W_dec.detach()[features.to(W_dec.device)].float().cpu()
-    norms = rows.norm(dim=-1)
-    return rows / norms[:, None], norms
+    """(unit directions d̂_i [n, d_in], units of α = max |activation|·‖d_i‖ [n]) of `features` (heldout.steering_units)."""
+    return steering_units(inputs.sae.W_dec, features, max_act)
 
 
 def closest_atom(W_dec: Tensor, v_hat: Tensor, signed: bool, max_cells: int = MAX_CELLS) -> tuple[int, float]:

@@ -270,6 +270,14 @@ def position_mask(positions: Sequence[int] | Tensor | None, keep: Tensor) -> Ten
     return keep & chosen
 
 
+def edited_values(f: Tensor, values: Tensor, mode: FeatureMode) -> Tensor:
+    """The new values of features whose current values are f [..., j] under `mode` with `values` [j] (clamp: v,
+    scale: f·v, add: f + v): the one rule `feature_edit` and the notebook API (sae_kit.splice) edit codes by."""
+    if mode == "clamp":
+        return values.to(f.dtype).expand_as(f)
+    return f * values.to(f.dtype) if mode == "scale" else f + values.to(f.dtype)
+
+
 def feature_edit(
     sae: SAE,
     features: Mapping[int, float],
@@ -301,7 +309,7 @@ def feature_edit(
         for rows in row_chunks(len(x), sae.cfg.d_sae):
             codes = sae.forward_codes(x[rows].to(device))
             f = codes.to_dense()[:, ids]  # [n, j]
-            new = values.expand_as(f) if mode == "clamp" else f * values if mode == "scale" else f + values
+            new = edited_values(f, values, mode)
             delta = torch.where(chosen[rows, None], new - f, torch.zeros_like(f)) @ atoms
             parts.append(delta if use_error_term else sae.decode_codes(codes) + delta)
         out = acts.clone()
@@ -312,6 +320,24 @@ def feature_edit(
         return out
 
     return edit
+
+
+def atoms(W_dec: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+    """(unit rows [n, d_in], their norms [n]) of the decoder rows `features` (fp32, CPU): only those rows are
+    gathered and copied, on the decoder's own device, never the whole decoder."""
+    rows = W_dec.detach()[features.to(W_dec.device)].float().cpu()
+    norms = rows.norm(dim=-1)
+    return rows / norms[:, None], norms
+
+
+def steering_units(W_dec: Tensor, features: Tensor, max_abs: Tensor) -> tuple[Tensor, Tensor]:
+    """(unit directions d̂_i [n, d_in], the unit of steering strength of each feature [n]) for `features`.
+
+    The one steering unit of sae-kit (eval's steering section, the notebook API's `steer`, the browser): a feature's
+    max |activation| over held-out tokens (`max_abs` [d_sae], e.g. `Encoded.max_abs`) times ‖d_i‖, so steering
+    with strength α adds α·unit·d̂_i = α·max|f_i|·d_i, and α = 1 adds the feature's strongest observed contribution."""
+    directions, norms = atoms(W_dec, features)
+    return directions, max_abs[features.to(max_abs.device)].float().cpu() * norms
 
 
 def position_chunks(n: int, width: int, max_cells: int = MAX_CELLS) -> list[slice]:
@@ -474,6 +500,14 @@ def encode(sae: SAE, x: Tensor, grad: Tensor | None = None, max_cells: int = MAX
         max_abs.cpu(),
         bool(signed),
     )
+
+
+def feature_max_abs(model, sae: SAE, cfg: HarvestConfig, n_tokens: int) -> Tensor:
+    """Every feature's max |activation| [d_sae] (fp32, CPU) over the first `n_tokens` kept positions of the held-out
+    split of `cfg` (with gradients for SAEs that read them): the `max_abs` that `steering_units` turns into units."""
+    ctxs = heldout_contexts(model, cfg, n_tokens)
+    x, grad = activations(model, cfg, ctxs, grads=sae.sparsifier.uses_grad)
+    return encode(sae, x, grad).max_abs
 
 
 def fvu(x: Tensor, x_hat: Tensor, chunk: int = 16384) -> float:
