@@ -193,6 +193,54 @@ def run_lm(
     return logits, captured.get("acts")
 
 
+def grad_at_hook(
+    model,
+    tokens: Tensor,
+    hook: str,
+    metric: Callable[[Tensor, Tensor], Tensor],
+    edit: Edit | None = None,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward with a gradient at `hook` and one backward: (metric(logits, tokens) as a 0-dim tensor, the hook's
+    activations [R, T, d_in] before any edit, ∂metric/∂(the hook's output) [R, T, d_in]), detached, on the model's
+    device. `metric` gets the logits [R, T, vocab] (fp32, or fp64 for a float64 model) and the tokens [R, T].
+
+    The mechanism is the gradient harvest's (`activations.Harvester`): the hook's output becomes a leaf, so nothing
+    below it is recorded, and autograd runs from the metric down to it; the model's weights are not differentiated.
+    `edit` (see `Edit`) changes the output first, at `keep` (default: every position).
+    """
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    keep = keep.to(device) if keep is not None else torch.ones_like(tokens, dtype=torch.bool)
+    store: dict[str, Tensor] = {}
+
+    def fn(act: Tensor, hook) -> Tensor:  # noqa: ARG001 (TransformerLens passes the hook point by this name)
+        flat = act.detach().flatten(2)
+        store["acts"] = flat.clone()
+        out = flat if edit is None else edit(flat, keep).to(act.dtype)
+        store["leaf"] = out.detach().requires_grad_(True)
+        return store["leaf"].reshape(act.shape)
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, fn)]):
+        logits = model(tokens)
+        if "leaf" not in store:
+            raise HeldoutError(
+                f"{hook} did not run in the forward pass; pick a hook of this model (sae_kit.hook_names)"
+            )
+        value = metric(logits if logits.dtype == torch.float64 else logits.float(), tokens)
+        if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise HeldoutError(
+                f"the metric returned {shape}; it must return one number as a 0-dim float tensor (e.g. logits[0, -1, i] - logits[0, -1, j])"
+            )
+        if not value.requires_grad:
+            raise HeldoutError("the metric does not depend on the logits it is given; compute it from them")
+        (grad,) = torch.autograd.grad(value.reshape(()), [store["leaf"]], allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(store["leaf"])
+    return value.detach().reshape(()), store["acts"], grad.detach()
+
+
 def vocab_size(model) -> int:
     """The LM's vocabulary (the width of its logits)."""
     return int(getattr(getattr(model, "cfg", None), "d_vocab", 0) or model.W_U.shape[-1])
