@@ -4,6 +4,7 @@ Harvest activations with TransformerLens hooks, cache them on disk, train SAEs, 
 """
 
 from sae_kit.activations import HarvestConfig, Harvester, contexts, harvester_for, stream
+from sae_kit.attribution import Attribution, attribute, logit_diff, loss_at, top_features
 from sae_kit.data import PackConfig, load_corpus, pack
 from sae_kit.models import DEFAULT_HOOK, DEFAULT_MODEL, HookError, ModelError, hook_names, load_model, validate_hooks
 from sae_kit.rows import ActivationRows
