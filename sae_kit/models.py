@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol, cast, runtime_checkable
 import torch
 
 from sae_kit.errors import SaeKitError
+from sae_kit.hub import HubFailure, hub_error_message, hub_failure  # noqa: F401  (re-exported: data.py, tests)
 from sae_kit.paths import cache_root
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -296,78 +297,6 @@ def load_model(
         p.requires_grad_(False)
     model.sae_kit_name = recorded
     return cast(LanguageModel, model)
-
-
-HubFailure = Literal["licence", "auth", "not_found", "offline", "other"]
-"""Why a hub download failed: a gated repo whose licence is not accepted, a 401/403 (not logged in / no access), a
-repo that does not exist, the hub unreachable (offline, no network, HF_HUB_OFFLINE), or anything else."""
-
-
-def hub_failure(err: BaseException) -> HubFailure:
-    """Classify a failed hub load from the exception chain (transformers and datasets wrap huggingface_hub's errors)."""
-    from huggingface_hub import errors as hub
-
-    chain: list[BaseException] = []
-    seen: BaseException | None = err
-    while seen is not None and seen not in chain and len(chain) < 20:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for e in chain:
-        if isinstance(e, hub.GatedRepoError):
-            return "licence"
-    for e in chain:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if (
-            isinstance(e, hub.HfHubHTTPError)
-            and status in (401, 403)
-            and not isinstance(e, hub.RepositoryNotFoundError)
-        ):
-            return "auth"
-        if isinstance(e, hub.RepositoryNotFoundError):
-            return "not_found"
-        if isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError)):
-            return "offline"
-        if type(e).__module__.split(".")[0].startswith(("httpx", "httpcore", "requests", "urllib3")):
-            return "offline"
-    text = " ".join(str(e) for e in chain).lower()
-    if re.search(r"\bgated\b", text):  # "gated repo", "is gated"
-        return "licence"
-    if "couldn't connect" in text or "couldn't reach" in text or "offline" in text:
-        return "offline"
-    return "other"
-
-
-def hub_error_message(err: BaseException, kind: Literal["model", "dataset"], name: str) -> str:
-    """One line saying why `name` (a hub model or dataset id) could not be loaded and what to do about it."""
-    page = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{name}"
-    local = (
-        "a local HF directory, or omit --model for the embedded default"
-        if kind == "model"
-        else ("a local .txt/.jsonl/.parquet file or directory, or a built-in corpus (default, fortunes, pydoc)")
-    )
-    why = hub_failure(err)
-    if why == "licence":
-        return (
-            f"{kind} {name!r} is gated on the Hugging Face hub: accept its licence at {page} with your account, then "
-            "log in here (`hf auth login` or set HF_TOKEN)"
-        )
-    if why == "auth":
-        return (
-            f"the hub refused access to {kind} {name!r} (401/403): log in with `hf auth login` or set HF_TOKEN to a "
-            f"token with access to {page}"
-        )
-    if why == "not_found":
-        return (
-            f"{kind} {name!r} does not exist on the hub (or is private): check the name at {page}, log in "
-            f"(`hf auth login`) if it is private, or pass {local}"
-        )
-    if why == "offline":
-        return (
-            f"could not load {kind} {name!r}: the hub is unreachable (offline, no network or HF_HUB_OFFLINE=1) and it "
-            f"is not in the local hub cache; connect once to download it, or pass {local}"
-        )
-    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-    return f"could not load {kind} {name!r} ({err.__class__.__name__}: {first}); pass {local}"
 
 
 def final_norm_scale(model: LanguageModel) -> torch.Tensor | None:

@@ -71,15 +71,53 @@ def portable_device(device: str) -> str:
     return device.split(":")[0]
 
 
-def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> SAE:
-    """Load an SAE directory in eval mode: sae-kit's own, SAELens's or sparsify's, detected from the files present.
+def load_sae(
+    path: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    *,
+    folder: str | None = None,
+    revision: str | None = None,
+) -> SAE:
+    """Load an SAE in eval mode from a local directory or a Hugging Face hub repo: sae-kit's own format, SAELens's or
+    sparsify's, detected from the files present.
+
+    `path` is one of:
+    - a local SAE directory (`folder=` then names a sub-directory of it, e.g. one hook of a sparsify run);
+    - a hub repo id, `load_sae("owner/repo", folder="blocks.6.hook_resid_post")`: the SAE in that folder of the repo
+      (SAELens-format repos: <folder>/cfg.json + sae_weights.safetensors; sparsify-format repos: <layer>/cfg.json +
+      sae.safetensors; no folder: the repo root), at `revision` (a branch, tag or commit; default main);
+    - `"hf://owner/repo/<folder>"`, or `"hf://owner/repo@<revision>/<folder>"`, the same in one string.
+    A string that could be both resolves like this: an existing local path wins; else an exact `owner/name` is a hub
+    repo; anything else is a local path (missing: FileNotFoundError). A `Path` object is always local.
+
+    Hub SAEs come through huggingface_hub and its cache (HF_HUB_CACHE / HF_HOME): only the folder's cfg.json and
+    safetensors files are downloaded (never a pickle), later loads read the cache, and with HF_HUB_OFFLINE=1 the cache
+    alone. The source is recorded in `sae.cfg.metadata["hub"]`: {repo_id, folder, revision, commit, uri}, where `uri`
+    (hf://repo@commit/folder) reloads exactly this SAE. Hub failures (offline and not cached, no such repo, revision or
+    folder, gated, 401/403) raise one `sae_kit.hub.HubError` line naming the fix.
 
     Safetensors + JSON only, never pickles. `device`/`dtype` override cfg.json (peer formats load on the CPU unless
     `device` is given, as their own loaders do); a cfg.json that names an accelerator this machine lacks loads on
     the CPU. A missing file raises FileNotFoundError; a damaged, inconsistent, non-finite or unsupported one raises
     SAEFormatError naming the file. `sae_kit.formats` says what each peer format maps to.
     """
-    path = Path(path)
+    from sae_kit.hub import fetch_sae, hub_hint, hub_location
+
+    where = hub_location(path, folder=folder, revision=revision)
+    if where is None:
+        local = Path(path).expanduser() / (folder or "")
+        if not local.exists() and isinstance(path, str) and (hint := hub_hint(path)):
+            raise FileNotFoundError(f"{local} does not exist, so it is not an SAE directory; {hint}")
+        return _load_dir(local, device, dtype)
+    local, source = fetch_sae(where)
+    sae = _load_dir(local, device, dtype)
+    sae.cfg.metadata["hub"] = source
+    return sae
+
+
+def _load_dir(path: Path, device: str | None, dtype: str | None) -> SAE:
+    """Load the local SAE directory `path` (any supported format)."""
     fmt, raw = detect_format(path)
     if fmt in READERS:
         return READERS[fmt](path, raw, device=device, dtype=dtype)
