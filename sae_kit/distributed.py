@@ -72,12 +72,33 @@ class World:
 
 
 _world = World()
+_data: World | None = None
 _run_hint = ""
 
 
 def world() -> World:
-    """The current process's World (the single-process one until `init` joins a group)."""
+    """The data-parallel World the trainers, the rules and the data sources reduce over: the process group's
+    (`job()`), or a single-process one on every rank once `split_members` gave each rank whole members."""
+    return _data or _world
+
+
+def job() -> World:
+    """The process group's World (the single-process one until `init` joins a group): who writes the run directory,
+    whose clock paces checkpoints, and who exchanges metrics and checkpoint states in members mode."""
     return _world
+
+
+def split_members() -> None:
+    """Members mode (`--distribute members`): every rank reads whole global batches and trains its own sweep members,
+    so the data-parallel reductions (gradients, statistics, batch-level merges) become identities; the job's own
+    collectives (barrier, rank0_flag, gather_bytes) still span every rank."""
+    global _data
+    _data = World(device=_world.device)
+
+
+def splits_members() -> bool:
+    """Whether this job runs in members mode (more than one process, each training whole members)."""
+    return _data is not None and _world.distributed
 
 
 def env_world_size() -> int:
@@ -130,11 +151,11 @@ def init(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, backen
 
 def shutdown() -> None:
     """Leave the process group (a no-op in one process)."""
-    global _world
+    global _world, _data
     if _world.distributed and dist.is_initialized():
         with contextlib.suppress(RuntimeError, ValueError):
             dist.destroy_process_group()
-    _world = World()
+    _world, _data = World(), None
 
 
 def set_resume_hint(run_dir: str) -> None:
@@ -146,7 +167,7 @@ def set_resume_hint(run_dir: str) -> None:
 # --------------------------------------------------------------------------------------------------- reductions
 def all_reduce_sum_(t: Tensor) -> Tensor:
     """Sum `t` over ranks in place (every rank gets the same bits); returns it."""
-    if _world.distributed:
+    if world().distributed:
         with guard():
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
@@ -154,7 +175,7 @@ def all_reduce_sum_(t: Tensor) -> Tensor:
 
 def all_reduce_min_(t: Tensor) -> Tensor:
     """Element-wise minimum of `t` over ranks, in place; returns it."""
-    if _world.distributed:
+    if world().distributed:
         with guard():
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
@@ -162,16 +183,16 @@ def all_reduce_min_(t: Tensor) -> Tensor:
 
 def global_sum(t: Tensor) -> Tensor:
     """The sum of `t` over ranks, as a new tensor (t itself in one process)."""
-    return all_reduce_sum_(t.clone()) if _world.distributed else t
+    return all_reduce_sum_(t.clone()) if world().distributed else t
 
 
 def batch_mean(t: Tensor) -> Tensor:
     """The mean over the global batch of per-row values t [b, ...] (dim 0): t.mean(0) in one process, the summed
     rows over the summed row count under data parallelism (every rank gets the same value). Not differentiable
     through the reduction: for normalisers of detached values (AuxK's)."""
-    if not _world.distributed:
+    if not world().distributed:
         return t.mean(0)
-    return all_reduce_sum_(t.detach().sum(0)) / (t.shape[0] * _world.world_size)
+    return all_reduce_sum_(t.detach().sum(0)) / (t.shape[0] * world().world_size)
 
 
 def all_reduce_grads(params: Sequence[torch.nn.Parameter], ok: Tensor) -> Tensor:
@@ -181,7 +202,7 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter], ok: Tensor) -> Tensor
     Parameters without a gradient are left out: every rank runs the same graph (the same rule, the same global dead
     latents), so the same ones have gradients everywhere. The single-process call returns `ok` and changes nothing.
     """
-    if not _world.distributed:
+    if not world().distributed:
         return ok
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p in params:
@@ -197,7 +218,7 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter], ok: Tensor) -> Tensor
         offset = 0
         for p in group:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).div_(_world.world_size)
+            p.grad = flat[offset : offset + n].view_as(p).div_(world().world_size)
             offset += n
         if i == 0:
             bad = flat[offset:]
@@ -225,7 +246,7 @@ def rank0_flag(flag: bool) -> bool:
 def gather_rows(x: Tensor) -> Tensor:
     """The global batch [world_size·b, ...] from every rank's rows x [b, ...], in the single-process order of the
     cache's rank reader (rank r holds global rows r, r + W, r + 2W, ...: the gathered rows are interleaved back)."""
-    if not _world.distributed:
+    if not world().distributed:
         return x
     parts = _all_gather(x.contiguous())
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])
@@ -234,7 +255,7 @@ def gather_rows(x: Tensor) -> Tensor:
 def gather_candidates(values: Tensor) -> Tensor:
     """[world_size, n] of every rank's `values` [n] (the same n on every rank), in float32 or wider for transport
     (bf16 scores convert exactly)."""
-    if not _world.distributed:
+    if not world().distributed:
         return values.unsqueeze(0)
     wide = values.to(torch.promote_types(values.dtype, torch.float32)).contiguous()
     return torch.stack(_all_gather(wide))
@@ -266,9 +287,9 @@ def first_failure(first_bad_step: Tensor) -> Tensor:
     [-1, -1]; the same on every rank. `first_bad_step` is this rank's (0-dim int64, -1 for none). No host read (the
     caller reads the two values); under data parallelism one all-gather."""
     step = first_bad_step.reshape(1).to(torch.int64)
-    if not _world.distributed:
+    if not world().distributed:
         return torch.cat([step, torch.zeros_like(step)])
-    size = _world.world_size
+    size = world().world_size
     steps = torch.cat(_all_gather(step))  # [W]
     none = torch.iinfo(torch.int64).max
     key = torch.where(steps >= 0, steps * size + torch.arange(size, device=steps.device), none).min()
@@ -278,14 +299,14 @@ def first_failure(first_bad_step: Tensor) -> Tensor:
 
 def check_same(tensors: Sequence[Tensor], what: str) -> None:
     """Raise SaeKitError when the ranks' copies of `tensors` differ (a float64 checksum of each, gathered)."""
-    if not _world.distributed:
+    if not world().distributed:
         return
     sums = torch.stack(
         [t.detach().double().sum() for t in tensors] + [t.detach().double().square().sum() for t in tensors]
     )
     gathered = gather_candidates(sums)
     if not bool((gathered == gathered[0]).all()):
-        diverged = [r for r in range(_world.world_size) if not bool((gathered[r] == gathered[0]).all())]
+        diverged = [r for r in range(world().world_size) if not bool((gathered[r] == gathered[0]).all())]
         raise SaeKitError(
             f"rank(s) {diverged} hold a different {what} from rank 0; the ranks diverged (a bug: report it)"
         )

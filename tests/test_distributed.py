@@ -1,7 +1,8 @@
 """Data parallelism under torchrun, on CPU with gloo: 2 ranks train the same SAEs as 1 process (float64; TopK,
 Mutual Choice, Feature Choice), only rank 0 writes, a killed rank ends the job in bounded time with one line, a NaN on
 one rank stops every rank naming it, and a 2-rank run SIGKILLed at several points and resumed is bit-identical (also
-when resumed by one process, to float64 rounding). Ranks are real processes launched by torchrun or by hand with
+when resumed by one process, to float64 rounding). Members mode (--distribute members): each rank trains its own
+members bit-identically to one process, writes only their sae/, and its checkpoints resume in one process. Ranks are real processes launched by torchrun or by hand with
 torchrun's environment; tests/_ddp_site/sitecustomize.py instruments them (write audit, float64 SAEs, kills)."""
 
 from __future__ import annotations
@@ -300,3 +301,80 @@ def test_a_model_run_refuses_to_resume_at_another_world_size():
     source.world = World(rank=1, world_size=2)
     with pytest.raises(SaeKitError, match="with 1 process"):
         source.resume_position(alone)
+
+
+# ------------------------------------------------------------------------------------- members mode (--distribute members)
+def test_members_are_assigned_whole_and_balanced_by_width():
+    from sae_kit.errors import SaeKitError
+    from sae_kit.training.run import assign
+    from sae_kit.training.sweep import expand
+
+    team = expand(("topk", "mutual_choice"), (8,), (1024, 256), (0, 1))  # 8 members, widths 1024 ×4 and 256 ×4
+    owner = assign(team, 3)
+    load = [sum(m.d_sae for m in team if owner[m.name] == r) for r in range(3)]
+    assert sorted(load) == [1536, 1536, 2048]  # widest first, each to the least loaded rank (within 4/3 of the best)
+    assert assign(team, 3) == owner and set(owner) == {m.name for m in team}  # every member once, deterministic
+    with pytest.raises(SaeKitError, match=r"this sweep has 8 for 9 ranks; launch at most 8 ranks"):
+        assign(team, 9)
+
+
+@pytest.fixture(scope="module")
+def members_run(cache, tmp_path_factory) -> dict[str, Path]:
+    """Two ranks in members mode, float64 SAEs, rank writes audited."""
+    root = tmp_path_factory.mktemp("members")
+    run = root / "run"
+    res = torchrun(
+        2,
+        train_args(cache, run, distribute="members"),
+        SAE_KIT_TEST_SAE_DTYPE="float64",
+        SAE_KIT_TEST_AUDIT=f"{run}:{root / 'audit'}",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {"run": run, "audit": root / "audit"}
+
+
+def test_members_mode_trains_each_member_exactly_as_one_process(reference, members_run):
+    """No gradient traffic, the whole batch on every rank: bit-identical to one process (not only to rounding), and
+    the same metrics, summary and files."""
+    run = members_run["run"]
+    got, want = saes(run), saes(reference["one"])
+    for member in MEMBERS:
+        for name, value in want[member].items():
+            assert torch.equal(got[member][name], value), f"{member} {name}"
+        assert metrics(run / member) == metrics(reference["one"] / member)
+    summary = json.loads((run / "summary.json").read_text())
+    one = json.loads((reference["one"] / "summary.json").read_text())
+    assert [m["name"] for m in summary["members"]] == list(MEMBERS)
+    assert [m["heldout"] for m in summary["members"]] == [m["heldout"] for m in one["members"]]
+    assert files(run) == files(reference["one"])
+
+
+def test_members_mode_each_rank_writes_only_its_own_members(members_run):
+    """Rank 1 (the mutual-choice member's owner: widths tie, so the grid order deals topk, MC, FC to 0, 1, 0) writes
+    that member's sae/ and nothing else; rank 0 writes the rest."""
+    mine = [line.split(" ", 1)[1] for line in Path(f"{members_run['audit']}.1").read_text().splitlines()]
+    assert any("sae_weights.safetensors" in p for p in mine), mine  # (atomic writes: a temp name, then a rename)
+    member = (members_run["run"] / "mutual_choice-k4-64-s0").resolve()
+    assert all(Path(p).resolve().is_relative_to(member) and "metrics" not in p for p in mine), mine
+    theirs = [line.split(" ", 1)[1] for line in Path(f"{members_run['audit']}.0").read_text().splitlines()]
+    assert any("summary.json" in p for p in theirs) and any("topk-k4-64-s0/.sae" in p for p in theirs)
+    in_member = {Path(p).resolve().relative_to(member) for p in theirs if Path(p).resolve().is_relative_to(member)}
+    assert in_member <= {Path("."), Path("metrics.jsonl")}, in_member  # rank 0 writes that member's metrics only
+
+
+def test_a_members_run_killed_and_resumed_by_one_process_is_bit_identical(cache, reference, tmp_path):
+    """A members-mode checkpoint is one process's (rank 0 gathers the states): killed on rank 1, it resumes in one
+    process, or in members mode again, bit-identical to the uninterrupted run."""
+    run = tmp_path / "run"
+    res = torchrun(
+        2, train_args(cache, run, distribute="members"), SAE_KIT_TEST_SAE_DTYPE="float64", SAE_KIT_TEST_KILL="1:7"
+    )
+    assert res.returncode != 0 and "rank 1 stopped responding (killed?)" in res.stderr, res.stderr[-3000:]
+    assert not (run / "summary.json").exists() and any((run / "checkpoints").glob("step-*"))
+    res = torchrun(1, ["--resume", str(run), "--no-progress"], SAE_KIT_TEST_SAE_DTYPE="float64")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = saes(run), saes(reference["one"])
+    for member in MEMBERS:
+        for name, value in want[member].items():
+            assert torch.equal(got[member][name], value), f"{member} {name}"
+        assert metrics(run / member) == metrics(reference["one"] / member)

@@ -12,7 +12,10 @@ checkpoints are deleted once the run is complete (summary.json written).
 Under `torchrun --nproc-per-node N -m sae_kit train` the run is data parallel (docs/distributed.md): every rank
 trains every member on its own B/N rows of each global batch of B (training.sources), the trainers reduce what must
 be global (training.trainer), and rank 0 alone writes the run directory; a failure on one rank stops every rank with
-one line that names it (sae_kit.distributed).
+one line that names it (sae_kit.distributed). With `--distribute members` the ranks split the sweep instead: each
+trains its own members (`assign`) on the whole of every global batch, exactly as one process would; rank 0 gathers
+their metrics and checkpoint states (so a checkpoint is the same as one process's, and resumes at any world size in
+either mode) and writes the run directory, and each rank writes its own members' `sae/`.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ _NOT_SETTINGS = (
     "checkpoint_minutes",
     "dist_timeout",
     "dist_backend",
+    "distribute",
 )
 """Fields that may differ between a run and its resumption (they do not change what is computed)."""
 
@@ -135,6 +139,11 @@ class TrainRunConfig:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Under torchrun: the collective backend (auto: NCCL for SAEs on CUDA, gloo on CPU; gloo on CUDA lets several
     ranks share one GPU)."""
+    distribute: Literal["data", "members"] = "data"
+    """Under torchrun: data (every rank trains every member on its share of each global batch, gradients reduced) or
+    members (every rank reads whole batches and trains its own sweep members: no gradient traffic, each member exactly
+    as one process trains it; needs at least as many members as ranks). Either mode resumes the other's checkpoints
+    from a cache."""
     wandb: bool = False
     """Mirror the metrics to Weights & Biases (optional; metrics.jsonl stays the record)."""
     wandb_project: str = "sae-kit"
@@ -196,6 +205,22 @@ def members_of(cfg: TrainRunConfig, d_in: int) -> list[Member]:
     return expand(cfg.architecture, cfg.k, cfg.d_sae or tuple(e * d_in for e in cfg.expansion_factor), cfg.seed)
 
 
+def assign(team: list[Member], ranks: int) -> dict[str, int]:
+    """Members mode: the rank that trains each member, balancing d_sae (the step's cost grows with it) greedily,
+    widest first (ties: the grid order); the same on every rank."""
+    if len(team) < ranks:
+        raise SaeKitError(
+            f"--distribute members gives each rank whole sweep members, and this sweep has {len(team)} for {ranks} "
+            f"ranks; launch at most {len(team)} ranks, add members, or use --distribute data"
+        )
+    load, owner = [0] * ranks, {}
+    for i in sorted(range(len(team)), key=lambda i: (-team[i].d_sae, i)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owner[team[i].name] = rank
+        load[rank] += team[i].d_sae
+    return owner
+
+
 def train(cfg: TrainRunConfig, model=None) -> dict:
     """Run the job; returns the summary (also written to summary.json). Bad settings fail before any work.
 
@@ -237,7 +262,10 @@ def _train(cfg: TrainRunConfig, model, world: distributed.World, begun) -> dict:
     if cfg.resume is not None:
         cfg = _resumed(cfg)
     cfg.check()
-    if cfg.train.batch_size % world.world_size:
+    split = cfg.distribute == "members" and world.distributed
+    if split:
+        distributed.split_members()  # the trainers, rules and sources now see whole batches on every rank
+    elif cfg.train.batch_size % world.world_size:
         raise SaeKitError(
             f"--batch-size {cfg.train.batch_size} is not a multiple of the {world.world_size} ranks; "
             f"use a multiple of {world.world_size} (each rank takes an equal share of the global batch)"
@@ -273,11 +301,15 @@ def _train(cfg: TrainRunConfig, model, world: distributed.World, begun) -> dict:
             log.warning("%s has no usable checkpoint: starting it from the beginning", run_dir)
     distributed.set_resume_hint(str(run_dir))
     dirs = rundir.member_dirs(run_dir, [m.name for m in team])
-    trainers = {m.name: _trainer(cfg, m, source) for m in team}
+    owner = assign(team, world.world_size) if split else {m.name: world.rank for m in team}
+    mine = [m for m in team if owner[m.name] == world.rank]
+    trainers = {m.name: _trainer(cfg, m, source) for m in mine}
     failed: dict[str, str] = {}
     position = None
     if ckpt is not None:
         for name, (tensors, meta) in ckpt.members.items():
+            if name not in trainers:
+                continue  # another rank's member (members mode)
             if "failed" in meta:
                 failed[name] = meta["failed"]
             else:
@@ -297,17 +329,18 @@ def _train(cfg: TrainRunConfig, model, world: distributed.World, begun) -> dict:
         else MetricsLog.disabled()  # rank 0 alone writes
     )
     begun()
+    last: dict[str, dict] = {}
     try:
-        step = _steps(cfg, source, trainers, failed, dirs, metrics_log, run_dir, step, position)
+        step = _steps(cfg, source, trainers, failed, dirs, metrics_log, run_dir, step, position, owner, last)
         if len(team) == 1 and failed:
             raise NonFiniteError(failed[team[0].name])
         live = [p for name, t in trainers.items() if name not in failed for p in t.sae.parameters()]
-        distributed.check_same(live, "SAE weights")
-        if not world.is_main:
+        distributed.check_same(live, "SAE weights")  # data parallel: every rank holds the same SAEs
+        if not world.is_main and not split:
             return {}
         heldout = source.heldout()
         rows = []
-        for m in team:
+        for m in mine:
             row: dict[str, Any] = {
                 "name": m.name,
                 "architecture": m.architecture,
@@ -322,11 +355,18 @@ def _train(cfg: TrainRunConfig, model, world: distributed.World, begun) -> dict:
             final = trainers[m.name].export()
             grads = heldout.grads[source.hook] if final.sparsifier.uses_grad and heldout.grads is not None else None
             row["heldout"] = heldout_metrics(final, heldout.acts[source.hook], grads)
-            row["training"] = _training_summary(dirs[m.name] / rundir.METRICS)
+            row["training"] = _training_summary(last.get(m.name, {}))
             final.cfg.metadata["heldout"] = row["heldout"]
             final.cfg.metadata["training_l0"] = row["training"].get("l0")  # eval reports it next to the inference L0
             final.save(rundir.sae_dir(dirs[m.name]))
             rows.append(row)
+        if split:  # every rank saved its own members; rank 0 collects their rows, in the grid's order
+            got = {
+                r["name"]: r for part in distributed.gather_bytes(json.dumps(rows).encode()) for r in json.loads(part)
+            }
+            if not world.is_main:
+                return {}
+            rows = [got[m.name] for m in team]
         summary = {"steps": step, "tokens": step * cfg.train.batch_size, "members": rows, "table": table(rows)}
         metrics_log.summary({f"{r['name']}/heldout_{k}": v for r in rows for k, v in r.get("heldout", {}).items()})
     finally:
@@ -346,14 +386,19 @@ def _steps(
     run_dir: Path,
     step: int,
     position,
+    owner: dict[str, int],
+    last: dict[str, dict],
 ) -> int:
-    """Feed every batch to every member from `step` to the end, logging and checkpointing; returns the last step."""
+    """Feed every batch to every member of this rank from `step` to the end, logging and checkpointing; returns the
+    last step. `owner`: each member's rank (all this one's but in members mode); `last` gets each member's last
+    logged metrics."""
     b, total = cfg.train.batch_size, cfg.train.tokens // cfg.train.batch_size
-    solo = len(trainers) == 1
-    desc = f"train {next(iter(trainers)) if solo else f'{len(trainers)} SAEs'}"
+    world = distributed.job()
+    split = distributed.splits_members()
+    solo = len(owner) == 1
+    desc = f"train {next(iter(owner)) if solo else f'{len(owner)} SAEs'}"
     # smoothing=0: the rate and ETA are the average since the start, not of the last few updates, which swing
     # between buffer fills (the LM harvest) and bursts of SAE steps; the description names the current phase.
-    world = distributed.world()
     bar = tqdm(
         total=total * b,
         initial=step * b,
@@ -376,7 +421,7 @@ def _steps(
         batches = Prefetcher(batches, source.prefetch_depth, stop)
     try:
         stream = iter(batches)
-        while step < total and len(failed) < len(trainers):
+        while step < total and (split or len(failed) < len(trainers)):  # members mode: every rank reads every batch
             t0 = time.perf_counter()
             bar.set_description_str(f"{desc} [{fetching}]")
             batch, position = next(stream)
@@ -385,6 +430,8 @@ def _steps(
             x = batch.acts[source.hook]
             g = batch.grads[source.hook] if batch.grads is not None else None
             step += 1
+            logging = step % cfg.log_every == 0 or step == total  # the only host read of the step's metrics
+            rows: dict[str, dict] = {}
             for name, trainer in trainers.items():
                 if name in failed:
                     continue
@@ -395,16 +442,24 @@ def _steps(
                 except NonFiniteError as err:
                     failed[name] = _keep_last_good(trainer, rundir.sae_dir(dirs[name]), err)
                     continue
-                if step % cfg.log_every == 0 or step == total:  # the only host read of the step's metrics
-                    row = dict(m.mean_over_ranks()) | {
+                if logging:
+                    rows[name] = dict(m.mean_over_ranks()) | {
                         "tok_per_s": (step - first_step) * b / max(1e-9, time.perf_counter() - started)
                     }
+            if logging:
+                last.update(rows)
+                if split:  # rank 0 writes every member's lines, in the grid's order
+                    for part in distributed.gather_bytes(json.dumps(rows).encode()):
+                        rows |= json.loads(part)
+                    rows = {name: rows[name] for name in owner if name in rows}
+                for name, row in rows.items():
                     metrics_log.write(name, row)
-                    if solo:
-                        shown = (
-                            f"loss={row['loss']:.3f}, fvu={row['fvu']:.3f}, l0={row['l0']:.1f}, "
-                            f"dead={100 * row['dead_frac']:.1f}%, "
-                        )
+                if solo and rows:
+                    row = next(iter(rows.values()))
+                    shown = (
+                        f"loss={row['loss']:.3f}, fvu={row['fvu']:.3f}, l0={row['l0']:.1f}, "
+                        f"dead={100 * row['dead_frac']:.1f}%, "
+                    )
             spent["data"] += t1 - t0
             spent["sae_steps"] += time.perf_counter() - t1
             share = spent["data"] / max(1e-9, sum(spent.values()))
@@ -424,6 +479,8 @@ def _steps(
                             failed[name] = _keep_last_good(t, rundir.sae_dir(dirs[name]), err)
                     if name in failed:
                         states[name] = ({}, {"failed": failed[name]})
+                if split:  # rank 0 collects every member's state, one member at a time (bounded memory)
+                    states = {name: _state_from(owner[name], states.get(name)) for name in owner}
                 at = source.checkpoint_position(position)  # every rank's, under data parallelism
                 if world.is_main:
                     save_checkpoint(run_dir, step, step * b, at, states, cfg.keep_checkpoints)
@@ -436,6 +493,26 @@ def _steps(
         bar.close()
     log.info("time: %.0f s waiting for data (%s), %.0f s in SAE steps", spent["data"], fetching, spent["sae_steps"])
     return step
+
+
+def _state_from(rank: int, state: tuple[dict, dict] | None) -> tuple[dict, dict]:
+    """Members mode: the member state that `rank` holds (None on the others), on rank 0 (a collective)."""
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import save as save_bytes
+
+    blob = b""
+    if state is not None:
+        tensors, meta = state
+        blob = (
+            json.dumps(meta).encode()
+            + b"\n"
+            + save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        )
+    part = distributed.gather_bytes(blob)[rank]
+    if not distributed.job().is_main:
+        return {}, {}
+    head, _, body = part.partition(b"\n")
+    return load_bytes(body) if body else {}, json.loads(head)
 
 
 def _calibrate(trainers: dict[str, Trainer], stream, hook: str) -> None:
@@ -471,9 +548,8 @@ def _keep_last_good(trainer: Trainer, sae_dir: Path, err: NonFiniteError) -> str
     return f"{err}; {where}"
 
 
-def _training_summary(metrics_file: Path) -> dict:
-    """The last logged training L0, FVU and dead fraction (and inference L0, for batch-level rules)."""
-    last = json.loads(metrics_file.read_text().splitlines()[-1])
+def _training_summary(last: dict) -> dict:
+    """The last logged training L0, FVU and dead fraction (and inference L0, for batch-level rules) of a member."""
     return {k: last[k] for k in ("l0", "fvu", "dead_frac", "inference_l0") if k in last}
 
 
