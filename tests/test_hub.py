@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -174,7 +173,6 @@ def hub_runs(model, analysis_sae, tmp_path_factory):
     original = load_sae(analysis_sae / "sae")
     cfg = heldout.harvest_config_for(original)
     x, _ = heldout.activations(model, cfg, heldout.heldout_contexts(model, cfg, 512))
-    started = time.perf_counter()
 
     written = tmp / "written"
     save_sae(original, written / "saelens", format="saelens")
@@ -240,7 +238,6 @@ def hub_runs(model, analysis_sae, tmp_path_factory):
             {"name": "never_cached", "args": ["sae-kit-test/never-downloaded"], "kwargs": {"folder": HOOK}},
         ],
     )
-    print(f"hub round trip: {time.perf_counter() - started:.1f} s")
     return {
         "original": original,
         "x": x,
