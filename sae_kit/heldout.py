@@ -115,7 +115,7 @@ def check_pair(model, sae: SAE, hook: str) -> None:
         validate_hooks(model, [hook])
     except SaeKitError as err:
         raise HeldoutError(str(err)) from None
-    probe, _ = harvester_for(model, HarvestConfig(hook=(hook,))).run(
+    probe, _ = harvester_for(model, HarvestConfig(hook=(hook,), context_size=2)).run(  # (2 tokens: any model)
         torch.full((1, 2), model.tokenizer.bos_token_id or 0)
     )
     width = probe[hook].shape[-1]
