@@ -10,6 +10,7 @@ from sae_kit.models import DEFAULT_HOOK, DEFAULT_MODEL, HookError, ModelError, h
 from sae_kit.rows import ActivationRows
 from sae_kit.sae import SAE, SAEConfig
 from sae_kit.sae_io import load_sae, save_sae
+from sae_kit.splice import SAE_HOOKS, intervene, sae_hook_name, spliced, steer
 
 __version__ = "0.1.0"
 
