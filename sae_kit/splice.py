@@ -19,7 +19,10 @@ splices. The rule is applied to the token ids that actually enter the model, wha
 `model(tokens)`, `model.run_with_cache(...)`, `model.generate(...)`. During generation with the KV cache (the
 bridge's default) each step's forward sees only the new token; the splice takes its absolute position from the
 step's attention mask, so a generated token is never mistaken for position 0 and the rule matches a full forward
-over the whole sequence (`sae_kit.heldout.generate`, which eval uses, re-runs the full sequence instead).
+over the whole sequence. `model.generate(..., use_past_kv_cache=False)` re-runs the full sequence per token, as
+eval's `sae_kit.heldout.generate` does, and continues exactly as it (tested). Note: with the pinned transformers
+5.x, KV-cached greedy steps of SmolLM2 already differ from full forwards without any SAE (Hugging Face's own
+`generate` too), so prefer use_past_kv_cache=False when comparing texts.
 
 Hook names. Inside `spliced`, each SAE adds five real TransformerLens HookPoints named `sae_hook_name(sae, part)`,
 e.g. `blocks.6.hook_resid_post.sae.hook_sae_acts_post` (one per `SAE_HOOKS` entry): `run_with_cache` caches them,
@@ -156,6 +159,8 @@ class SplicedSAE:
     """The position rule (keep_positions)."""
     keep: Tensor | None = None
     """[B, T] positions read in the forward now running (for code edits registered by `intervene`/`steer`)."""
+    offset: int = 0
+    """Absolute position of the first token of the forward now running (> 0 in a KV-cached generation step)."""
 
     def name(self, part: str) -> str:
         """The hook name of `part` (see `sae_hook_name`)."""
@@ -345,7 +350,7 @@ def _splice_hook(entry: SplicedSAE, step: _Step):
         flat = act.flatten(2)
         B, T, d_in = flat.shape
         keep = step.keep(entry.rule, (B, T), entry.hook).to(flat.device)
-        entry.keep = keep
+        entry.keep, entry.offset = keep, step.offset
         x = points["hook_sae_input"](flat)
         device = sae.W_dec.device
         codes = sae.forward_codes(x.reshape(-1, d_in).to(device))
@@ -406,8 +411,9 @@ def intervene(
 
     `features` maps feature id -> value: mode "clamp" sets the feature to the value ({123: 0.0} ablates feature
     123, {123: 5.0} clamps it to 5), "scale" multiplies it, "add" adds to it. `positions` restricts the edit to
-    token positions of each forward (indices along the sequence, negative from the end, or a bool mask [T] or
-    [B, T]); always only where the SAE reads (its position rule). With `use_error_term` (the default) the rest of
+    token positions (indices into the sequence, negative from its end, so [-1] is the last token; or a bool mask
+    [T] or [B, T]); during KV-cached generation they still index the whole sequence, so [-1] edits every newly
+    generated token and [3] only the prompt's fourth. The edit applies only where the SAE reads (its position rule). With `use_error_term` (the default) the rest of
     the output stays exact, so the output changes by exactly the edited features' decoder contributions
     (ablating feature i subtracts f_i·d_i); without it the output is the reconstruction from the edited codes.
 
@@ -427,7 +433,7 @@ def intervene(
 
         def edit(f: Tensor, hook) -> Tensor:  # noqa: ARG001
             keep = on.keep if on.keep is not None else torch.ones(f.shape[:2], dtype=torch.bool, device=f.device)
-            where = position_mask(positions, keep).to(f.device).unsqueeze(-1)
+            where = position_mask(_local(positions, on.offset, keep.shape[1]), keep).to(f.device).unsqueeze(-1)
             idx = ids.to(f.device)
             sel = f[..., idx]
             new = edited_values(sel, values.to(f.device), mode)
@@ -438,6 +444,22 @@ def intervene(
         handle = entry.points["hook_sae_acts_post"].add_hook(edit)
         stack.callback(_remove_handle, entry.points["hook_sae_acts_post"], handle)
         yield
+
+
+def _local(positions: Sequence[int] | Tensor | None, offset: int, n: int) -> Sequence[int] | Tensor | None:
+    """`positions` of the whole sequence as positions of a forward over its tokens offset..offset+n (a KV-cached
+    generation step): index p ≥ 0 becomes p − offset, negative ones still count from the end, and a bool mask over
+    the sequence is cut to those tokens (positions beyond it select nothing)."""
+    if positions is None or offset == 0:
+        return positions
+    pos = torch.as_tensor(positions)
+    if pos.dtype == torch.bool:
+        part = pos[..., offset : offset + n]
+        if part.shape[-1] < n:
+            part = torch.cat([part, part.new_zeros(*part.shape[:-1], n - part.shape[-1])], -1)
+        return part
+    pos = pos.reshape(-1).long()
+    return torch.where(pos >= 0, pos - offset, pos).masked_fill((pos >= 0) & (pos < offset), n)
 
 
 def _remove_handle(point, handle) -> None:

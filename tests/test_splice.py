@@ -206,6 +206,23 @@ def test_ablation_changes_the_output_by_exactly_the_decoder_contribution(model, 
     edited, _ = run_lm(model, tokens, sae6.cfg.metadata["hook_name"], edit=feature_edit(sae6, {i: 0.0}), keep=keep)
     torch.testing.assert_close(logits, edited, rtol=0, atol=1e-4)
     assert (logits - model(tokens)).abs().max() > 1e-2
+    # restricted to the last position, only it changes
+    with intervene(model, sae6, {i: 0.0}, positions=[-1]):
+        _, cache = model.run_with_cache(tokens)
+    moved = (cache[sae_hook_name(sae6, "hook_sae_output")] - x)[0].abs().sum(-1) != 0
+    assert moved.tolist() == [False] * (tokens.shape[1] - 1) + [bool(f[0, -1, i] != 0)]
+
+
+def test_positions_of_a_generation_step_index_the_whole_sequence():
+    from sae_kit.heldout import position_mask
+    from sae_kit.splice import _local
+
+    step = torch.ones(1, 1, dtype=torch.bool)  # a KV-cached step: one new token at absolute position 5
+    assert [bool(position_mask(_local(p, 5, 1), step)) for p in ([-1], [3], [5], [6])] == [True, False, True, False]
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[5] = True
+    assert bool(position_mask(_local(mask, 5, 1), step)) and not bool(position_mask(_local(mask, 9, 1), step))
+    assert position_mask(_local([2, 6], 5, 2), torch.ones(1, 2, dtype=torch.bool)).tolist() == [[False, True]]
 
 
 def test_steering_raises_the_top_logit_lens_token(model, sae6):
@@ -216,12 +233,12 @@ def test_steering_raises_the_top_logit_lens_token(model, sae6):
     max_abs = max_activations(model, sae6, 2048)
     features = max_abs.topk(6).indices  # the six strongest features (by their max activation, steer's unit)
     targets = logit_lens(model, sae6.W_dec[features].detach()).argmax(-1)  # each one's top logit-lens token
-    clean = model(tokens).log_softmax(-1)[0][keep[0]]
+    clean = model(tokens).detach().log_softmax(-1)[0][keep[0]]
     rises = []
     for i, target in zip(features.tolist(), targets.tolist()):
         with steer(model, sae6, i, 8.0, unit_tokens=2048):
             logits, cache = model.run_with_cache(tokens)
-        rises.append(float((logits.log_softmax(-1)[0][keep[0]][:, target] - clean[:, target]).mean()))
+        rises.append(float((logits.detach().log_softmax(-1)[0][keep[0]][:, target] - clean[:, target]).mean()))
     # measured on this SAE: each top token's log-probability rises by 2.8 to 12 nats on average over the prompt
     assert min(rises) > 0 and sum(rises) / len(rises) > 1.0, rises
     # the vector added is alpha · unit · d̂_i with eval's unit (max |activation| × ‖d_i‖), at the positions read only
@@ -263,7 +280,7 @@ def test_generate_under_spliced_and_steer(model, sae6):
         text = model.generate(prompt, **kwargs)
     assert text == prompt + generate(model, cfg, prompt, 8, edit=feature_edit(sae6, {}, use_error_term=False))
     assert text != clean
-    with steer(model, sae6, 0, 8.0, unit=20 * float(sae6.W_dec[0].norm())):
+    with steer(model, sae6, 0, 8.0, unit=20 * float(sae6.W_dec[0].detach().norm())):
         assert model.generate(prompt, **kwargs) != clean
     assert restored(model)
 
