@@ -327,3 +327,32 @@ def test_bad_input_is_one_clear_line(model, sae6, tiny_model):
             raise RuntimeError("boom")
     assert sae6.training and restored(model)
     sae6.eval()
+
+
+def test_an_sae_with_an_input_scale_is_folded_as_eval_folds_it(model, sae6):
+    import copy
+
+    from sae_kit.heldout import fold_input_scale, harvest_config_for
+    from sae_kit.splice import sae_hook_name, spliced
+
+    def normalising() -> SAE:  # sae6 as if trained on x·4 with normalize_activations
+        sae = copy.deepcopy(sae6)
+        sae.cfg.normalize_activations = "expected_average_only_in"
+        with torch.no_grad():
+            sae.b_dec.mul_(4.0)
+            sae.b_enc.mul_(4.0)
+        return sae
+
+    reference = normalising()
+    scale = fold_input_scale(model, reference, harvest_config_for(reference))
+    sae = normalising()
+    tokens = model.to_tokens(PROMPT)
+    with spliced(model, sae):
+        _, cache = model.run_with_cache(tokens)
+    assert sae.cfg.normalize_activations == "none"
+    folded = sae.cfg.metadata["activation_scale_folded"]  # (times any scale the trainer folded before)
+    assert scale is not None and folded == reference.cfg.metadata["activation_scale_folded"]
+    assert torch.equal(sae.b_dec, reference.b_dec)  # the same fold as eval's
+    x = cache[sae_hook_name(sae, "hook_sae_input")]
+    with torch.no_grad():
+        assert torch.equal(cache[sae_hook_name(sae, "hook_sae_acts_post")][0, 1:], sae.encode(x)[0, 1:])
