@@ -19,8 +19,12 @@ feature at once. `exact` is that difference measured, by a forward with the feat
 (`heldout.feature_edit(sae, {i: 0.0})`), for the `exact_top` features of largest |attribution|.
 
 Measured on SmolLM2-135M (blocks.6.hook_resid_post, a TopK SAE with 4608 latents, k 32, trained on 131k tokens;
-tests/test_attribution.py): over the top 10 features of a logit difference on a real prompt, the signs agree on
-10/10 and the Spearman rank correlation of attribution and exact is 0.9 or more (the test asserts ≥ 0.8 and ≥ 9/10).
+tests/test_attribution.py), a logit difference on three real prompts: over each prompt's top 10 features the signs
+agree on 9, 10 and 8 of 10 and the Spearman rank correlations of attribution and exact are 0.79, 0.94 and 0.67
+(means 0.90 and 0.80; the test asserts ≥ 0.75 and ≥ 0.55, which a flipped sign, the gradient one position off or
+activations without the decoder·gradient factor all fail). The estimate is weakest on features of positions with
+massive activations (SmolLM2's residual norm reaches ~700 on some tokens, ~100 elsewhere): there the ablation is far
+from linear, so read `exact` for those.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -236,8 +241,8 @@ class Attribution:
     `table` has one row per feature active anywhere on the prompt, sorted by |attribution|: `feature`, `activation`
     (Σ_t f_i,t over the positions the SAE reads), `max_activation` (the largest |f_i,t|, signed), `positions` (how
     many positions it is active on), `attribution` (the estimate of metric(clean) − metric(ablated)), `exact` (that
-    difference measured; NaN beyond the `exact_top` largest |attribution|) and `explanation` (from the index; None
-    without one). `per_position` splits every attribution over positions: `feature`, `position`, `token`,
+    difference measured; NaN beyond the `exact_top` largest |attribution|) and `explanation` (from the index;
+    missing (NaN) without one). `per_position` splits every attribution over positions: `feature`, `position`, `token`,
     `activation`, `attribution`.
     """
 
@@ -271,7 +276,7 @@ class Attribution:
         n = len(both)
         if n == 0:
             return {"n": 0.0, "sign_agreement": math.nan, "spearman": math.nan}
-        sign = float((torch.as_tensor(a).sign() == torch.as_tensor(e).sign()).double().mean())
+        sign = float((np.sign(a) == np.sign(e)).mean())
         ra, re = both["attribution"].rank().to_numpy(), both["exact"].rank().to_numpy()
         ra, re = ra - ra.mean(), re - re.mean()
         denom = math.sqrt(float((ra * ra).sum() * (re * re).sum()))
@@ -417,7 +422,7 @@ def top_features(model, sae: SAE | str | Path, text: str, k: int = 5, index: str
     features (a token with fewer than k active features has fewer rows). Strength is the activation, or |activation|
     for rules whose codes keep their sign (AbsTopK). `sae` is an SAE or its (run) directory; explanations come from
     `index` (an index or run directory) or, when `sae` is a directory, from its run's index/, when autointerp has
-    explained features there (None otherwise).
+    explained features there (missing, NaN, otherwise).
     """
     import pandas as pd
 
