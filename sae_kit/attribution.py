@@ -106,14 +106,21 @@ def logit_diff(model, good: str | int, bad: str | int, position: int = -1) -> Me
 def loss_at(position: int = -1) -> Metric:
     """The metric: next-token cross-entropy of the prediction made at token `position`, i.e. of tokens[position + 1].
 
-    Predictions are made at positions 0..T-2 (the last token predicts nothing in the prompt), so the default -1 is the
-    last prediction (of the prompt's last token), -2 the one before. Attribution estimates metric(clean) −
-    metric(ablated), so a feature that helps the prediction (its ablation raises the loss) has a negative attribution.
+    Positions index the prompt's T tokens as the logits do (negative ones count from the end). The last token predicts
+    nothing inside the prompt, so the default -1 means the last prediction (position T-2, of the last token), as -2
+    does; 0..T-2 are the others. Attribution estimates metric(clean) − metric(ablated), so a feature that helps the
+    prediction (its ablation raises the loss) has a negative attribution.
     """
     _position(position, math.inf, "")  # the type now; the range against each prompt
 
     def metric(logits: Tensor, tokens: Tensor) -> Tensor:
-        p = _position(position, logits.shape[1] - 1, "the prompt has predictions at positions")
+        T = logits.shape[1]
+        p = T - 2 if position == -1 else position + T if position < 0 else position
+        if not 0 <= p < T - 1:
+            raise AttributionError(
+                f"position {position} is out of range: the prompt of {T} tokens has predictions at positions "
+                f"0..{T - 2} (or -{T}..-2; -1 is the last prediction)"
+            )
         return torch.nn.functional.cross_entropy(logits[0, p], tokens[0, p + 1].to(logits.device))
 
     metric.__doc__ = f"next-token cross-entropy of the prediction at position {position}"

@@ -94,7 +94,8 @@ def test_logit_diff_and_loss_at_are_the_models_own_values(tiny_model):
         (logit_diff(tiny_model, " dog", " cat"), logits[0, -1, g] - logits[0, -1, b]),
         (logit_diff(tiny_model, g, b, position=3), logits[0, 3, g] - logits[0, 3, b]),
         (loss_at(2), F.cross_entropy(logits[0, 2], tokens[0, 3])),
-        (loss_at(-3), F.cross_entropy(logits[0, -4], tokens[0, -3])),
+        (loss_at(-3), F.cross_entropy(logits[0, -3], tokens[0, -2])),
+        (loss_at(-2), F.cross_entropy(logits[0, -2], tokens[0, -1])),
     ):
         assert float(metric(logits, tokens)) == pytest.approx(float(want), rel=1e-12)
         assert attribute(tiny_model, sae, TEXT, metric, exact_top=0).clean == pytest.approx(float(want), rel=1e-6)
@@ -114,7 +115,13 @@ def test_bad_input_is_one_clear_line(tiny_model):
     assert one_line(err) == "feature 64 is out of range: this SAE has d_sae=64 latents (ids 0..63)"
     with pytest.raises(SaeKitError) as err:
         attribute(tiny_model, sae, "Hello there", loss_at(5))
-    assert one_line(err).startswith("position 5 is out of range: the prompt has predictions at positions 0..1")
+    assert one_line(err) == (
+        "position 5 is out of range: the prompt of 3 tokens has predictions at positions 0..1 (or -3..-2; -1 is the "
+        "last prediction)"
+    )
+    with pytest.raises(SaeKitError) as err:
+        attribute(tiny_model, sae, "Hello there", loss_at(-4))
+    assert one_line(err).startswith("position -4 is out of range")
     with pytest.raises(SaeKitError) as err:
         attribute(tiny_model, sae, "Hello there", logit_diff(tiny_model, " dog", " cat", position=-4))
     assert "position -4 is out of range: the prompt has token positions 0..2" in one_line(err)
