@@ -145,6 +145,16 @@ def files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
 
+def assert_bit_identical(run: Path, ref: Path) -> None:
+    """Every member's SAE tensors equal bit for bit, and the same logged metrics (each step once, despite any kills)
+    but for the timing."""
+    got, want = saes(run), saes(ref)
+    for member in MEMBERS:
+        for name, value in want[member].items():
+            assert torch.equal(got[member][name], value), f"{member} {name}"
+        assert metrics(run / member) == metrics(ref / member), member
+
+
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory) -> dict[str, Path]:
     """One process and two ranks (torchrun -m sae_kit), float64 SAEs, the same global batches; rank writes audited."""
@@ -240,12 +250,7 @@ def test_a_two_rank_run_killed_at_several_points_and_resumed_is_bit_identical(ca
         assert any((run / "checkpoints").glob("step-*"))
     res = torchrun(2, ["--resume", str(run), "--no-progress"], SAE_KIT_TEST_SAE_DTYPE="float64")
     assert res.returncode == 0, res.stderr[-3000:]
-    got, want = saes(run), saes(reference["two"])
-    for member in MEMBERS:
-        for name, value in want[member].items():
-            assert torch.equal(got[member][name], value), f"{member} {name}"
-    for member in MEMBERS:  # the same logged metrics too (each step once, despite the kills), but for the timing
-        assert metrics(run / member) == metrics(reference["two"] / member)
+    assert_bit_identical(run, reference["two"])
 
 
 def test_a_cache_run_resumes_at_another_world_size(cache, reference, tmp_path):
@@ -337,11 +342,7 @@ def test_members_mode_trains_each_member_exactly_as_one_process(reference, membe
     """No gradient traffic, the whole batch on every rank: bit-identical to one process (not only to rounding), and
     the same metrics, summary and files."""
     run = members_run["run"]
-    got, want = saes(run), saes(reference["one"])
-    for member in MEMBERS:
-        for name, value in want[member].items():
-            assert torch.equal(got[member][name], value), f"{member} {name}"
-        assert metrics(run / member) == metrics(reference["one"] / member)
+    assert_bit_identical(run, reference["one"])
     summary = json.loads((run / "summary.json").read_text())
     one = json.loads((reference["one"] / "summary.json").read_text())
     assert [m["name"] for m in summary["members"]] == list(MEMBERS)
@@ -363,8 +364,8 @@ def test_members_mode_each_rank_writes_only_its_own_members(members_run):
 
 
 def test_a_members_run_killed_and_resumed_by_one_process_is_bit_identical(cache, reference, tmp_path):
-    """A members-mode checkpoint is one process's (rank 0 gathers the states): killed on rank 1, it resumes in one
-    process, or in members mode again, bit-identical to the uninterrupted run."""
+    """A members-mode checkpoint is one process's (rank 0 gathers the states): killed on rank 1 and resumed by one
+    process, the run ends bit-identical to the uninterrupted one."""
     run = tmp_path / "run"
     res = torchrun(
         2, train_args(cache, run, distribute="members"), SAE_KIT_TEST_SAE_DTYPE="float64", SAE_KIT_TEST_KILL="1:7"
@@ -373,8 +374,4 @@ def test_a_members_run_killed_and_resumed_by_one_process_is_bit_identical(cache,
     assert not (run / "summary.json").exists() and any((run / "checkpoints").glob("step-*"))
     res = torchrun(1, ["--resume", str(run), "--no-progress"], SAE_KIT_TEST_SAE_DTYPE="float64")
     assert res.returncode == 0, res.stderr[-3000:]
-    got, want = saes(run), saes(reference["one"])
-    for member in MEMBERS:
-        for name, value in want[member].items():
-            assert torch.equal(got[member][name], value), f"{member} {name}"
-        assert metrics(run / member) == metrics(reference["one"] / member)
+    assert_bit_identical(run, reference["one"])
