@@ -20,6 +20,7 @@ COLUMNS = (  # (column, section, metric)
     ("dark_matter_norm_r2", "dark_matter", "norm_r2"),
     ("dark_matter_vector_r2", "dark_matter", "vector_r2"),
     ("steering_score", "steering", "score"),
+    ("bidirectional_frac", "signs", "bidirectional_frac"),
 )
 
 

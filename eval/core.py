@@ -190,7 +190,7 @@ def downstream(inputs: EvalInputs, x_hat: Tensor, cfg: CoreConfig) -> dict[str, 
     kl = dict.fromkeys(runs, 0.0)
     positions = spliced = 0
     mean, vocab = inputs.x.mean(0), vocab_size(inputs.model)
-    for batch, rows in inputs.batches():
+    for b, (batch, rows) in enumerate(inputs.batches()):
         if spliced >= cfg.ce_tokens:
             break
         batch = batch.first(cfg.ce_tokens - spliced)
@@ -206,11 +206,22 @@ def downstream(inputs: EvalInputs, x_hat: Tensor, cfg: CoreConfig) -> dict[str, 
             ce_clean, mask = next_token_ce(clean, sub.tokens, sub.pad)
             ce["clean"] += float(ce_clean[mask].sum())
             for name in runs:
-                keep = sub.keep if name == "spliced" else ablated
-                logits, _ = run_lm(inputs.model, sub.tokens, inputs.hook, edit=edits[name], keep=keep)
-                ce[name] += float(next_token_ce(logits, sub.tokens, sub.pad)[0][mask].sum())
-                kl[name] += float(kl_from(clean, logits)[:, :-1][mask].sum())
-                del logits
+                # the ablations do not depend on the SAE: once per LM batch for every SAE sharing these inputs
+                key = ("ablation", name, cfg.ablation_positions, b, n, before)
+                if name == "spliced" or key not in inputs.memo:
+                    keep = sub.keep if name == "spliced" else ablated
+                    logits, _ = run_lm(inputs.model, sub.tokens, inputs.hook, edit=edits[name], keep=keep)
+                    result = (
+                        float(next_token_ce(logits, sub.tokens, sub.pad)[0][mask].sum()),
+                        float(kl_from(clean, logits)[:, :-1][mask].sum()),
+                    )
+                    del logits
+                    if name != "spliced":
+                        inputs.memo[key] = result
+                else:
+                    result = inputs.memo[key]
+                ce[name] += result[0]
+                kl[name] += result[1]
             positions += int(mask.sum())
             del clean
         spliced += n

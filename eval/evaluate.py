@@ -20,7 +20,7 @@ import tyro
 
 from sae_kit import rundir
 from sae_kit.config_files import to_jsonable
-from sae_kit.eval import attention, compare, core, dark_matter, dead, steering
+from sae_kit.eval import attention, compare, core, dark_matter, dead, signs, steering
 from sae_kit.eval.inputs import EvalError, EvalInputs, Section, prepare, with_sae
 from sae_kit.eval.report import build_report, save_report, write_figures, write_plotly_js
 from sae_kit.heldout import harvest_config_for
@@ -29,7 +29,7 @@ from sae_kit.sae_io import load_sae
 
 DEFAULT_TOKENS = 32768
 """Held-out tokens `sae-kit eval` reads by default (more where dark matter needs them: `eval_tokens`)."""
-SectionName = Literal["core", "dead", "dark_matter", "steering", "attention"]
+SectionName = Literal["core", "dead", "dark_matter", "steering", "attention", "signs"]
 
 
 @dataclass
@@ -57,8 +57,8 @@ class EvalConfig:
     """Context length (None: the SAEs' training context length)."""
     lm_batch_size: int = 16
     """Contexts per LM forward pass."""
-    sections: tuple[SectionName, ...] = ("core", "dead", "dark_matter", "steering", "attention")
-    """Measurements to run (attention only applies to SAEs on attn.hook_z)."""
+    sections: tuple[SectionName, ...] = ("core", "dead", "dark_matter", "steering", "attention", "signs")
+    """Measurements to run (attention only applies to SAEs on attn.hook_z, signs only to signed rules such as abstopk)."""
     core: core.CoreConfig = field(default_factory=core.CoreConfig)
     """Core metrics (CE/KL passes)."""
     dark_matter: dark_matter.DarkMatterConfig = field(default_factory=dark_matter.DarkMatterConfig)
@@ -250,10 +250,12 @@ def _measure(cfg: EvalConfig, inputs: EvalInputs) -> tuple[dict[str, Section], d
         "dark_matter": lambda: dark_matter.measure(inputs, cfg.dark_matter),
         "steering": lambda: steering.measure(inputs, cfg.steering),
         "attention": lambda: attention.measure(inputs),
+        "signs": lambda: signs.measure(inputs),
     }
     applies = {
         "steering": inputs.hook.endswith(("hook_resid_post", "hook_resid_pre", "hook_resid_mid")),
         "attention": attention.is_attention_hook(inputs.hook),
+        "signs": signs.applies(inputs),
     }
     out: dict[str, Section] = {}
     seconds: dict[str, float] = {}

@@ -51,6 +51,9 @@ class EvalInputs:
     """Seed of every random choice a measurement makes (splits, feature samples)."""
     input_scale: float | None = None
     """The scale s = sqrt(d_in)/E||x|| folded into an SAE that expected normalised inputs (None: it takes raw ones)."""
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Results that do not depend on the SAE (the zero- and mean-ablation CE/KL of each LM batch), shared by every
+    SAE evaluated on these inputs (`with_sae` passes the same dict on), so each is computed once."""
     _encoded: Encoded | None = field(default=None, init=False, repr=False, compare=False)
 
     def batches(self) -> Iterator[tuple[HeldoutContexts, slice]]:

@@ -291,6 +291,8 @@ def _feature_curves(
         side_scores[:, s] = torch.tensor([budgeted_best(m, k, cfg.kl_budget) for m, k in curves])
     metrics["feature_score"] = side_scores.max(1).values.tolist()
     metrics["score"] = float(side_scores.max(1).values.mean())
+    for s, (suffix, _, _) in enumerate(sides):  # each sign alone: steering along +d_i, and along -d_i when signed
+        metrics["score" + (suffix or "_positive")] = float(side_scores[:, s].mean())
     return metrics, side_scores
 
 

@@ -113,6 +113,13 @@ def _score(args) -> None:
     print(f"browse them: sae-kit browse {args.run}")
 
 
+def _reproduce(args) -> None:
+    from sae_kit.eval.claims import summary_text
+    from sae_kit.eval.reproduce import reproduce
+
+    print(summary_text(reproduce(args)))
+
+
 def _browse(args) -> None:
     from sae_kit.dashboards.browse import browse
 
@@ -125,6 +132,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from sae_kit.dashboards.browse import BrowseConfig
     from sae_kit.dashboards.indexer import IndexConfig
     from sae_kit.eval.evaluate import EvalConfig
+    from sae_kit.eval.reproduce import ReproduceConfig
     from sae_kit.training.run import TrainRunConfig
 
     return {
@@ -153,6 +161,11 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
             _score,
             "score the explanations: detection, fuzzing and intervention, judged by an LLM (resumable)",
         ),
+        "reproduce": (
+            ReproduceConfig,
+            _reproduce,
+            "check each founding paper's claim on the embedded model: train, evaluate, report.md (--quick: minutes)",
+        ),
         "browse": (BrowseConfig, _browse, "open the Streamlit feature browser on a run (127.0.0.1:8501 by default)"),
         "cache": (CacheConfig, _cache, "harvest activations into an on-disk ActivationCache (resumable)"),
         "hooks": (HooksArgs, _hooks, "list a model's hook names"),
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         rest, default = _config_file(config_cls, rest)
         # eval's nested sections share field names (core.ce_tokens, dark_matter.ce_tokens), and train's rule sections
         # (--jumprelu.bandwidth): keep their prefixes there (train flattens its harvest and train sections itself).
-        flat = () if name in ("eval", "train") else (tyro.conf.OmitArgPrefixes,)
+        flat = () if name in ("eval", "train", "reproduce") else (tyro.conf.OmitArgPrefixes,)
         args = tyro.cli(config_cls, args=rest, default=default, prog=f"sae-kit {name}", config=flat)
         run(args)
     except SaeKitError as err:
