@@ -15,6 +15,7 @@ import datetime
 import math
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,10 +51,30 @@ class Number:
     source: str
     """File, relative to the reproduce directory."""
     key: str
-    """Path of the value inside the file (JSON keys; [name=...] selects a list entry by its name)."""
+    """Path of the value inside the file: keys joined by dots, [name=X] picks the list entry named X, [i] the i-th
+    entry, [K] the dict key K (e.g. a hook name with dots); `resolve` reads it back."""
+    derived: str = ""
+    """How the value was computed from what the key holds ("" when it is that value itself)."""
 
     def json(self) -> dict[str, Any]:
-        return {"value": self.value, "source": self.source, "key": self.key}
+        out = {"value": self.value, "source": self.source, "key": self.key}
+        return out | ({"derived": self.derived} if self.derived else {})
+
+
+def resolve(data: Any, key: str) -> Any:
+    """The value at `key` (Number.key's syntax) in a parsed JSON file; KeyError when the path does not exist."""
+    for name, pick in re.findall(r"([^.\[\]]+)|\[([^\]]*)\]", key):
+        if name:
+            data = data[name]
+        elif pick.startswith("name="):
+            data = next((e for e in data if e.get("name") == pick[5:]), None)
+            if data is None:
+                raise KeyError(pick)
+        elif pick.isdigit() and isinstance(data, list):
+            data = data[int(pick)]
+        else:
+            data = data[pick]
+    return data
 
 
 @dataclass
@@ -248,7 +269,10 @@ class Sections:
         live = p > 0
         value = float(((w > 1 - UNDERUSED) & live).sum()) / max(int(live.sum()), 1)
         return Number(
-            value, rel, f"saes[name={entry['name']}].sections.dead.latent_density (Zipf underuse w > {1 - UNDERUSED})"
+            value,
+            rel,
+            f"saes[name={entry['name']}].sections.dead.latent_density",
+            f"share of live latents whose Zipf underuse weight (training.losses.zipf_underuse_weights) exceeds {1 - UNDERUSED}",
         )
 
     def topk_fvu_at(self, l0: float) -> float | None:
@@ -445,7 +469,7 @@ class Sections:
             mp = _interp(l0s, fvus, k)
             claim.ours[f"k={k}: TopK retrained FVU"] = num
             claim.ours[f"k={k}: MP-SAE at L0 {k} FVU"] = Number(
-                mp, rel, f"{key}.mp_curve_fvu at mp_curve_l0 = {k} (interpolated)"
+                mp, rel, f"{key}.mp_curve_fvu", f"interpolated linearly at mp_curve_l0 = {k}"
             )
             if mp is not None and num.value is not None:
                 ok &= mp <= 1.1 * num.value
@@ -759,6 +783,10 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
+def _source(n: dict[str, Any]) -> str:
+    return f"`{n['source']}` {n['key']}" + (f" ({n['derived']})" if n.get("derived") else "")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """report.md: the overview table, then one section per paper; every number is followed by its source."""
     m, sc = report["machine"], report["scale"]
@@ -806,10 +834,10 @@ def markdown(report: dict[str, Any]) -> str:
                     shown = _fmt(v["mean"]) + (
                         f" ({_fmt(min(vals))}–{_fmt(max(vals))}, {len(vals)} seeds)" if len(vals) > 1 else ""
                     )
-                    src = "; ".join(f"`{n['source']}` {n['key']}" for n in v["from"])
+                    src = "; ".join(_source(n) for n in v["from"])
                     lines.append(f"| {label} | {shown} | {src} |")
                 else:
-                    lines.append(f"| {label} | {_fmt(v['value'])} | `{v['source']}` {v['key']} |")
+                    lines.append(f"| {label} | {_fmt(v['value'])} | {_source(v)} |")
             lines.append("")
         if paper["differences"]:
             lines += ["Where we differ:", *[f"- {d}" for d in paper["differences"]], ""]

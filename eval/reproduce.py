@@ -180,15 +180,7 @@ class ReproduceConfig:
             for name in ("d_sae", "k", "seeds", "tokens", "epochs", "autointerp_features")
             if getattr(self, name) is not None
         }
-        scale = dataclasses.replace(base, **over)
-        for name in ("d_sae", "k", "seeds", "tokens", "epochs"):
-            if getattr(scale, name) < 1:
-                raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(scale, name)}")
-        if scale.k * 4 > scale.d_sae:
-            raise SaeKitError(f"--k {scale.k} needs --d-sae of at least {4 * scale.k} (the TopK curve reaches 4k)")
-        if scale.autointerp_features < 0:
-            raise SaeKitError(f"--autointerp-features must be 0 (skip) or more, got {scale.autointerp_features}")
-        return scale
+        return check_scale(dataclasses.replace(base, **over))
 
     def settings(self) -> dict[str, Any]:
         """What the run computes (reproduce.json; `out` and `progress` may differ on a resume)."""
@@ -197,6 +189,22 @@ class ReproduceConfig:
             "client": to_jsonable(dataclasses.asdict(self.client)),
             "scale": to_jsonable(dataclasses.asdict(self.scale())),
         }
+
+
+def check_scale(scale: Scale) -> Scale:
+    """One-line errors for sizes the plan cannot use."""
+    for name in ("d_sae", "k", "seeds", "tokens", "epochs"):
+        if getattr(scale, name) < 1:
+            raise SaeKitError(f"--{name.replace('_', '-')} must be positive, got {getattr(scale, name)}")
+    widest = max(scale.k, *scale.topk_ks)
+    if 2 * widest > scale.d_sae:
+        raise SaeKitError(
+            f"--d-sae {scale.d_sae} is too narrow for the TopK curve up to k={widest} and the half-width SAE; "
+            f"use --d-sae {2 * widest} or more"
+        )
+    if scale.autointerp_features < 0:
+        raise SaeKitError(f"--autointerp-features must be 0 (skip) or more, got {scale.autointerp_features}")
+    return scale
 
 
 # ------------------------------------------------------------------------------------------------------- the plan
@@ -329,13 +337,15 @@ def autointerp_targets(s: Scale) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ the stages
-def reproduce(cfg: ReproduceConfig, model=None) -> dict[str, Any]:
-    """Run (or resume) every stage and write the report; returns report.json's content (with "out")."""
+def reproduce(cfg: ReproduceConfig, model=None, scale: Scale | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage and write the report; returns report.json's content (with "out").
+
+    `scale` replaces the config's preset and overrides (benchmarks and tests size every part themselves)."""
     from sae_kit.models import load_model
 
-    s = cfg.scale()
+    s = check_scale(scale) if scale is not None else cfg.scale()
     out = Path(cfg.out)
-    _claim_dir(out, cfg.settings())
+    _claim_dir(out, cfg.settings() | {"scale": to_jsonable(dataclasses.asdict(s))})
     stages: dict[str, Any] = _read(out / "stages.json") or {}
     model = model or load_model(cfg.model, device=cfg.device)
 

@@ -134,6 +134,16 @@ def analysis_sae(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reproduce_quick(model, tmp_path_factory):
+    """`sae-kit reproduce --quick` run once (about 5 min): (its config, its report). Shared by tests/test_reproduce.py
+    and the benchmark's smoke test, which resumes it."""
+    from sae_kit.eval.reproduce import ReproduceConfig, reproduce
+
+    cfg = ReproduceConfig(out=tmp_path_factory.mktemp("reproduce") / "run", quick=True, progress=False)
+    return cfg, reproduce(cfg, model=model)
+
+
+@pytest.fixture(scope="session")
 def chromium() -> str:
     """Chromium's path. Without it or playwright: skip, or fail where SAE_KIT_REQUIRE_BROWSER=1 (CI)."""
     path = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)

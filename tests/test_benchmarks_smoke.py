@@ -6,6 +6,7 @@ with finite, plausible numbers. The timings themselves are not checked (a shared
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -171,3 +172,14 @@ def test_gpu_check(tmp_path):
     assert report["step"]["ours:512"]["tok_per_s"] > 0
     assert report["ddp"]["max_weight_diff"] < 1e-5, report["ddp"]
     assert 0 < report["eval"]["fvu"] and "eval  seconds" in out
+
+
+def test_reproduce_smoke(tmp_path, reproduce_quick):
+    """The benchmark resumes the quick run tests/test_reproduce.py made (every stage recorded, none redone)."""
+    cfg, _ = reproduce_quick
+    before = (cfg.out / "stages.json").read_text()
+    out = smoke("reproduce.py", tmp_path, "--out", str(cfg.out))
+    total = numbers(r"\ntotal\s+" + NUMBER, out)[0]
+    assert total == pytest.approx(sum(v["seconds"] for v in json.loads(before).values()), abs=0.2), out
+    assert "eval/architectures" in out and "7 papers" in out, out
+    assert (cfg.out / "stages.json").read_text() == before  # nothing ran again

@@ -220,3 +220,20 @@ def test_dead_and_dense_latents_are_counted(base):
     json.dumps(m)
     bare = dead.measure(with_sae(base, make_sae("topk"))).metrics
     assert bare["training_dead_latents"] is None and bare["training_log10_density_counts"] is None
+
+
+def test_ablation_passes_run_once_for_every_sae_sharing_the_inputs(base, monkeypatch):
+    """Zero and mean ablation do not depend on the SAE: a second SAE on the same inputs reuses them (half the LM
+    passes) and gets exactly the numbers a fresh evaluation computes."""
+    calls = []
+    real = core.run_lm
+    monkeypatch.setattr(core, "run_lm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = CoreConfig(ce_tokens=96)
+    shared = dataclasses.replace(base, memo={})
+    core.measure(with_sae(shared, make_sae("topk")), cfg)
+    first = len(calls)
+    second = core.measure(with_sae(shared, make_sae("topk", d_sae=128, k=4)), cfg).metrics
+    assert len(calls) - first == first // 2  # clean + spliced, not clean + spliced + zero + mean
+    fresh = core.measure(dataclasses.replace(base, sae=make_sae("topk", d_sae=128, k=4).eval(), memo={}), cfg).metrics
+    for key in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation", "kl_zero", "kl_mean", "kl_spliced"):
+        assert second[key] == fresh[key], key

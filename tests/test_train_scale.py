@@ -1,7 +1,7 @@
 """The sparsity promises at a realistic size: 2,304 latents trained on 262k tokens of real SmolLM2 layer-6 residuals,
 scored on held-out documents in eval mode.
 
-- Mutual Choice and Feature Choice run at inference with the sparsity they trained at (their end-of-training
+- Mutual Choice and Feature Choice run at inference with the sparsity they trained at, within 5% (their end-of-training
   threshold calibration; the EMA alone gave an inference L0 25–33% below the training L0), and then reconstruct
   better than TopK at that L0 (Feature Choice with its Zipf capacities).
 - JumpReLU reaches its target L0 within 20% (its bandwidth scaled to the input norm, θ learned directly), at an FVU
@@ -51,7 +51,9 @@ def sweep(model, tmp_path_factory):
 def test_batch_rules_infer_at_their_training_sparsity(sweep, arch):
     m = sweep[arch]
     assert m["training"]["l0"] == pytest.approx(K, rel=0.01)  # the training allocation's budget
-    assert m["heldout"]["l0"] == pytest.approx(K, rel=0.10), m  # eval mode, single tokens, held-out documents
+    assert m["heldout"]["l0"] == pytest.approx(m["training"]["l0"], rel=0.05), (
+        m
+    )  # eval mode, single tokens, held-out documents
     assert m["training"]["inference_l0"] < 0.9 * K  # what the running EMA alone would have given (the old rule)
     # at equal L0 both reconstruct better than TopK, as the paper claims (measured: 0.84x and 0.83x here; Feature
     # Choice with the old uniform capacities was 1.05x TopK in BENCHMARKS.md's run)
