@@ -332,6 +332,15 @@ class Sections:
         for a in ("topk", "mutual_choice", "feature_choice"):
             recon.ours[f"{a} FVU"] = self.arch(a, "fvu")
             recon.ours[f"{a} ΔCE (nats)"] = self.arch(a, "delta_ce")
+        for a in ("mutual_choice", "feature_choice"):  # the exact-L0 view: the TopK curve at this rule's own L0
+            l0 = mean(self.arch(a, "l0_mean"))
+            ref = self.L.metric("architectures", self.curve[self.s.k], "core", "fvu")
+            recon.ours[f"TopK curve's FVU at {a}'s L0"] = Number(
+                None if l0 is None else self.topk_fvu_at(l0),
+                ref.source,
+                ref.key,
+                f"the TopK curve (k = {sorted(self.curve)}) interpolated linearly in log L0 at {l0 and round(l0, 2)}",
+            )
         outcomes = [
             better(recon.ours[f"{a} {m}"], recon.ours[f"topk {m}"])
             for a in ("mutual_choice", "feature_choice")

@@ -69,27 +69,45 @@ class Scale:
     """How big each part of the run is (`FULL` or `QUICK`, with the config's overrides)."""
 
     d_sae: int
+    """Latents of every SAE but the cross-width pair (d_sae/2 and 2·d_sae)."""
     k: int
+    """The shared sparsity (k, the batch rules' budget, MP-SAE's steps, a JumpReLU target)."""
     seeds: int
+    """Initialisation seeds of the seed architectures, Mutual Choice with aux_zipf, and g-SAE with its TopK."""
     tokens: int
     """Training tokens harvested into the main cache (the run stops early, with a warning, if the corpus runs out)."""
     epochs: int
+    """Passes over the main cache."""
     batch_size: int
+    """Tokens per optimiser step (and the batch the batch rules allocate over)."""
     grad_tokens: int
     """Training tokens harvested with ∂CE/∂x for the g-SAE comparison (a full forward and a backward per token)."""
     grad_epochs: int
+    """Passes over the gradient cache."""
     heldout_tokens: int
+    """The main cache's held-out split (each run's end-of-training FVU/L0/dead in summary.json)."""
     eval_tokens: int
+    """Held-out token positions of every evaluation group but g-SAE's."""
     grad_eval_tokens: int
+    """Held-out token positions of the g-SAE group (gradients needed), all of them in the CE passes."""
     ce_tokens: int
+    """Positions of the downstream CE/KL passes (and dark matter's) of the other groups."""
     dark_matter_min_tokens: int | None
+    """Fewest tokens the dark-matter regressions fit on (None: ten per regressor, eval's default)."""
     topk_ks: tuple[int, ...]
+    """The TopK reference curve's other k (beside `k`)."""
     jumprelu_l0s: tuple[float, ...]
+    """JumpReLU's target L0s (one run each)."""
     steer_features: int
+    """Features the steering section samples per SAE."""
     steer_contexts: int
+    """Held-out contexts each steering vector is applied to."""
     index_tokens: int
+    """Held-out tokens the feature index reads (the auto-interp examples)."""
     autointerp_features: int
+    """Features explained and scored per seed architecture (0: skip auto-interp)."""
     examples: ExampleConfig
+    """Auto-interp example sampling."""
 
 
 FULL = Scale(
@@ -242,7 +260,7 @@ def studies(s: Scale) -> list[Study]:
             (s.d_sae,),
             one,
             rules={"feature_choice": {"zipf_exponent": 0.0}},
-        ),  # fmt: skip
+        ),
         Study("mpsae", "main", RESID, ("mpsae",), (s.k,), (s.d_sae,), one),
         *[
             Study(
@@ -254,7 +272,7 @@ def studies(s: Scale) -> list[Study]:
                 (s.d_sae,),
                 one,
                 rules={"jumprelu": {"target_l0": t}},
-            )  # fmt: skip
+            )
             for t in s.jumprelu_l0s
         ],
         Study("relu", "main", RESID, ("relu",), (s.k,), (s.d_sae,), one),
@@ -497,7 +515,7 @@ def _autointerp(out: Path, target: str, s: Scale, cfg: ReproduceConfig, model) -
             examples=s.examples,
             device=cfg.device,
             progress=cfg.progress,
-        ),  # fmt: skip
+        ),
         model=model,
     )
     score(
@@ -508,7 +526,7 @@ def _autointerp(out: Path, target: str, s: Scale, cfg: ReproduceConfig, model) -
             examples=s.examples,
             device=cfg.device,
             progress=cfg.progress,
-        ),  # fmt: skip
+        ),
         model=model,
     )
     located = rundir.resolve((run,))[0]
