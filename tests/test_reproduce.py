@@ -134,6 +134,8 @@ def test_a_difference_counts_only_beyond_the_seed_spread_and_the_margin():
     assert better(stat(0.20, 0.30), stat(0.26, 0.27)) == "same"  # a 0.1 seed spread hides a 0.015 gap
     assert better(stat(0.9), stat(0.5), lower_is_better=False) == "better"
     assert better(stat(0.2), stat(None)) is None and better(stat(0.2), "text") is None
+    # thresholds: a shortfall within 1% of the threshold is not a miss, a larger one is
+    assert claims.at_least(0.896, 0.9) and not claims.at_least(0.89, 0.9) and claims.at_least(0.95, 0.9)
 
 
 def test_number_keys_resolve_names_indices_and_dotted_dict_keys():
