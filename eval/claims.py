@@ -139,11 +139,11 @@ class Ledger:
     def eval_entry(self, group: str, sae: str) -> tuple[str, dict[str, Any]]:
         """(report path, the report's entry) for the SAE at runs/<sae> in eval group `group`."""
         rel = f"eval/{group}/report.json"
-        want = _sae_dir(self.out / "runs" / sae).resolve()
+        want = f"/runs/{sae}/sae"  # by the path under the run directory, so a moved or copied run still reads
         for entry in self.file(rel)["saes"]:
-            if entry["path"] and Path(entry["path"]).resolve() == want:
+            if entry["path"] and ("/" + Path(entry["path"]).as_posix()).endswith(want):
                 return rel, entry
-        raise SaeKitError(f"{self.out / rel} has no entry for {want}; rerun sae-kit reproduce")
+        raise SaeKitError(f"{self.out / rel} has no entry for runs/{sae}/sae; rerun sae-kit reproduce")
 
     def metric(self, group: str, sae: str, section: str, key: str) -> Number:
         rel, entry = self.eval_entry(group, sae)
@@ -165,10 +165,6 @@ class Ledger:
         for k in keys:
             value = value.get(k) if isinstance(value, dict) else None
         return Number(_float(value), rel, f"members[name={entry['name']}]." + ".".join(keys))
-
-
-def _sae_dir(path: Path) -> Path:
-    return path / "sae" if (path / "sae" / "cfg.json").is_file() else path
 
 
 def _float(value: Any) -> float | None:
@@ -691,11 +687,10 @@ def table_rows(ledger: Ledger, sections: Sections) -> list[dict[str, Any]]:
     rows = []
     for entry in ledger.file(rel)["saes"]:
         core, dead = entry["sections"].get("core", {}), entry["sections"].get("dead", {})
-        sae_dir = Path(entry["path"]).resolve()
-        run_dir = sae_dir.parent if sae_dir.name == "sae" else sae_dir
+        run_dir = Path(entry["path"]).parent  # <out>/runs/<study>[/<member>]/sae
         rows.append(
             {
-                "name": str(run_dir.relative_to((ledger.out / "runs").resolve())),
+                "name": run_dir.as_posix().rsplit("/runs/", 1)[-1],
                 "eval_name": entry["name"],
                 "architecture": entry["architecture"],
                 "k": entry["k"],

@@ -201,12 +201,12 @@ class ReproduceConfig:
         return check_scale(dataclasses.replace(base, **over))
 
     def settings(self) -> dict[str, Any]:
-        """What the run computes (reproduce.json; `out` and `progress` may differ on a resume)."""
-        return {
-            "model": self.model,
-            "client": to_jsonable(dataclasses.asdict(self.client)),
-            "scale": to_jsonable(dataclasses.asdict(self.scale())),
-        }
+        """What the run computes (reproduce.json; `out`, `progress` and the judge may differ on a resume)."""
+        return {"model": self.model, "scale": to_jsonable(dataclasses.asdict(self.scale()))}
+
+    def judge(self) -> dict[str, Any]:
+        """The auto-interp client's settings: another judge reruns only the auto-interp stages."""
+        return to_jsonable(dataclasses.asdict(self.client))
 
 
 def check_scale(scale: Scale) -> Scale:
@@ -390,7 +390,11 @@ def reproduce(cfg: ReproduceConfig, model=None, scale: Scale | None = None) -> d
         stage(f"eval/{group.name}", lambda group=group: _evaluate(out, group, s, cfg, model))
     if s.autointerp_features:
         for target in autointerp_targets(s):
-            stage(f"autointerp/{target}", lambda target=target: _autointerp(out, target, s, cfg, model))
+            name, force = f"autointerp/{target}", False
+            if name in stages and stages[name]["result"].get("client") != cfg.judge():  # another judge: redo
+                del stages[name]
+                force = True
+            stage(name, lambda target=target, force=force: _autointerp(out, target, s, cfg, model, force))
     report = claims.build(out, s, stages)
     return report
 
@@ -503,7 +507,7 @@ def _evaluate(out: Path, group: EvalGroup, s: Scale, cfg: ReproduceConfig, model
     return {"report": str(Path(report["out"]).relative_to(out) / rundir.REPORT), "tokens": report["settings"]["tokens"]}
 
 
-def _autointerp(out: Path, target: str, s: Scale, cfg: ReproduceConfig, model) -> dict[str, Any]:
+def _autointerp(out: Path, target: str, s: Scale, cfg: ReproduceConfig, model, force: bool) -> dict[str, Any]:
     run = out / "runs" / target
     build_index(IndexConfig(sae=run, tokens=s.index_tokens, progress=cfg.progress, device=cfg.device), model=model)
     explain(
@@ -515,6 +519,7 @@ def _autointerp(out: Path, target: str, s: Scale, cfg: ReproduceConfig, model) -
             examples=s.examples,
             device=cfg.device,
             progress=cfg.progress,
+            force=force,
         ),
         model=model,
     )
@@ -526,8 +531,9 @@ def _autointerp(out: Path, target: str, s: Scale, cfg: ReproduceConfig, model) -
             examples=s.examples,
             device=cfg.device,
             progress=cfg.progress,
+            force=force,
         ),
         model=model,
     )
     located = rundir.resolve((run,))[0]
-    return {"index": str(located.index_dir.relative_to(out))}
+    return {"index": str(located.index_dir.relative_to(out)), "client": cfg.judge()}

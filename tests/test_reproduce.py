@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from sae_kit.autointerp.run import ClientConfig
 from sae_kit.errors import SaeKitError
 from sae_kit.eval import claims, signs
 from sae_kit.eval.claims import Number, Stat, better, resolve
@@ -123,7 +126,44 @@ def test_a_rerun_resumes_and_other_settings_are_refused(quick, model):
     assert (other / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
+def test_another_judge_reruns_only_auto_interp(quick, model, chat_server, tmp_path):
+    """On a copy of the finished run (moved: the report reads it by its own paths), an OpenAI-compatible judge redoes
+    the auto-interp stages only, and the report names that judge."""
+    cfg, _ = quick
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.out, copy, ignore=shutil.ignore_patterns("cache", "cache-grads"))  # the caches are done with
+    base_url, log = chat_server
+    judge = ClientConfig(backend="openai", base_url=base_url, model="judge-x", api_key_env="")
+    before = json.loads((copy / "stages.json").read_text())
+    report = reproduce(dataclasses.replace(cfg, out=copy, client=judge), model=model)
+    after = json.loads((copy / "stages.json").read_text())
+    redone = {k for k in after if after[k] != before[k]}
+    assert redone == {k for k in before if k.startswith("autointerp/")} and len(redone) == 4, redone
+    assert all(after[k]["result"]["client"]["model"] == "judge-x" for k in redone)
+    assert "judge-x" in report["papers"]["autointerp"]["claims"][0]["note"]
+    assert log.read_text().count("judge-x") >= 4  # every rule's features went to the server
+    assert report["table"] == json.loads((cfg.out / "report.json").read_text())["table"]  # the rest is the same
+
+
 # ------------------------------------------------------------------------------------------- the pieces, no model
+def test_the_committed_full_report_traces_every_number_to_its_committed_file():
+    """docs/reproduce/ holds the full run's report and the files its numbers name: each one reads back."""
+    docs = Path(__file__).resolve().parent.parent / "docs" / "reproduce"
+    report = json.loads((docs / "report.json").read_text())
+    assert set(report["papers"]) == PAPERS and report["scale"]["d_sae"] == 4608 and report["scale"]["seeds"] == 2
+    checked = 0
+    for paper, claim, label, n in numbers(report):
+        value = resolve(json.loads((docs / n["source"]).read_text()), n["key"])
+        if not n.get("derived"):
+            assert value == n["value"], (paper, claim, label, n, value)
+        checked += 1
+    assert checked >= 100, checked
+    md = (docs / "report.md").read_text()
+    for png in re.findall(r"\]\(([^)]+\.png)\)", md):
+        assert (docs / png).is_file(), png
+
+
 def test_a_difference_counts_only_beyond_the_seed_spread_and_the_margin():
     def stat(*values):
         return Stat([Number(v, "f.json", "k") for v in values])
