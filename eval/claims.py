@@ -27,6 +27,7 @@ import torch
 from sae_kit.atomic import write_bytes, write_json
 from sae_kit.errors import SaeKitError
 from sae_kit.eval.report import write_figures, write_plotly_js
+from sae_kit.eval.reproduce import ABSTOPK, FC, GSAE, MC, MPSAE, TOPK
 from sae_kit.training.losses import zipf_underuse_weights
 
 if TYPE_CHECKING:
@@ -295,7 +296,7 @@ class Sections:
             rule=f"holds when every seed's inference L0 on held-out tokens is within {100 * L0_MATCH:.0f}% of its training L0",
         )
         ok = True
-        for a in ("mutual_choice", "feature_choice"):
+        for a in (MC, FC):
             inf = self.arch(a, "l0_mean")
             trained = Stat([self.L.summary(p, "training", "l0") for p in self.seeds[a]])
             check.ours[f"{a} inference L0"] = inf
@@ -310,17 +311,11 @@ class Sections:
             "'fewer dead features'; FC 'zero dead features' (OpenReview TL;DR); Table 1's values not read",
             rule="holds when MC's and FC's dead share is at most TopK's and their under-used share is lower (beyond the seed spread)",
         )
-        for a in ("topk", "mutual_choice", "feature_choice"):
+        for a in (TOPK, MC, FC):
             dead.ours[f"{a} dead"] = self.arch(a, "dead_frac", "dead")
             dead.ours[f"{a} under-used"] = Stat([self.underused(p) for p in self.seeds[a]])
-        outcomes = [
-            better(dead.ours[f"{a} under-used"], dead.ours["topk under-used"])
-            for a in ("mutual_choice", "feature_choice")
-        ]
-        dead_ok = all(
-            (mean(dead.ours[f"{a} dead"]) or 0) <= (mean(dead.ours["topk dead"]) or 0)
-            for a in ("mutual_choice", "feature_choice")
-        )
+        outcomes = [better(dead.ours[f"{a} under-used"], dead.ours["topk under-used"]) for a in (MC, FC)]
+        dead_ok = all((mean(dead.ours[f"{a} dead"]) or 0) <= (mean(dead.ours["topk dead"]) or 0) for a in (MC, FC))
         dead.verdict = (
             NOT_RUN if None in outcomes else HOLDS if dead_ok and all(o == "better" for o in outcomes) else FAILS
         )
@@ -331,10 +326,10 @@ class Sections:
             "'improved reconstruction loss at equivalent sparsity' (Fig. 4, GPT-2 small; values not read)",
             rule="holds when each rule's FVU and ΔCE are lower than TopK's at k (beyond the seed spread and 1%)",
         )
-        for a in ("topk", "mutual_choice", "feature_choice"):
+        for a in (TOPK, MC, FC):
             recon.ours[f"{a} FVU"] = self.arch(a, "fvu")
             recon.ours[f"{a} ΔCE (nats)"] = self.arch(a, "delta_ce")
-        for a in ("mutual_choice", "feature_choice"):  # the exact-L0 view: the TopK curve at this rule's own L0
+        for a in (MC, FC):  # the exact-L0 view: the TopK curve at this rule's own L0
             l0 = mean(self.arch(a, "l0_mean"))
             ref = self.L.metric("architectures", self.curve[self.s.k], "core", "fvu")
             recon.ours[f"TopK curve's FVU at {a}'s L0"] = Number(
@@ -344,9 +339,7 @@ class Sections:
                 f"the TopK curve (k = {sorted(self.curve)}) interpolated linearly in log L0 at {l0 and round(l0, 2)}",
             )
         outcomes = [
-            better(recon.ours[f"{a} {m}"], recon.ours[f"topk {m}"])
-            for a in ("mutual_choice", "feature_choice")
-            for m in ("FVU", "ΔCE (nats)")
+            better(recon.ours[f"{a} {m}"], recon.ours[f"topk {m}"]) for a in (MC, FC) for m in ("FVU", "ΔCE (nats)")
         ]
         recon.verdict = NOT_RUN if None in outcomes else HOLDS if all(o == "better" for o in outcomes) else FAILS
         recon.note = "; ".join(
@@ -359,11 +352,11 @@ class Sections:
             "'generalises the aux_k_loss to mitigate dead and underutilised features'; numbers not read",
             rule="holds when MC with aux_zipf has fewer under-used latents than MC with AuxK, at no worse FVU",
         )
-        aux.ours["MC + AuxK under-used"] = Stat([self.underused(p) for p in self.seeds["mutual_choice"]])
+        aux.ours["MC + AuxK under-used"] = Stat([self.underused(p) for p in self.seeds[MC]])
         aux.ours["MC + aux_zipf under-used"] = Stat([self.underused(p) for p in self.mc_zipf])
-        aux.ours["MC + AuxK dead"] = self.arch("mutual_choice", "dead_frac", "dead")
+        aux.ours["MC + AuxK dead"] = self.arch(MC, "dead_frac", "dead")
         aux.ours["MC + aux_zipf dead"] = self.L.stat("architectures", self.mc_zipf, "dead", "dead_frac")
-        aux.ours["MC + AuxK FVU"] = self.arch("mutual_choice", "fvu")
+        aux.ours["MC + AuxK FVU"] = self.arch(MC, "fvu")
         aux.ours["MC + aux_zipf FVU"] = self.L.stat("architectures", self.mc_zipf, "core", "fvu")
         use = better(aux.ours["MC + aux_zipf under-used"], aux.ours["MC + AuxK under-used"])
         fvu = better(aux.ours["MC + aux_zipf FVU"], aux.ours["MC + AuxK FVU"])
@@ -376,11 +369,11 @@ class Sections:
             "capacities 'set by a Zipf distribution' (reviewers' reading; the exponent is not given)",
             rule="holds when FC with our Zipf capacities (s = 0.5) has a lower FVU than FC with uniform capacities",
         )
-        caps.ours["FC Zipf capacities FVU"] = self.arch("feature_choice", "fvu")
+        caps.ours["FC Zipf capacities FVU"] = self.arch(FC, "fvu")
         caps.ours["FC uniform capacities FVU"] = Stat(
             [self.L.metric("architectures", self.roles.fc_uniform, "core", "fvu")]
         )
-        caps.ours["TopK FVU"] = self.arch("topk", "fvu")
+        caps.ours["TopK FVU"] = self.arch(TOPK, "fvu")
         caps.verdict = _verdict(better(caps.ours["FC Zipf capacities FVU"], caps.ours["FC uniform capacities FVU"]))
         claims.append(caps)
         return Paper(
@@ -409,10 +402,10 @@ class Sections:
             "'improves reconstruction fidelity' over TopK/JumpReLU at equal L0 (plotted; no number read)",
             rule="holds when AbsTopK's FVU at k is lower than TopK's (beyond the seed spread and 1%)",
         )
-        recon.ours["TopK FVU"] = self.arch("topk", "fvu")
-        recon.ours["AbsTopK FVU"] = self.arch("abstopk", "fvu")
-        recon.ours["TopK ΔCE"] = self.arch("topk", "delta_ce")
-        recon.ours["AbsTopK ΔCE"] = self.arch("abstopk", "delta_ce")
+        recon.ours["TopK FVU"] = self.arch(TOPK, "fvu")
+        recon.ours["AbsTopK FVU"] = self.arch(ABSTOPK, "fvu")
+        recon.ours["TopK ΔCE"] = self.arch(TOPK, "delta_ce")
+        recon.ours["AbsTopK ΔCE"] = self.arch(ABSTOPK, "delta_ce")
         recon.verdict = _verdict(better(recon.ours["AbsTopK FVU"], recon.ours["TopK FVU"]))
         claims.append(recon)
         bi = Claim(
@@ -420,8 +413,8 @@ class Sections:
             "29.7% of latents 'double-sided' vs 5.3% for TopK on Gemma-2-2B layer 12 (secondary source; their definition)",
             rule="holds when at least 10% of live AbsTopK features are bidirectional by our rule (sae_kit/eval/signs.py)",
         )
-        bi.ours["AbsTopK bidirectional share"] = self.arch("abstopk", "bidirectional_frac", "signs")
-        bi.ours["AbsTopK share of firings that are negative"] = self.arch("abstopk", "negative_firing_frac", "signs")
+        bi.ours["AbsTopK bidirectional share"] = self.arch(ABSTOPK, "bidirectional_frac", "signs")
+        bi.ours["AbsTopK share of firings that are negative"] = self.arch(ABSTOPK, "negative_firing_frac", "signs")
         bi.ours["TopK"] = "0 by construction (codes are non-negative)"
         m = mean(bi.ours["AbsTopK bidirectional share"])
         bi.verdict = NOT_RUN if m is None else HOLDS if at_least(m, 0.1) else FAILS
@@ -433,16 +426,16 @@ class Sections:
             rule="holds when steering along −d_i raises the bottom lens tokens' mass (score_negative) at least half as much as +d_i does",
         )
         group = "steering"
-        steer.ours["AbsTopK score (+d_i)"] = self.L.stat(group, self.seeds["abstopk"], "steering", "score_positive")
-        steer.ours["AbsTopK score (−d_i)"] = self.L.stat(group, self.seeds["abstopk"], "steering", "score_negative")
+        steer.ours["AbsTopK score (+d_i)"] = self.L.stat(group, self.seeds[ABSTOPK], "steering", "score_positive")
+        steer.ours["AbsTopK score (−d_i)"] = self.L.stat(group, self.seeds[ABSTOPK], "steering", "score_negative")
         steer.ours["TopK score (+d_i)"] = Stat(
-            [self.L.metric(group, self.seeds["topk"][0], "steering", "score_positive")]
+            [self.L.metric(group, self.seeds[TOPK][0], "steering", "score_positive")]
         )
         pos, neg = mean(steer.ours["AbsTopK score (+d_i)"]), mean(steer.ours["AbsTopK score (−d_i)"])
         steer.verdict = NOT_RUN if pos is None or neg is None else HOLDS if at_least(neg, 0.5 * pos) else FAILS
         claims.append(steer)
         return Paper(
-            "abstopk",
+            ABSTOPK,
             "AbsTopK: bidirectional features",
             "Zhu, Khalili, Zhu 2025, arXiv 2510.00404",
             claims,
@@ -489,7 +482,7 @@ class Sections:
         claim.ours["MP-SAE eval-mode FVU"] = Number(_float(core.get("fvu")), rel, f"{key}.fvu")
         claim.verdict = NOT_RUN if not fvus else HOLDS if ok else FAILS
         return Paper(
-            "mpsae",
+            MPSAE,
             "MP-SAE: matching pursuit with adaptive inference",
             "Costa et al. 2025, arXiv 2506.03093",
             [claim],
@@ -501,17 +494,17 @@ class Sections:
         ), fig
 
     def gsae(self) -> Paper:
-        g, t = self.roles.gsae["gsae"], self.roles.gsae["topk"]
+        g, t = self.roles.gsae[GSAE], self.roles.gsae[TOPK]
         ce = Claim(
             "g-SAE reconstructions are more faithful downstream than TopK's at equal k (lower CE and KL when spliced in)",
             "lower downstream CE/KL than TopK at equal k (GPT-2 small layer 7; numbers not verified)",
             rule="holds when g-SAE's ΔCE and KL are lower than TopK's trained on the same gradient cache (beyond the seed spread and 1%)",
         )
         for name, saes in (("g-SAE", g), ("TopK", t)):
-            ce.ours[f"{name} ΔCE (nats)"] = self.L.stat("gsae", saes, "core", "delta_ce")
-            ce.ours[f"{name} KL"] = self.L.stat("gsae", saes, "core", "kl_spliced")
-            ce.ours[f"{name} FVU"] = self.L.stat("gsae", saes, "core", "fvu")
-            ce.ours[f"{name} dead"] = self.L.stat("gsae", saes, "dead", "dead_frac")
+            ce.ours[f"{name} ΔCE (nats)"] = self.L.stat(GSAE, saes, "core", "delta_ce")
+            ce.ours[f"{name} KL"] = self.L.stat(GSAE, saes, "core", "kl_spliced")
+            ce.ours[f"{name} FVU"] = self.L.stat(GSAE, saes, "core", "fvu")
+            ce.ours[f"{name} dead"] = self.L.stat(GSAE, saes, "dead", "dead_frac")
         a = better(ce.ours["g-SAE ΔCE (nats)"], ce.ours["TopK ΔCE (nats)"])
         b = better(ce.ours["g-SAE KL"], ce.ours["TopK KL"])
         ce.verdict = NOT_RUN if None in (a, b) else HOLDS if a == b == "better" else FAILS
@@ -521,13 +514,13 @@ class Sections:
             "larger increases of the logit-lens tokens' mass on average (no number verified)",
             rule="holds when g-SAE's steering score is higher than TopK's (beyond the seed spread and 1%)",
         )
-        steer.ours["g-SAE steering score"] = self.L.stat("gsae", g, "steering", "score")
-        steer.ours["TopK steering score"] = self.L.stat("gsae", t, "steering", "score")
+        steer.ours["g-SAE steering score"] = self.L.stat(GSAE, g, "steering", "score")
+        steer.ours["TopK steering score"] = self.L.stat(GSAE, t, "steering", "score")
         steer.verdict = _verdict(
             better(steer.ours["g-SAE steering score"], steer.ours["TopK steering score"], lower_is_better=False)
         )
         return Paper(
-            "gsae",
+            GSAE,
             "g-SAE: gradient-aware selection",
             "Olmo et al. 2024, arXiv 2411.10397",
             [ce, steer],
@@ -707,15 +700,15 @@ def table_rows(ledger: Ledger, sections: Sections) -> list[dict[str, Any]]:
 
 def pareto_figure(rows: list[dict[str, Any]], y: str, title: str) -> go.Figure:
     fig = go.Figure()
-    topk = sorted((r for r in rows if r["architecture"] == "topk" and r[y] is not None), key=lambda r: r["l0"])
+    topk = sorted((r for r in rows if r["architecture"] == TOPK and r[y] is not None), key=lambda r: r["l0"])
     fig.add_scatter(
         x=[r["l0"] for r in topk],
         y=[r[y] for r in topk],
         mode="lines+markers",
-        name="topk",
+        name=TOPK,
         text=[r["name"] for r in topk],
     )
-    for arch in dict.fromkeys(r["architecture"] for r in rows if r["architecture"] != "topk"):
+    for arch in dict.fromkeys(r["architecture"] for r in rows if r["architecture"] != TOPK):
         mine = [r for r in rows if r["architecture"] == arch and r[y] is not None and r["l0"] is not None]
         fig.add_scatter(
             x=[r["l0"] for r in mine], y=[r[y] for r in mine], mode="markers", name=arch, text=[r["name"] for r in mine]

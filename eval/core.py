@@ -207,7 +207,7 @@ def downstream(inputs: EvalInputs, x_hat: Tensor, cfg: CoreConfig) -> dict[str, 
             ce["clean"] += float(ce_clean[mask].sum())
             for name in runs:
                 # the ablations do not depend on the SAE: once per LM batch for every SAE sharing these inputs
-                key = ("ablation", name, cfg.ablation_positions, b, n, before)
+                key = ("ablation", name, cfg.ablation_positions, b, n, before, sub.n_kept, len(sub.tokens))
                 if name == "spliced" or key not in inputs.memo:
                     keep = sub.keep if name == "spliced" else ablated
                     logits, _ = run_lm(inputs.model, sub.tokens, inputs.hook, edit=edits[name], keep=keep)

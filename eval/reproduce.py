@@ -43,7 +43,6 @@ from sae_kit.cache import ActivationCache
 from sae_kit.config_files import to_jsonable
 from sae_kit.dashboards.indexer import IndexConfig, build_index
 from sae_kit.errors import SaeKitError
-from sae_kit.eval import claims
 from sae_kit.eval.core import CoreConfig
 from sae_kit.eval.dark_matter import DarkMatterConfig
 from sae_kit.eval.evaluate import EvalConfig, SectionName, evaluate
@@ -60,7 +59,12 @@ RESID = DEFAULT_HOOK
 ATTN = "blocks.6.attn.hook_z"
 """The attention hook of the attention-SAE section (the per-head mixed values of the same layer)."""
 SETTINGS = "reproduce.json"
-SEED_ARCHITECTURES = ("topk", "abstopk", "mutual_choice", "feature_choice")
+TOPK, ABSTOPK, MC, FC, GSAE, MPSAE, JUMPRELU, RELU = (
+    "topk", "abstopk", "mutual_choice", "feature_choice", "gsae", "mpsae", "jumprelu", "relu"
+)  # fmt: skip
+"""The architectures the founding papers compare: this plan (and its report) is the one place outside the plug-ins
+that names them, as a sweep file would; nothing here branches on a name."""
+SEED_ARCHITECTURES = (TOPK, ABSTOPK, MC, FC)
 """Trained at k with every seed in the main sweep (g-SAE has its own, from the gradient cache)."""
 
 
@@ -395,8 +399,9 @@ def reproduce(cfg: ReproduceConfig, model=None, scale: Scale | None = None) -> d
                 del stages[name]
                 force = True
             stage(name, lambda target=target, force=force: _autointerp(out, target, s, cfg, model, force))
-    report = claims.build(out, s, stages)
-    return report
+    from sae_kit.eval import claims  # the report reads the plan (this module) back
+
+    return claims.build(out, s, stages)
 
 
 def _claim_dir(out: Path, settings: dict[str, Any]) -> None:

@@ -17,8 +17,10 @@ from sae_kit.sparsifiers.topk import TopK
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = "blocks.6.hook_resid_post"
-PEER_FORMAT_MAPPINGS = ("sae_kit/formats.py", "sae_kit/saebench.py")
-"""Where architecture names may appear besides sae_kit/sparsifiers/: the translations to SAELens and SAEBench names."""
+PEER_FORMAT_MAPPINGS = ("sae_kit/formats.py", "sae_kit/saebench.py", "eval/reproduce.py")
+"""Where architecture names may appear besides sae_kit/sparsifiers/: the translations to SAELens and SAEBench names,
+and the plan of `sae-kit reproduce`, which names the architectures the founding papers compare (as a sweep file
+would) in one place that its report imports; neither branches on a name."""
 
 
 @dataclass
