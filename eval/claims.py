@@ -109,13 +109,6 @@ class Stat:
             "from": [n.json() for n in self.numbers],
         }
 
-    def text(self, fmt: str = ".4f") -> str:
-        if self.mean is None:
-            return "—"
-        if len(self.values) > 1:
-            return f"{self.mean:{fmt}} ({min(self.values):{fmt}}–{max(self.values):{fmt}}, {len(self.values)} seeds)"
-        return f"{self.mean:{fmt}}"
-
 
 class Ledger:
     """Reads the files a reproduce run wrote and hands out Numbers that name their source."""
@@ -248,12 +241,12 @@ class Paper:
 
 # ------------------------------------------------------------------------------------------------- the sections
 class Sections:
-    """Builds each paper's section from the ledger; `names` are the SAE paths of the plan (sae_kit.eval.reproduce)."""
+    """Builds each paper's section from the ledger; which SAE plays which role comes from the plan (reproduce.Roles)."""
 
-    def __init__(self, ledger: Ledger, s: Scale, stages: dict[str, Any]) -> None:
+    def __init__(self, ledger: Ledger, s: Scale) -> None:
         from sae_kit.eval.reproduce import Roles
 
-        self.L, self.s, self.stages = ledger, s, stages
+        self.L, self.s = ledger, s
         r = self.roles = Roles(s)
         self.seeds, self.curve, self.mc_zipf, self.widths = r.seeds, r.curve, r.mc_zipf, r.widths
 
@@ -674,7 +667,7 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ the report
-def table_rows(ledger: Ledger, sections: Sections) -> list[dict[str, Any]]:
+def table_rows(ledger: Ledger) -> list[dict[str, Any]]:
     """Every SAE of the architectures group: L0, FVU, ΔCE, dead (the report's overview table)."""
     rel = "eval/architectures/report.json"
     rows = []
@@ -720,10 +713,10 @@ def pareto_figure(rows: list[dict[str, Any]], y: str, title: str) -> go.Figure:
 def build(out: Path, s: Scale, stages: dict[str, Any]) -> dict[str, Any]:
     """Read every file the run wrote, write report.json, report.md and figures/reproduce/; returns the report."""
     ledger = Ledger(out)
-    sec = Sections(ledger, s, stages)
+    sec = Sections(ledger, s)
     mp, mp_fig = sec.mpsae()
     papers = [sec.batch_rules(), sec.abstopk(), mp, sec.gsae(), sec.dark_matter(), sec.attention(), sec.autointerp()]
-    rows = table_rows(ledger, sec)
+    rows = table_rows(ledger)
     write_plotly_js(out)
     figures, _ = write_figures(
         out,
